@@ -1,0 +1,7 @@
+//! Sampling schedule: flow-matching UniPC and the diffusion-forcing step matrix.
+
+pub mod df;
+pub mod unipc;
+
+pub use df::StepMatrix;
+pub use unipc::{FlowSchedule, SchedulerConfig, UniPcState};

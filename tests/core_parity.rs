@@ -1,0 +1,195 @@
+//! Parity of the core generator with diffusers (fixtures: tools/fixtures/core.py).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use motioncache::cache::{CacheMode, CacheSettings};
+use motioncache::generate::{Generator, GeneratorSettings, NoiseSource};
+use motioncache::model::loader::load_transformer;
+use motioncache::model::{Transformer, TransformerConfig};
+use motioncache::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
+}
+
+fn load(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir().join(name), &Device::Cpu).expect("fixture")
+}
+
+fn json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join(name)).unwrap()).unwrap()
+}
+
+/// Relative L2 error.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (d / n.max(1e-30)).sqrt()
+}
+
+fn model(name: &str) -> Arc<Transformer> {
+    Arc::new(load_transformer(&dir().join(name), DType::F32, &Device::Cpu).unwrap())
+}
+
+/// Runs a window through the per-block path: causal blocks of `bs` frames attend to the
+/// blocks before them through the K/V cache; `bs == frames` is one bidirectional group.
+fn blockwise_forward(m: &Transformer, x: &Tensor, t: &[f64], ctx: &Tensor, bs: usize, fps: u32) -> Tensor {
+    let (_, f, h, w) = x.dims4().unwrap();
+    let (gf, gh, gw) = m.grid(bs, h, w).unwrap();
+    let c = m.context(ctx).unwrap();
+    let mut kvs = Vec::new();
+    let mut outs = Vec::new();
+    for b in 0..f / bs {
+        let xb = x.narrow(1, b * bs, bs).unwrap();
+        let tok = m.patchify(&xb).unwrap();
+        let md = m.modulation(&t[b * bs..(b + 1) * bs], fps).unwrap();
+        let toks = m.all_tokens(b * gf, gf, gh, gw).unwrap();
+        let refs: Vec<_> = kvs.iter().collect();
+        let prefix = motioncache::model::transformer::BlockKv::concat(&refs).unwrap();
+        let mut kv = None;
+        let y = m.forward_layers(&tok, &md, &toks, &mut kv, prefix.as_ref(), &c).unwrap();
+        outs.push(m.head(&y, &md.temb, (gf, gh, gw)).unwrap());
+        kvs.push(kv.unwrap());
+    }
+    Tensor::cat(&outs, 1).unwrap()
+}
+
+#[test]
+fn configs_of_both_layouts_agree() {
+    let b = TransformerConfig::from_file(&dir().join("dit_b/config.json")).unwrap();
+    let o = TransformerConfig::from_file(&dir().join("dit_b_original/config.json")).unwrap();
+    assert_eq!(b, o);
+    assert!(b.inject_sample_info);
+}
+
+#[test]
+fn forward_matches_diffusers() {
+    for (name, dirs) in [("a", vec!["dit_a"]), ("b", vec!["dit_b", "dit_b_original"])] {
+        let fx = load(&format!("forward_{name}.safetensors"));
+        let meta = json(&format!("forward_{name}.json"));
+        let bs = meta["causal_block_size"].as_u64().unwrap() as usize;
+        let fps = meta["fps_class"].as_u64().unwrap() as u32;
+        let x = fx["hidden_states"].i(0).unwrap();
+        let t: Vec<f64> = fx["timestep"].i(0).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let expected = fx["output"].i(0).unwrap();
+        let frames = x.dim(1).unwrap();
+        // diffusers applies the block-causal mask only for blocks larger than one frame.
+        let group = if bs > 1 { bs } else { frames };
+        for d in dirs {
+            let m = model(d);
+            let y = blockwise_forward(&m, &x, &t, &fx["context"], group, fps);
+            let e = rel(&y, &expected);
+            assert!(e <= 1e-4, "{d}: forward relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn unipc_matches_diffusers() {
+    let fx = load("scheduler.safetensors");
+    for case in json("scheduler.json").as_array().unwrap() {
+        let key = case["key"].as_str().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let shift = case["shift"].as_f64().unwrap();
+        let s = FlowSchedule::new(&SchedulerConfig::default(), steps, shift).unwrap();
+        let ts: Vec<f32> = fx[&format!("{key}_timesteps")].to_vec1().unwrap();
+        assert_eq!(s.timesteps, ts.iter().map(|&t| t as i64).collect::<Vec<_>>(), "{key} timesteps");
+        let sig: Vec<f32> = fx[&format!("{key}_sigmas")].to_vec1().unwrap();
+        for (a, b) in s.sigmas.iter().zip(&sig) {
+            assert!((a - b).abs() <= 1e-6, "{key} sigmas {a} vs {b}");
+        }
+        let mut x = fx[&format!("{key}_x0")].clone();
+        let mut st = UniPcState::new();
+        for i in 0..steps {
+            let v = fx[&format!("{key}_model_outputs")].i(i).unwrap();
+            x = st.step(&s, &v, s.timesteps[i], &x).unwrap();
+            let want = fx[&format!("{key}_samples")].i(i).unwrap();
+            let e = rel(&x, &want);
+            assert!(e <= 1e-4, "{key} step {i}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn step_matrix_matches_diffusers() {
+    for case in json("step_matrix.json").as_array().unwrap() {
+        let g = |k: &str| case[k].as_u64().unwrap() as usize;
+        let bs = g("causal_block_size");
+        let ts: Vec<i64> = case["timesteps"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let m = StepMatrix::new(g("num_latent_frames") / bs, g("steps"), g("base") / bs, g("ar_step"), g("pre_ready") / bs).unwrap();
+        let want_t = case["step_matrix"].as_array().unwrap();
+        let want_u = case["update_mask"].as_array().unwrap();
+        let want_v = case["valid_interval"].as_array().unwrap();
+        assert_eq!(m.iterations(), want_t.len(), "{case}");
+        for it in 0..m.iterations() {
+            let (t, u) = m.frame_rows(it, bs, &ts);
+            let wt: Vec<i64> = want_t[it].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+            let wu: Vec<bool> = want_u[it].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() != 0).collect();
+            assert_eq!(t, wt, "timesteps row {it}");
+            assert_eq!(u, wu, "update row {it}");
+            let (a, b) = m.valid[it];
+            let wv = want_v[it].as_array().unwrap();
+            assert_eq!((a * bs) as u64, wv[0].as_u64().unwrap());
+            assert_eq!((b * bs) as u64, wv[1].as_u64().unwrap().min(g("num_latent_frames") as u64));
+        }
+    }
+}
+
+fn run(name: &str, mode: CacheMode) -> (Tensor, Tensor) {
+    let runs = json("runs.json");
+    let r = runs.as_array().unwrap().iter().find(|r| r["name"] == name).unwrap();
+    let fx = load("runs.safetensors");
+    let g = |k: &str| r[k].as_u64().unwrap() as usize;
+    let m = model(&format!("dit_{}", r["model"].as_str().unwrap()));
+    let expected = fx[&format!("{name}_latents")].clone();
+    let (c, _, h, w) = expected.dims4().unwrap();
+    let segments: VecDeque<Tensor> = (0..g("segments")).map(|i| fx[&format!("{name}_noise{i}")].clone()).collect();
+    let settings = GeneratorSettings {
+        steps: g("steps"),
+        shift: 8.0,
+        guidance_scale: r["guidance"].as_f64().unwrap(),
+        causal_block_size: g("block"),
+        ar_step: g("ar_step"),
+        window: g("base"),
+        overlap: g("overlap"),
+        addnoise_condition: 0.0,
+        fps_class: if g("fps") == 16 { 0 } else { 1 },
+        total_frames: Some(g("frames")),
+        cache: CacheSettings::with_mode(mode),
+    };
+    let mut generator = Generator::new(
+        m,
+        SchedulerConfig::default(),
+        settings,
+        &fx[&format!("{name}_context")],
+        Some(&fx[&format!("{name}_negative")]),
+        (c, h, w),
+        NoiseSource::Explicit { segments, seed: 0 },
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut blocks = Vec::new();
+    while let Some(b) = generator.next_block(&cancel).unwrap() {
+        assert_eq!(b.stats.index, blocks.len(), "blocks come in order");
+        blocks.push(b.latents);
+    }
+    (Tensor::cat(&blocks, 1).unwrap(), expected)
+}
+
+#[test]
+fn df_runs_match_diffusers_exact_and_vanilla() {
+    for name in ["sync", "async", "long", "noncausal"] {
+        for mode in [CacheMode::None, CacheMode::Vanilla] {
+            let (got, want) = run(name, mode);
+            let e = rel(&got, &want);
+            assert!(e <= 1e-4, "{name} {mode:?}: relative error {e}");
+        }
+    }
+}
