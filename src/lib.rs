@@ -8,6 +8,7 @@ pub mod cache;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod pipeline;
 pub mod schedule;
 
 pub use error::{Error, Result};

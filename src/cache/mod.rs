@@ -6,7 +6,7 @@
 mod motion;
 mod settings;
 
-pub use motion::MotionCacheState;
+pub use motion::{ChunkState, FlowCacheState, MotionCacheState, TeaCacheState};
 pub use settings::{CacheMode, CacheSettings, DistanceMode, WeightNorm};
 
 use candle_core::Tensor;
@@ -35,6 +35,9 @@ pub struct StepInfo<'a> {
     pub tokens_per_frame: usize,
     /// Whether a residual from an earlier forward exists for every token.
     pub has_residual: bool,
+    /// Output tokens `[tokens_per_frame, dim]` of the last frame of the block before this
+    /// one (same branch), as of its latest forward: frame 0's motion reference.
+    pub prev_last_frame: Option<&'a Tensor>,
 }
 
 /// Per (branch, block) cache state; dropped when the block is finished.

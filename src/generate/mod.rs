@@ -98,6 +98,9 @@ struct Branch {
     residual: Vec<Option<Tensor>>,
     policy: Vec<Option<Box<dyn BlockPolicy>>>,
     steps_done: Vec<usize>,
+    /// Output tokens of each block's last frame at its latest forward (motion reference
+    /// for the next block's first frame).
+    last_frame: Vec<Option<Tensor>>,
 }
 
 impl Branch {
@@ -109,6 +112,7 @@ impl Branch {
             residual: vec![None; blocks],
             policy: (0..blocks).map(|_| None).collect(),
             steps_done: vec![0; blocks],
+            last_frame: vec![None; blocks],
         }
     }
 }
@@ -479,6 +483,14 @@ impl Generator {
                 }
             }
         } else {
+            if mode == CacheMode::TeaCache {
+                // Per-block TeaCache as in the reference: no reuse of finished blocks, their
+                // K/V are recomputed every row.
+                for br in seg.branches.iter_mut() {
+                    br.finished = None;
+                    br.committed = 0;
+                }
+            }
             for (br, pred_row) in preds.iter_mut().enumerate() {
                 for b in v0..v1 {
                     if !upd[b] {
@@ -524,6 +536,7 @@ impl Generator {
                         frames: gf,
                         tokens_per_frame: gh * gw,
                         has_residual: branch.residual[b].is_some(),
+                        prev_last_frame: if b > 0 { branch.last_frame[b - 1].as_ref() } else { None },
                     };
                     let cache = &self.settings.cache;
                     let mut plan = match branch.policy[b].as_mut() {
@@ -541,6 +554,8 @@ impl Generator {
                     if let Some(p) = branch.policy[b].as_mut() {
                         p.observe(cache, &info, &plan, &x_in, &x_out)?;
                     }
+                    let tpf = gh * gw;
+                    branch.last_frame[b] = Some(x_out.narrow(0, (gf - 1) * tpf, tpf)?);
                     branch.steps_done[b] += 1;
                     let n = match &plan {
                         Plan::Full => block_tokens,

@@ -106,22 +106,39 @@ impl PromptTokenizer {
     /// (transformers overrides them per call, as [`PromptTokenizer::encode`] does).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref().to_path_buf();
+        if !path.is_file() {
+            return Err(TokenizerError {
+                path,
+                problem: "file not found".into(),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| TokenizerError {
+            path: path.clone(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let config = path
+            .parent()
+            .map(|dir| dir.join("tokenizer_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        Self::from_bytes(&bytes, config.as_deref(), path)
+    }
+
+    /// A `tokenizer.json` held in memory (with its `tokenizer_config.json`, if any);
+    /// `path` only names it in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        tokenizer_config: Option<&str>,
+        path: PathBuf,
+    ) -> Result<Self, TokenizerError> {
         let err = |problem: String| TokenizerError {
             path: path.clone(),
             problem,
         };
-        if !path.is_file() {
-            return Err(err("file not found".into()));
-        }
-        let bytes = std::fs::read(&path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let mut tokenizer = Tokenizer::from_bytes(&bytes)
+        let mut tokenizer = Tokenizer::from_bytes(bytes)
             .map_err(|e| err(format!("not a valid tokenizer.json: {e}")))?;
         let file_pad_id = tokenizer.get_padding().map(|p| p.pad_id);
-        let config_pad = path
-            .parent()
-            .map(|dir| dir.join("tokenizer_config.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        let config_pad = tokenizer_config
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
             .and_then(|cfg| match cfg.get("pad_token") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(obj) => obj.get("content")?.as_str().map(str::to_string),

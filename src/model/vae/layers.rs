@@ -2,11 +2,14 @@
 //! channel RMS norm, residual and attention blocks, spatial/temporal resampling, and the
 //! encoder/decoder stacks.
 //!
-//! Activations inside this module are laid out `[B, T, C, H, W]` (time before channels), so
-//! that all frames of a chunk form one `[B*T, C, H, W]` batch for `conv2d` without copies.
+//! Activations inside this module are channels-last, `[B, T, H, W, C]`: the convolutions
+//! (see [`super::conv`]) gather runs of contiguous channels, the RMS norms reduce the last
+//! dimension, and a chunk's frames are contiguous along T for the causal caches.
 
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::conv::{ConvLayer, Geometry};
 
 /// Frames a causal convolution keeps from the previous chunk (temporal kernel 3, padding 2
 /// in front): diffusers' `CACHE_T`.
@@ -24,7 +27,7 @@ pub(crate) struct FeatCache {
 struct Slot {
     /// The layer has seen the first chunk (temporal resampling treats it specially).
     started: bool,
-    /// The last input frames of the layer, `[B, n, C, H, W]`.
+    /// The last input frames of the layer, `[B, n, H, W, C]`.
     frames: Option<Tensor>,
 }
 
@@ -49,157 +52,38 @@ impl FeatCache {
     }
 }
 
-fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
-}
-
-/// `[B, T, C, H, W]` -> `[B*T, C, H, W]`.
-fn frames_as_batch(x: &Tensor) -> Result<(Tensor, (usize, usize))> {
-    let (b, t, c, h, w) = x.dims5()?;
-    Ok((x.reshape((b * t, c, h, w))?, (b, t)))
-}
-
-/// `[B*T, C, H, W]` -> `[B, T, C, H, W]`.
-fn batch_as_frames(x: &Tensor, (b, t): (usize, usize)) -> Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
-    x.reshape((b, t, c, h, w))
-}
-
-/// A 2D convolution (weight `[C_out, C_in, kh, kw]`, symmetric padding).
-///
-/// candle's CPU conv2d has no bf16 kernel: with bf16 weights on the CPU the weights are kept
-/// in f32 and the input is widened for the convolution and narrowed after it (what candle's
-/// own bf16 matmul does on the CPU).
-#[derive(Debug, Clone)]
-pub(crate) struct Conv2dLayer {
-    weight: Tensor,
-    /// `[1, C_out, 1, 1]`
-    bias: Tensor,
-    padding: usize,
-    stride: usize,
-}
-
-impl Conv2dLayer {
-    fn from_weight(weight: Tensor, bias: Tensor, padding: usize, stride: usize) -> Result<Self> {
-        let c_out = weight.dim(0)?;
-        let weight = if weight.dtype() == DType::BF16 && weight.device().is_cpu() {
-            weight.to_dtype(DType::F32)?
-        } else {
-            weight
-        };
-        let bias = bias.to_dtype(weight.dtype())?.reshape((1, c_out, 1, 1))?;
-        Ok(Self {
-            weight: weight.contiguous()?,
-            bias,
-            padding,
-            stride,
-        })
-    }
-
-    pub(crate) fn new(
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        padding: usize,
-        stride: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let weight = vb.get((c_out, c_in, k, k), "weight")?;
-        let bias = vb.get(c_out, "bias")?;
-        Self::from_weight(weight, bias, padding, stride)
-    }
-
-    /// `x`: `[N, C_in, H, W]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xc = x.to_dtype(self.weight.dtype())?;
-        xc.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)?
-            .to_dtype(dtype)
-    }
-}
 
 /// Wan's `CausalConv3d`: a 3D convolution whose temporal padding is all in front (zeros, or
 /// the cached last frames of the previous chunk), so frame t only sees frames <= t.
-///
-/// candle has no Conv3d. The `kt` temporal taps are stacked along channels (the input frames
-/// t, t+1, .., t+kt-1 concatenated) and convolved with the kernel reshaped to
-/// `[C_out, kt*C_in, kh, kw]`: one `conv2d` over all frames of the chunk at once, which
-/// gives the matrix multiply a `kt` times longer inner dimension than one conv per tap.
 #[derive(Debug, Clone)]
 pub(crate) struct CausalConv3d {
-    /// The kernel as `[C_out, kt*C_in, kh, kw]`.
-    conv: Conv2dLayer,
-    kt: usize,
-    stride_t: usize,
+    conv: ConvLayer,
     /// Zero frames in front when there is no history (2 * temporal padding).
     front_pad: usize,
 }
 
 impl CausalConv3d {
+    /// Kernel `(kt, k, k)`, temporal padding `pad_t` (all in front), spatial padding `pad_hw`.
     pub(crate) fn new(
         c_in: usize,
         c_out: usize,
-        kernel: (usize, usize, usize),
+        kernel: (usize, usize),
         stride_t: usize,
-        padding: (usize, usize),
+        (pad_t, pad_hw): (usize, usize),
         vb: VarBuilder,
     ) -> Result<Self> {
-        let (kt, kh, kw) = kernel;
-        let w = vb.get((c_out, c_in, kt, kh, kw), "weight")?;
-        let bias = vb.get(c_out, "bias")?;
-        let weight = w
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((c_out, kt * c_in, kh, kw))?;
         Ok(Self {
-            conv: Conv2dLayer::from_weight(weight, bias, padding.1, 1)?,
-            kt,
-            stride_t,
-            front_pad: 2 * padding.0,
+            conv: ConvLayer::conv3d(c_in, c_out, kernel, stride_t, pad_hw, vb)?,
+            front_pad: 2 * pad_t,
         })
     }
 
-    /// The convolution over `x` `[B, T, C, H, W]` already holding its temporal history:
-    /// output frame j sees input frames `j*stride .. j*stride + kt`.
-    fn conv_frames(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c, h, w) = x.dims5()?;
-        if t < self.kt {
-            candle_core::bail!(
-                "causal conv: {t} frames (history included) for a temporal kernel of {}",
-                self.kt
-            )
-        }
-        let t_out = (t - self.kt) / self.stride_t + 1;
-        let taps = if self.kt == 1 && self.stride_t == 1 {
-            x.clone()
-        } else {
-            let mut taps = Vec::with_capacity(self.kt);
-            for k in 0..self.kt {
-                let tap = if self.stride_t == 1 {
-                    x.narrow(1, k, t_out)?
-                } else {
-                    let ids: Vec<u32> = (0..t_out)
-                        .map(|j| (k + j * self.stride_t) as u32)
-                        .collect();
-                    let ids = Tensor::new(ids.as_slice(), x.device())?;
-                    x.index_select(&ids, 1)?
-                };
-                taps.push(tap);
-            }
-            Tensor::cat(&taps, 2)?
-        };
-        let taps = taps.reshape((b * t_out, self.kt * c, h, w))?;
-        batch_as_frames(&self.conv.forward(&taps)?, (b, t_out))
-    }
-
-    /// Without history: zero padding in front (the first chunk, or a whole sequence).
+    /// Without history (zero padding in front): the whole sequence at once.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.front_pad > 0 {
-            x.pad_with_zeros(1, self.front_pad, 0)?
-        } else {
-            x.clone()
-        };
-        self.conv_frames(&x)
+        if self.front_pad == 0 {
+            return self.conv.forward(x);
+        }
+        self.conv.forward(&x.pad_with_zeros(1, self.front_pad, 0)?)
     }
 
     /// One chunk of a stream: the slot holds the last `CACHE_T` input frames of the
@@ -212,29 +96,36 @@ impl CausalConv3d {
 
     fn forward_with_history(&self, x: &Tensor, history: &mut Option<Tensor>) -> Result<Tensor> {
         if self.front_pad == 0 {
-            return self.conv_frames(x);
+            return self.conv.forward(x);
         }
         let padded = match history.as_ref() {
             Some(h) => {
                 let hist_len = h.dim(1)?;
-                Tensor::cat(&[h, x], 1)?.pad_with_zeros(1, self.front_pad.saturating_sub(hist_len), 0)?
+                Tensor::cat(&[h, x], 1)?.pad_with_zeros(
+                    1,
+                    self.front_pad.saturating_sub(hist_len),
+                    0,
+                )?
             }
             None => x.pad_with_zeros(1, self.front_pad, 0)?,
         };
         let len = padded.dim(1)?;
         // `copy` so that the cache does not keep the whole chunk's buffer alive.
         *history = Some(padded.narrow(1, len - CACHE_T, CACHE_T)?.copy()?);
-        self.conv_frames(&padded)
+        self.conv.forward(&padded)
     }
 }
 
-/// Wan's `RMS_norm` over channels: `x / max(||x||_2, 1e-12) * sqrt(C) * gamma`, computed in
-/// f32 for half-precision inputs as diffusers does.
+/// Wan's `RMS_norm` over channels: `x / max(||x||_2, 1e-12) * sqrt(C) * gamma`, which is
+/// `x / sqrt(mean(x^2)) * gamma`: candle's rms_norm over the (last) channel dimension, whose
+/// sums are in f32 for half-precision inputs as diffusers' are.
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
-    /// `gamma * sqrt(C)`, shaped `[1, C, 1, 1]` to broadcast over `[N, C, H, W]`.
-    scale: Tensor,
+    gamma: Tensor,
 }
+
+/// Stands in for F.normalize's `max(norm, 1e-12)`: only all-zero pixels see it.
+const RMS_EPS: f32 = 1e-24;
 
 impl RmsNorm {
     /// `images`: the attention block's norm has gamma `[C, 1, 1]`, the others `[C, 1, 1, 1]`.
@@ -244,28 +135,14 @@ impl RmsNorm {
         } else {
             vb.get((dim, 1, 1, 1), "gamma")?
         };
-        let scale = (gamma.reshape((1, dim, 1, 1))? * (dim as f64).sqrt())?;
-        Ok(Self { scale })
+        Ok(Self {
+            gamma: gamma.flatten_all()?,
+        })
     }
 
-    /// `x`: `[N, C, H, W]`.
-    fn forward_nchw(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = if is_half(dtype) {
-            x.to_dtype(DType::F32)?
-        } else {
-            x.clone()
-        };
-        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        xf.broadcast_div(&norm)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.scale)
-    }
-
-    /// `x`: `[B, T, C, H, W]`.
+    /// `x`: channels last.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (xb, bt) = frames_as_batch(x)?;
-        batch_as_frames(&self.forward_nchw(&xb)?, bt)
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.gamma, RMS_EPS)
     }
 }
 
@@ -286,7 +163,7 @@ impl ResidualBlock {
             Some(CausalConv3d::new(
                 in_dim,
                 out_dim,
-                (1, 1, 1),
+                (1, 1),
                 1,
                 (0, 0),
                 vb.pp("conv_shortcut"),
@@ -296,9 +173,9 @@ impl ResidualBlock {
         };
         Ok(Self {
             norm1: RmsNorm::new(in_dim, false, vb.pp("norm1"))?,
-            conv1: CausalConv3d::new(in_dim, out_dim, (3, 3, 3), 1, (1, 1), vb.pp("conv1"))?,
+            conv1: CausalConv3d::new(in_dim, out_dim, (3, 3), 1, (1, 1), vb.pp("conv1"))?,
             norm2: RmsNorm::new(out_dim, false, vb.pp("norm2"))?,
-            conv2: CausalConv3d::new(out_dim, out_dim, (3, 3, 3), 1, (1, 1), vb.pp("conv2"))?,
+            conv2: CausalConv3d::new(out_dim, out_dim, (3, 3), 1, (1, 1), vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
@@ -320,8 +197,8 @@ impl ResidualBlock {
 #[derive(Debug, Clone)]
 pub(crate) struct AttentionBlock {
     norm: RmsNorm,
-    to_qkv: Conv2dLayer,
-    proj: Conv2dLayer,
+    to_qkv: ConvLayer,
+    proj: ConvLayer,
     dim: usize,
 }
 
@@ -329,40 +206,41 @@ impl AttentionBlock {
     pub(crate) fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: RmsNorm::new(dim, true, vb.pp("norm"))?,
-            to_qkv: Conv2dLayer::new(dim, dim * 3, 1, 0, 1, vb.pp("to_qkv"))?,
-            proj: Conv2dLayer::new(dim, dim, 1, 0, 1, vb.pp("proj"))?,
+            to_qkv: ConvLayer::conv2d(dim, dim * 3, 1, 1, (0, 0), vb.pp("to_qkv"))?,
+            proj: ConvLayer::conv2d(dim, dim, 1, 1, (0, 0), vb.pp("proj"))?,
             dim,
         })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (xb, bt) = frames_as_batch(x)?;
-        let (n, c, h, w) = xb.dims4()?;
-        let qkv = self.to_qkv.forward(&self.norm.forward_nchw(&xb)?)?;
-        // [N, 3C, HW] -> [N, HW, 3C]: q, k, v are consecutive channel groups.
-        let qkv = qkv.reshape((n, 3 * c, h * w))?.transpose(1, 2)?;
+        let (b, t, h, w, c) = x.dims5()?;
+        let qkv = self.to_qkv.forward(&self.norm.forward(x)?)?;
+        // q, k, v are consecutive channel groups of each pixel.
+        let qkv = qkv.reshape((b * t, h * w, 3 * c))?;
         let dtype = x.dtype();
         // Scores and softmax in f32: cheap at these sizes, and safe in half precision.
-        let q = qkv.narrow(D::Minus1, 0, c)?.to_dtype(DType::F32)?.contiguous()?;
-        let k = qkv.narrow(D::Minus1, c, c)?.to_dtype(DType::F32)?.contiguous()?;
-        let v = qkv.narrow(D::Minus1, 2 * c, c)?.to_dtype(DType::F32)?.contiguous()?;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * c, c)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?)? * (self.dim as f64).powf(-0.5))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.to_dtype(dtype)?;
-        let out = out.transpose(1, 2)?.reshape((n, c, h, w))?;
-        let out = self.proj.forward(&out)?;
-        batch_as_frames(&out, bt)? + x
+        let out = self.proj.forward(&out.reshape((b, t, h, w, c))?)?;
+        out + x
     }
 }
 
-/// Nearest-neighbour 2x upsampling of `[N, C, H, W]` (diffusers' "nearest-exact" with scale
-/// 2 picks the same source pixels).
+/// Nearest-neighbour 2x upsampling of `[B, T, H, W, C]` (diffusers' "nearest-exact" with
+/// scale 2 picks the same source pixels).
 fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    x.reshape((n, c, h, 1, w, 1))?
-        .broadcast_as((n, c, h, 2, w, 2))?
+    let (b, t, h, w, c) = x.dims5()?;
+    x.reshape((b * t, h, 1, w, 1, c))?
+        .broadcast_as((b * t, h, 2, w, 2, c))?
         .contiguous()?
-        .reshape((n, c, 2 * h, 2 * w))
+        .reshape((b, t, 2 * h, 2 * w, c))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,7 +258,7 @@ pub(crate) struct Resample {
     mode: ResampleMode,
     /// `resample.1`: the 2D conv (3x3, padding 1 after upsampling; stride 2 after a
     /// right/bottom zero pad when downsampling).
-    conv: Conv2dLayer,
+    conv: ConvLayer,
     /// Upsample3d: (dim -> 2*dim, kernel (3,1,1)); downsample3d: (dim -> dim, kernel
     /// (3,1,1), stride 2 in time, no padding).
     time_conv: Option<CausalConv3d>,
@@ -390,12 +268,12 @@ impl Resample {
     pub(crate) fn new(dim: usize, mode: ResampleMode, vb: VarBuilder) -> Result<Self> {
         let (conv, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let conv = Conv2dLayer::new(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?;
+                let conv = ConvLayer::conv2d(dim, dim / 2, 3, 1, (1, 1), vb.pp("resample.1"))?;
                 let time_conv = if mode == ResampleMode::Upsample3d {
                     Some(CausalConv3d::new(
                         dim,
                         dim * 2,
-                        (3, 1, 1),
+                        (3, 1),
                         1,
                         (1, 0),
                         vb.pp("time_conv"),
@@ -406,12 +284,12 @@ impl Resample {
                 (conv, time_conv)
             }
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let conv = Conv2dLayer::new(dim, dim, 3, 0, 2, vb.pp("resample.1"))?;
+                let conv = ConvLayer::conv2d(dim, dim, 3, 2, (0, 1), vb.pp("resample.1"))?;
                 let time_conv = if mode == ResampleMode::Downsample3d {
                     Some(CausalConv3d::new(
                         dim,
                         dim,
-                        (3, 1, 1),
+                        (3, 1),
                         2,
                         (0, 0),
                         vb.pp("time_conv"),
@@ -431,31 +309,17 @@ impl Resample {
 
     pub(crate) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
         match self.mode {
-            ResampleMode::Upsample2d => self.spatial(x),
+            ResampleMode::Upsample2d => self.conv.forward(&upsample_nearest2x(x)?),
             ResampleMode::Upsample3d => {
                 let x = self.upsample_time(x, cache)?;
-                self.spatial(&x)
+                self.conv.forward(&upsample_nearest2x(&x)?)
             }
-            ResampleMode::Downsample2d => self.spatial(x),
+            ResampleMode::Downsample2d => self.conv.forward(x),
             ResampleMode::Downsample3d => {
-                let x = self.spatial(x)?;
+                let x = self.conv.forward(x)?;
                 self.downsample_time(&x, cache)
             }
         }
-    }
-
-    fn spatial(&self, x: &Tensor) -> Result<Tensor> {
-        let (xb, bt) = frames_as_batch(x)?;
-        let y = match self.mode {
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                self.conv.forward(&upsample_nearest2x(&xb)?)?
-            }
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let padded = xb.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-                self.conv.forward(&padded)?
-            }
-        };
-        batch_as_frames(&y, bt)
     }
 
     /// Each frame becomes two: the time conv doubles the channels and the two halves are
@@ -482,8 +346,14 @@ impl Resample {
         let doubled = match rest {
             Some(rest) => {
                 let y = time_conv.forward_with_history(&rest, &mut slot.frames)?;
-                let (b, t, c2, h, w) = y.dims5()?;
-                Some(y.reshape((b, t * 2, c2 / 2, h, w))?)
+                let (b, t, h, w, c2) = y.dims5()?;
+                let c = c2 / 2;
+                Some(
+                    y.reshape((b, t, h, w, 2, c))?
+                        .permute((0, 1, 4, 2, 3, 5))?
+                        .contiguous()?
+                        .reshape((b, 2 * t, h, w, c))?,
+                )
             }
             None => None,
         };
@@ -515,7 +385,7 @@ impl Resample {
                 .frames
                 .as_ref()
                 .ok_or_else(|| candle_core::Error::Msg("downsample3d: missing cache".into()))?;
-            time_conv.conv_frames(&Tensor::cat(&[prev, x], 1)?)?
+            time_conv.conv.forward(&Tensor::cat(&[prev, x], 1)?)?
         } else {
             if t % 2 != 1 {
                 candle_core::bail!(
@@ -524,7 +394,7 @@ impl Resample {
             }
             let first = x.narrow(1, 0, 1)?;
             if t > 1 {
-                Tensor::cat(&[first, time_conv.conv_frames(x)?], 1)?
+                Tensor::cat(&[first, time_conv.conv.forward(x)?], 1)?
             } else {
                 first
             }
@@ -610,7 +480,7 @@ impl Encoder3d {
         let conv_in = CausalConv3d::new(
             cfg.in_channels,
             dims[0],
-            (3, 3, 3),
+            (3, 3),
             1,
             (1, 1),
             vb.pp("conv_in"),
@@ -650,7 +520,7 @@ impl Encoder3d {
             conv_out: CausalConv3d::new(
                 out_dim,
                 cfg.z_channels,
-                (3, 3, 3),
+                (3, 3),
                 1,
                 (1, 1),
                 vb.pp("conv_out"),
@@ -658,7 +528,7 @@ impl Encoder3d {
         })
     }
 
-    /// One chunk `[B, T, C, H, W]`: the first chunk must have 1 + 2^d*k frames and later
+    /// One chunk `[B, T, H, W, C]`: the first chunk must have 1 + 2^d*k frames and later
     /// ones 2^d*k (d = temporal downsampling levels), as diffusers' 1, 4, 4, .. split.
     pub(crate) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
         cache.rewind();
@@ -700,7 +570,7 @@ impl Decoder3d {
         let conv_in = CausalConv3d::new(
             cfg.z_channels,
             dims[0],
-            (3, 3, 3),
+            (3, 3),
             1,
             (1, 1),
             vb.pp("conv_in"),
@@ -742,7 +612,7 @@ impl Decoder3d {
             conv_out: CausalConv3d::new(
                 out_dim,
                 cfg.out_channels,
-                (3, 3, 3),
+                (3, 3),
                 1,
                 (1, 1),
                 vb.pp("conv_out"),
@@ -750,7 +620,7 @@ impl Decoder3d {
         })
     }
 
-    /// One chunk of latent frames `[B, T, z, h, w]` (any T >= 1) -> pixel frames.
+    /// One chunk of latent frames `[B, T, h, w, z]` (any T >= 1) -> pixel frames.
     pub(crate) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
         cache.rewind();
         let mut x = self.conv_in.forward_cached(x, cache)?;
@@ -768,41 +638,25 @@ impl Decoder3d {
     }
 }
 
-/// A 1x1x1 causal conv (`quant_conv`, `post_quant_conv`) as a matrix multiply over
-/// channels, optionally keeping only the first `keep` output channels (the encoder's mean).
-#[derive(Debug, Clone)]
-pub(crate) struct PointwiseConv {
-    /// `[C_out, C_in]`
-    weight: Tensor,
-    /// `[C_out, 1]`
-    bias: Tensor,
+/// A 1x1x1 causal conv (`quant_conv`, `post_quant_conv`), optionally keeping only the first
+/// `keep` output channels (the encoder's mean).
+pub(crate) fn pointwise_conv(
+    c_in: usize,
+    c_out: usize,
+    keep: usize,
+    vb: VarBuilder,
+) -> Result<ConvLayer> {
+    let w = vb.get((c_out, c_in, 1, 1, 1), "weight")?;
+    let b = vb.get(c_out, "bias")?;
+    ConvLayer::from_weight(w.narrow(0, 0, keep)?, b.narrow(0, 0, keep)?, Geometry::POINT)
 }
 
-impl PointwiseConv {
-    pub(crate) fn new(c_in: usize, c_out: usize, keep: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((c_out, c_in, 1, 1, 1), "weight")?;
-        let b = vb.get(c_out, "bias")?;
-        Ok(Self {
-            weight: w.reshape((c_out, c_in))?.narrow(0, 0, keep)?.contiguous()?,
-            bias: b.narrow(0, 0, keep)?.reshape((keep, 1))?,
-        })
-    }
-
-    /// `x`: `[B, T, C, H, W]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, c, h, w) = x.dims5()?;
-        let x = x.reshape((b * t, c, h * w))?;
-        let y = self
-            .weight
-            .broadcast_left(b * t)?
-            .matmul(&x)?
-            .broadcast_add(&self.bias)?;
-        let keep = self.weight.dim(0)?;
-        y.reshape((b, t, keep, h, w))
-    }
+/// `[B, C, T, H, W]` -> `[B, T, H, W, C]`.
+pub(crate) fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 4, 1))?.contiguous()
 }
 
-/// `[B, C, T, H, W]` <-> `[B, T, C, H, W]`.
-pub(crate) fn swap_channels_time(x: &Tensor) -> Result<Tensor> {
-    x.permute((0, 2, 1, 3, 4))?.contiguous()
+/// `[B, T, H, W, C]` -> `[B, C, T, H, W]`.
+pub(crate) fn from_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 4, 1, 2, 3))?.contiguous()
 }

@@ -11,6 +11,7 @@
 //! ([`VaeStreamDecoder`]), which is what lets finished diffusion-forcing blocks be shown
 //! before the rest of the video exists.
 
+mod conv;
 mod layers;
 
 use std::sync::Arc;
@@ -19,7 +20,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use layers::{Decoder3d, Encoder3d, FeatCache, PointwiseConv, StackConfig, swap_channels_time};
+use conv::ConvLayer;
+use layers::{
+    Decoder3d, Encoder3d, FeatCache, StackConfig, from_channels_last, pointwise_conv,
+    to_channels_last,
+};
 
 /// diffusers encodes the first frame alone, then chunks of this many frames (frames past the
 /// last full chunk are dropped), whatever the temporal compression.
@@ -339,7 +344,7 @@ pub fn original_vae_name(cfg: &WanVaeConfig, name: &str) -> String {
 /// The decoding half, shared with the streaming decoders.
 #[derive(Debug)]
 struct DecoderPart {
-    post_quant_conv: PointwiseConv,
+    post_quant_conv: ConvLayer,
     decoder: Decoder3d,
 }
 
@@ -349,7 +354,7 @@ pub struct WanVae {
     cfg: WanVaeConfig,
     encoder: Arc<Encoder3d>,
     /// `quant_conv` restricted to the mean half of its output.
-    quant_conv_mean: PointwiseConv,
+    quant_conv_mean: ConvLayer,
     decoding: Arc<DecoderPart>,
     dtype: DType,
     device: Device,
@@ -363,8 +368,8 @@ impl WanVae {
         cfg.validate()?;
         let z = cfg.z_dim;
         let encoder = Encoder3d::new(&cfg.encoder_stack(), vb.pp("encoder"))?;
-        let quant_conv_mean = PointwiseConv::new(2 * z, 2 * z, z, vb.pp("quant_conv"))?;
-        let post_quant_conv = PointwiseConv::new(z, z, z, vb.pp("post_quant_conv"))?;
+        let quant_conv_mean = pointwise_conv(2 * z, 2 * z, z, vb.pp("quant_conv"))?;
+        let post_quant_conv = pointwise_conv(z, z, z, vb.pp("post_quant_conv"))?;
         let decoder = Decoder3d::new(&cfg.decoder_stack(), vb.pp("decoder"))?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -422,7 +427,7 @@ impl WanVae {
                 video.dims()
             )
         }
-        let x = swap_channels_time(&video.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        let x = to_channels_last(&video.to_dtype(self.dtype)?.to_device(&self.device)?)?;
         let mut cache = FeatCache::default();
         let chunks = (t - 1) / ENCODE_CHUNK_FRAMES;
         let mut outs = Vec::with_capacity(chunks + 1);
@@ -433,7 +438,7 @@ impl WanVae {
         }
         let out = Tensor::cat(&outs, 1)?;
         let mean = self.quant_conv_mean.forward(&out)?;
-        swap_channels_time(&mean)
+        from_channels_last(&mean)
     }
 
     /// Latents `[B, z_dim, T', h, w]` (unnormalised) -> pixels `[B, out_channels,
@@ -543,7 +548,7 @@ impl VaeStreamDecoder {
             )
         }
         let n = dims[2];
-        let z = swap_channels_time(&z_block.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        let z = to_channels_last(&z_block.to_dtype(self.dtype)?.to_device(&self.device)?)?;
         let x = self.part.post_quant_conv.forward(&z)?;
         let out = match self.part.decoder.forward(&x, &mut self.cache) {
             Ok(out) => out,
@@ -554,7 +559,7 @@ impl VaeStreamDecoder {
             }
         };
         self.latent_frames += n;
-        swap_channels_time(&out.clamp(-1f32, 1f32)?)
+        from_channels_last(&out.clamp(-1f32, 1f32)?)
     }
 
     /// Forgets the previous chunks: the next chunk starts a new video.

@@ -1,0 +1,355 @@
+//! Convolution over channels-last frames `[B, T, H, W, C]` as im2col + one matrix multiply.
+//!
+//! candle has no Conv3d, and its CPU conv2d gathers the im2col matrix one scalar at a time
+//! from NCHW, which made the VAE about 20x slower than its FLOP count. With channels last,
+//! every tap of a pixel is a run of C contiguous values, the (dt, dy, dx) taps of a 3D kernel
+//! become one row of the im2col matrix, and the output `[rows, C_out]` of the multiply is
+//! already channels-last for the next layer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_nn::VarBuilder;
+
+/// im2col matrices are built and multiplied in tiles of at most this many elements, so that
+/// a large frame (540P with hundreds of channels) does not need gigabytes at once.
+const MAX_TILE_ELEMS: usize = 1 << 23;
+
+/// Kernel, stride and spatial zero padding of a convolution. Time is never padded here: the
+/// caller puts the causal history (cached frames or zeros) in front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub kt: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride_t: usize,
+    pub stride_hw: usize,
+    /// Zero rows/columns before (top, left) and after (bottom, right) the frame.
+    pub pad_before: usize,
+    pub pad_after: usize,
+}
+
+impl Geometry {
+    pub(crate) const POINT: Geometry = Geometry {
+        kt: 1,
+        kh: 1,
+        kw: 1,
+        stride_t: 1,
+        stride_hw: 1,
+        pad_before: 0,
+        pad_after: 0,
+    };
+
+    fn out_dims(&self, t: usize, h: usize, w: usize) -> Result<(usize, usize, usize)> {
+        let hp = h + self.pad_before + self.pad_after;
+        let wp = w + self.pad_before + self.pad_after;
+        if t < self.kt || hp < self.kh || wp < self.kw {
+            candle_core::bail!(
+                "conv: input of {t}x{h}x{w} (THW) too small for kernel {}x{}x{}",
+                self.kt,
+                self.kh,
+                self.kw
+            )
+        }
+        Ok((
+            (t - self.kt) / self.stride_t + 1,
+            (hp - self.kh) / self.stride_hw + 1,
+            (wp - self.kw) / self.stride_hw + 1,
+        ))
+    }
+}
+
+/// The im2col gather on the CPU: rows `row_start..row_start + rows` of the matrix
+/// `[B*To*Ho*Wo, kt*kh*kw*C]` (taps ordered dt, dy, dx, then channel).
+struct Im2Col {
+    g: Geometry,
+    row_start: usize,
+    rows: usize,
+}
+
+impl Im2Col {
+    fn gather<T: WithDType>(&self, src: &[T], dims: &[usize]) -> Result<Vec<T>> {
+        let (b, t, h, w, c) = (dims[0], dims[1], dims[2], dims[3], dims[4]);
+        let g = self.g;
+        let (to, ho, wo) = g.out_dims(t, h, w)?;
+        if self.row_start + self.rows > b * to * ho * wo {
+            candle_core::bail!("im2col: rows out of range")
+        }
+        let k = g.kt * g.kh * g.kw * c;
+        let mut out = vec![T::zero(); self.rows * k];
+        let fill = |first_row: usize, dst: &mut [T]| {
+            for (i, row) in dst.chunks_exact_mut(k).enumerate() {
+                let r = first_row + i;
+                let x0 = r % wo;
+                let y0 = (r / wo) % ho;
+                let t0 = (r / (wo * ho)) % to;
+                let b0 = r / (wo * ho * to);
+                let mut off = 0;
+                for dt in 0..g.kt {
+                    let ti = t0 * g.stride_t + dt;
+                    let frame = (b0 * t + ti) * h;
+                    for dy in 0..g.kh {
+                        let yi = (y0 * g.stride_hw + dy) as isize - g.pad_before as isize;
+                        if yi < 0 || yi >= h as isize {
+                            off += g.kw * c;
+                            continue;
+                        }
+                        let line = (frame + yi as usize) * w;
+                        for dx in 0..g.kw {
+                            let xi = (x0 * g.stride_hw + dx) as isize - g.pad_before as isize;
+                            if xi >= 0 && xi < w as isize {
+                                let s = (line + xi as usize) * c;
+                                row[off..off + c].copy_from_slice(&src[s..s + c]);
+                            }
+                            off += c;
+                        }
+                    }
+                }
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads > 1 && self.rows * k >= 1 << 16 {
+            let rows_per = self.rows.div_ceil(threads);
+            std::thread::scope(|s| {
+                for (j, part) in out.chunks_mut(rows_per * k).enumerate() {
+                    let fill = &fill;
+                    s.spawn(move || fill(self.row_start + j * rows_per, part));
+                }
+            });
+        } else {
+            fill(self.row_start, &mut out);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "wan-vae-im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("im2col: input must be contiguous")
+        };
+        let dims = layout.dims();
+        if dims.len() != 5 {
+            candle_core::bail!("im2col: expected [B, T, H, W, C], got {dims:?}")
+        }
+        let k = self.g.kt * self.g.kh * self.g.kw * dims[4];
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.gather(&v[o1..o2], dims)?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.gather(&v[o1..o2], dims)?),
+            CpuStorage::F16(v) => CpuStorage::F16(self.gather(&v[o1..o2], dims)?),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.gather(&v[o1..o2], dims)?),
+            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((self.rows, k))))
+    }
+}
+
+/// The same matrix with tensor ops, for devices without the CPU gather (and as its test).
+fn im2col_tensor_ops(x: &Tensor, g: Geometry) -> Result<Tensor> {
+    let (b, t, h, w, c) = x.dims5()?;
+    let (to, ho, wo) = g.out_dims(t, h, w)?;
+    let xp = x
+        .pad_with_zeros(2, g.pad_before, g.pad_after)?
+        .pad_with_zeros(3, g.pad_before, g.pad_after)?;
+    let pick = |x: &Tensor, dim: usize, start: usize, n: usize, stride: usize| -> Result<Tensor> {
+        if stride == 1 {
+            x.narrow(dim, start, n)
+        } else {
+            let ids: Vec<u32> = (0..n).map(|i| (start + i * stride) as u32).collect();
+            x.index_select(&Tensor::new(ids.as_slice(), x.device())?, dim)
+        }
+    };
+    let mut taps = Vec::with_capacity(g.kt * g.kh * g.kw);
+    for dt in 0..g.kt {
+        let xt = pick(&xp, 1, dt, to, g.stride_t)?;
+        for dy in 0..g.kh {
+            let xy = pick(&xt, 2, dy, ho, g.stride_hw)?;
+            for dx in 0..g.kw {
+                taps.push(pick(&xy, 3, dx, wo, g.stride_hw)?.contiguous()?);
+            }
+        }
+    }
+    Tensor::cat(&taps, 4)?.reshape((b * to * ho * wo, taps.len() * c))
+}
+
+/// A convolution (2D or 3D) over channels-last frames, with the kernel stored as the
+/// `[kt*kh*kw*C_in, C_out]` matrix of the im2col product.
+///
+/// candle's CPU matmul has no bf16 kernel (it widens both operands on every call): with
+/// bf16 weights on the CPU the kernel is kept in f32 and the input widened once.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvLayer {
+    /// `[K, C_out]`
+    weight: Tensor,
+    /// `[C_out]`
+    bias: Tensor,
+    geometry: Geometry,
+    c_in: usize,
+    c_out: usize,
+}
+
+impl ConvLayer {
+    /// `weight`: `[C_out, C_in, kt, kh, kw]` (PyTorch Conv3d) or `[C_out, C_in, kh, kw]`
+    /// (Conv2d, kt = 1).
+    pub(crate) fn from_weight(weight: Tensor, bias: Tensor, geometry: Geometry) -> Result<Self> {
+        let weight = if weight.rank() == 4 {
+            weight.unsqueeze(2)?
+        } else {
+            weight
+        };
+        let (c_out, c_in, _, _, _) = weight.dims5()?;
+        let weight = weight
+            .permute((2, 3, 4, 1, 0))?
+            .reshape(((), c_out))?
+            .contiguous()?;
+        let compute = if weight.dtype() == DType::BF16 && weight.device().is_cpu() {
+            DType::F32
+        } else {
+            weight.dtype()
+        };
+        Ok(Self {
+            weight: weight.to_dtype(compute)?,
+            bias: bias.to_dtype(compute)?,
+            geometry,
+            c_in,
+            c_out,
+        })
+    }
+
+    /// A PyTorch Conv3d of kernel `(kt, k, k)` (causal: no temporal padding here).
+    pub(crate) fn conv3d(
+        c_in: usize,
+        c_out: usize,
+        (kt, k): (usize, usize),
+        stride_t: usize,
+        pad_hw: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, kt, k, k), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        let geometry = Geometry {
+            kt,
+            kh: k,
+            kw: k,
+            stride_t,
+            stride_hw: 1,
+            pad_before: pad_hw,
+            pad_after: pad_hw,
+        };
+        Self::from_weight(weight, bias, geometry)
+    }
+
+    /// A PyTorch Conv2d of kernel `k`, applied to every frame.
+    pub(crate) fn conv2d(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        (pad_before, pad_after): (usize, usize),
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, k, k), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        let geometry = Geometry {
+            kt: 1,
+            kh: k,
+            kw: k,
+            stride_t: 1,
+            stride_hw: stride,
+            pad_before,
+            pad_after,
+        };
+        Self::from_weight(weight, bias, geometry)
+    }
+
+    /// `x`: `[B, T, H, W, C_in]` (temporal history included) -> `[B, To, Ho, Wo, C_out]`
+    /// in `x`'s dtype.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, h, w, c) = x.dims5()?;
+        if c != self.c_in {
+            candle_core::bail!(
+                "conv: expected {} input channels, got {:?}",
+                self.c_in,
+                x.dims()
+            )
+        }
+        let g = self.geometry;
+        let (to, ho, wo) = g.out_dims(t, h, w)?;
+        let dtype = x.dtype();
+        let xc = x.to_dtype(self.weight.dtype())?.contiguous()?;
+        let rows = b * to * ho * wo;
+        let k = self.weight.dim(0)?;
+        let pointwise = g.kt == 1 && g.kh == 1 && g.kw == 1 && g.stride_t == 1 && g.stride_hw == 1;
+        let y = if pointwise {
+            xc.reshape((rows, c))?.matmul(&self.weight)?
+        } else if xc.device().is_cpu() {
+            let tile = (MAX_TILE_ELEMS / k).max(1);
+            let mut outs = Vec::with_capacity(rows.div_ceil(tile));
+            let mut start = 0;
+            while start < rows {
+                let n = tile.min(rows - start);
+                let op = Im2Col {
+                    g,
+                    row_start: start,
+                    rows: n,
+                };
+                outs.push(xc.apply_op1_no_bwd(&op)?.matmul(&self.weight)?);
+                start += n;
+            }
+            Tensor::cat(&outs, 0)?
+        } else {
+            im2col_tensor_ops(&xc, g)?.matmul(&self.weight)?
+        };
+        y.broadcast_add(&self.bias)?
+            .to_dtype(dtype)?
+            .reshape((b, to, ho, wo, self.c_out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_gather_equals_tensor_ops() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7, 3), &Device::Cpu)?;
+        let geometries = [
+            (3, 3, 1, 1, 1, 1),
+            (3, 1, 2, 1, 0, 0),
+            (1, 3, 1, 2, 0, 1),
+            (1, 3, 1, 1, 1, 1),
+        ];
+        for (kt, k, stride_t, stride_hw, pad_before, pad_after) in geometries {
+            let g = Geometry {
+                kt,
+                kh: k,
+                kw: k,
+                stride_t,
+                stride_hw,
+                pad_before,
+                pad_after,
+            };
+            let reference = im2col_tensor_ops(&x, g)?;
+            let rows = reference.dim(0)?;
+            let split = rows / 3;
+            let a = x.apply_op1_no_bwd(&Im2Col {
+                g,
+                row_start: 0,
+                rows: split,
+            })?;
+            let b = x.apply_op1_no_bwd(&Im2Col {
+                g,
+                row_start: split,
+                rows: rows - split,
+            })?;
+            let got = Tensor::cat(&[a, b], 0)?;
+            let diff = (got - &reference)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{g:?}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,546 @@
+//! From prompt to RGB frames: loads a model directory (diffusers pipeline layout or the
+//! original SkyReels-V2 layout, or the embedded default model), encodes prompts, runs the
+//! streaming generator and decodes every finished block with the streaming VAE decoder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::generate::{BlockStats, Generator, GeneratorSettings, NoiseSource};
+use crate::model::config::{TransformerConfig, diffusers_to_original_name};
+use crate::model::t5::{UMT5Config, UMT5Encoder, encode_prompts};
+use crate::model::tokenizer::PromptTokenizer;
+use crate::model::transformer::Transformer;
+use crate::model::vae::{VaeStreamDecoder, WanVae, WanVaeConfig};
+use crate::model::weights::{header_names, mmap_safetensors, safetensors_files};
+use crate::schedule::SchedulerConfig;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
+
+/// What a model generates by default.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Pixel frame size.
+    pub width: usize,
+    pub height: usize,
+    /// Native frame rate.
+    pub fps_num: i32,
+    pub fps_den: i32,
+    pub defaults: GeneratorSettings,
+    /// Text context length (diffusers' max_sequence_length).
+    pub text_len: usize,
+}
+
+/// Optional `motioncache.json` in a model directory: the model's defaults for generation.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+struct GenerationDefaults {
+    width: Option<usize>,
+    height: Option<usize>,
+    fps: Option<i32>,
+    steps: Option<usize>,
+    guidance_scale: Option<f64>,
+    shift: Option<f64>,
+    causal_block_size: Option<usize>,
+    ar_step: Option<usize>,
+    window: Option<usize>,
+    overlap: Option<usize>,
+    addnoise_condition: Option<f64>,
+    text_len: Option<usize>,
+}
+
+/// A model directory on disk or the embedded default model.
+enum Files {
+    Dir(PathBuf),
+    Embedded(&'static [(&'static str, &'static [u8])]),
+}
+
+impl Files {
+    fn path(&self, rel: &str) -> PathBuf {
+        match self {
+            Files::Dir(d) => d.join(rel),
+            Files::Embedded(_) => PathBuf::from(format!("<embedded tiny model>/{rel}")),
+        }
+    }
+
+    fn bytes(&self, rel: &str) -> Option<&'static [u8]> {
+        match self {
+            Files::Dir(_) => None,
+            Files::Embedded(f) => f.iter().find(|(n, _)| *n == rel).map(|(_, b)| *b),
+        }
+    }
+
+    fn exists(&self, rel: &str) -> bool {
+        match self {
+            Files::Dir(d) => d.join(rel).is_file(),
+            Files::Embedded(_) => self.bytes(rel).is_some(),
+        }
+    }
+
+    fn text(&self, rel: &str) -> Result<String> {
+        match self {
+            Files::Dir(d) => {
+                let p = d.join(rel);
+                if !p.is_file() {
+                    return Err(Error::model(&p, "missing file"));
+                }
+                std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+            }
+            Files::Embedded(_) => {
+                let b = self.bytes(rel).ok_or_else(|| Error::model(self.path(rel), "missing file"))?;
+                String::from_utf8(b.to_vec()).map_err(|_| Error::model(self.path(rel), "not UTF-8"))
+            }
+        }
+    }
+
+    fn json<T: for<'de> Deserialize<'de>>(&self, rel: &str) -> Result<T> {
+        serde_json::from_str(&self.text(rel)?)
+            .map_err(|e| Error::model(self.path(rel), format!("malformed: {e}")))
+    }
+
+    /// Weights of a component folder (`transformer`, `vae`, `text_encoder`) and their
+    /// tensor names.
+    fn weights(
+        &self,
+        folder: &str,
+        stems: &[&str],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(VarBuilder<'static>, Vec<String>, PathBuf)> {
+        match self {
+            Files::Dir(d) => {
+                let files = safetensors_files(&d.join(folder), stems)?;
+                let names = header_names(&files)?;
+                let vb = mmap_safetensors(&files, dtype, dev)?;
+                let first = files[0].clone();
+                Ok((vb, names, first))
+            }
+            Files::Embedded(_) => {
+                for stem in stems {
+                    let rel = format!("{folder}/{stem}.safetensors");
+                    if let Some(b) = self.bytes(&rel) {
+                        let st = safetensors::SafeTensors::deserialize(b)
+                            .map_err(|e| Error::model(self.path(&rel), format!("corrupt: {e}")))?;
+                        let names = st.names().into_iter().map(|s| s.to_string()).collect();
+                        let vb = VarBuilder::from_slice_safetensors(b, dtype, dev)
+                            .map_err(|e| Error::model(self.path(&rel), e.to_string()))?;
+                        return Ok((vb, names, self.path(&rel)));
+                    }
+                }
+                Err(Error::model(self.path(folder), "no weights"))
+            }
+        }
+    }
+}
+
+/// Transformer, VAE, text encoder and tokenizer of one model.
+pub struct Pipeline {
+    transformer: Arc<Transformer>,
+    vae: WanVae,
+    text_encoder: UMT5Encoder,
+    tokenizer: PromptTokenizer,
+    scheduler: SchedulerConfig,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl Pipeline {
+    /// Loads a model directory; the layout (diffusers or original SkyReels-V2) is detected.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::model(dir, "not a directory"));
+        }
+        let files = Files::Dir(dir.to_path_buf());
+        if files.exists("model_index.json") {
+            Self::load_diffusers(&files, dir.display().to_string(), device, dtype)
+        } else if files.exists("Wan2.1_VAE.pth") || files.exists("config.json") {
+            Self::load_original(dir, device, dtype)
+        } else {
+            Err(Error::model(
+                dir,
+                "neither a diffusers pipeline (model_index.json) nor an original SkyReels-V2 \
+                 directory (config.json + model.safetensors + Wan2.1_VAE.pth + \
+                 models_t5_umt5-xxl-enc-bf16.pth)",
+            ))
+        }
+    }
+
+    /// The default tiny model compiled into the library.
+    pub fn load_embedded(device: &Device, dtype: DType) -> Result<Self> {
+        if embedded::FILES.is_empty() {
+            return Err(Error::model(
+                "models/tiny",
+                "this build has no embedded model (models/tiny was missing when it was built)",
+            ));
+        }
+        Self::load_diffusers(&Files::Embedded(embedded::FILES), "tiny (embedded)".into(), device, dtype)
+    }
+
+    fn load_diffusers(files: &Files, name: String, dev: &Device, dtype: DType) -> Result<Self> {
+        let index: serde_json::Value = files.json("model_index.json")?;
+        if let Some(c) = index.get("_class_name").and_then(|c| c.as_str())
+            && !c.contains("SkyReelsV2DiffusionForcing")
+        {
+            return Err(Error::model(
+                files.path("model_index.json"),
+                format!("pipeline {c} is not a SkyReels-V2 diffusion-forcing pipeline"),
+            ));
+        }
+        let tcfg = TransformerConfig::from_json(&files.text("transformer/config.json")?)
+            .map_err(|r| Error::model(files.path("transformer/config.json"), r))?;
+        let (vb, names, wpath) = files.weights("transformer", &["diffusion_pytorch_model", "model"], dtype, dev)?;
+        let vb = if names.iter().any(|n| n.starts_with("time_embedding.")) {
+            vb.rename_f(diffusers_to_original_name)
+        } else {
+            vb
+        };
+        let transformer = Transformer::new(&tcfg, vb)
+            .map_err(|e| Error::model(&wpath, format!("does not match transformer/config.json: {e}")))?;
+
+        let vcfg: WanVaeConfig = files.json("vae/config.json")?;
+        vcfg.validate()
+            .map_err(|e| Error::model(files.path("vae/config.json"), e.to_string()))?;
+        // The VAE runs in f32 unless asked for half precision explicitly; it is small.
+        let (vb, _, wpath) = files.weights("vae", &["diffusion_pytorch_model", "model"], dtype, dev)?;
+        let vae = WanVae::new(&vcfg, vb)
+            .map_err(|e| Error::model(&wpath, format!("does not match vae/config.json: {e}")))?;
+
+        let ucfg: UMT5Config = files.json("text_encoder/config.json")?;
+        let (vb, _, wpath) = files.weights("text_encoder", &["model", "diffusion_pytorch_model"], dtype, dev)?;
+        let text_encoder = UMT5Encoder::new(&ucfg, vb)
+            .map_err(|e| Error::model(&wpath, format!("does not match text_encoder/config.json: {e}")))?;
+        let tokenizer = match files {
+            Files::Dir(d) => PromptTokenizer::from_file(d.join("tokenizer/tokenizer.json")),
+            Files::Embedded(_) => {
+                let rel = "tokenizer/tokenizer.json";
+                let b = files.bytes(rel).ok_or_else(|| Error::model(files.path(rel), "missing file"))?;
+                let cfg = files.text("tokenizer/tokenizer_config.json").ok();
+                PromptTokenizer::from_bytes(b, cfg.as_deref(), files.path(rel))
+            }
+        }
+        .map_err(|e| Error::model(e.path.clone(), e.problem.clone()))?;
+        let scheduler = if files.exists("scheduler/scheduler_config.json") {
+            let s: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
+            s.validate()
+                .map_err(|r| Error::model(files.path("scheduler/scheduler_config.json"), r))?;
+            s
+        } else {
+            SchedulerConfig::default()
+        };
+        let gd: GenerationDefaults = if files.exists("motioncache.json") {
+            files.json("motioncache.json")?
+        } else {
+            GenerationDefaults::default()
+        };
+        Self::assemble(name, transformer, vae, text_encoder, tokenizer, scheduler, gd, dev)
+    }
+
+    fn load_original(dir: &Path, dev: &Device, dtype: DType) -> Result<Self> {
+        let need = |rel: &str| -> Result<PathBuf> {
+            let p = dir.join(rel);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::model(&p, "missing file (original SkyReels-V2 layout)"))
+            }
+        };
+        let transformer = crate::model::loader::load_transformer(dir, dtype, dev)?;
+        let vae_path = need("Wan2.1_VAE.pth")?;
+        let vb = VarBuilder::from_pth(&vae_path, dtype, dev)
+            .map_err(|e| Error::model(&vae_path, format!("cannot read: {e}")))?;
+        let vae = WanVae::new_original(&WanVaeConfig::default(), vb)
+            .map_err(|e| Error::model(&vae_path, format!("not a Wan 2.1 VAE: {e}")))?;
+        let t5_path = need("models_t5_umt5-xxl-enc-bf16.pth")?;
+        let vb = VarBuilder::from_pth(&t5_path, dtype, dev)
+            .map_err(|e| Error::model(&t5_path, format!("cannot read: {e}")))?;
+        let text_encoder = UMT5Encoder::new_original(&UMT5Config::umt5_xxl(), vb)
+            .map_err(|e| Error::model(&t5_path, format!("not a umT5-XXL encoder: {e}")))?;
+        let tok_path = need("google/umt5-xxl/tokenizer.json")?;
+        let tokenizer = PromptTokenizer::from_file(&tok_path)
+            .map_err(|e| Error::model(e.path.clone(), e.problem.clone()))?;
+        let gd = if dir.join("motioncache.json").is_file() {
+            Files::Dir(dir.to_path_buf()).json("motioncache.json")?
+        } else {
+            GenerationDefaults::default()
+        };
+        Self::assemble(
+            dir.display().to_string(),
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer,
+            SchedulerConfig::default(),
+            gd,
+            dev,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        name: String,
+        transformer: Transformer,
+        vae: WanVae,
+        text_encoder: UMT5Encoder,
+        tokenizer: PromptTokenizer,
+        scheduler: SchedulerConfig,
+        gd: GenerationDefaults,
+        dev: &Device,
+    ) -> Result<Self> {
+        let tc = transformer.config().clone();
+        let vc = vae.config().clone();
+        if vc.z_dim != tc.in_channels {
+            return Err(Error::model(
+                &name,
+                format!(
+                    "the VAE has {} latent channels but the transformer takes {}",
+                    vc.z_dim, tc.in_channels
+                ),
+            ));
+        }
+        if text_encoder.config().d_model != tc.text_dim {
+            return Err(Error::model(
+                &name,
+                format!(
+                    "the text encoder outputs {} channels but the transformer takes {}",
+                    text_encoder.config().d_model,
+                    tc.text_dim
+                ),
+            ));
+        }
+        // Defaults: the directory's motioncache.json, else SkyReels-V2-DF-1.3B-540P's
+        // reference settings.
+        let bs = gd
+            .causal_block_size
+            .unwrap_or(if tc.num_frame_per_block > 1 { tc.num_frame_per_block } else { 5 });
+        let window = gd.window.unwrap_or(25);
+        let defaults = GeneratorSettings {
+            steps: gd.steps.unwrap_or(30),
+            shift: gd.shift.unwrap_or(scheduler.flow_shift),
+            guidance_scale: gd.guidance_scale.unwrap_or(6.0),
+            causal_block_size: bs,
+            ar_step: gd.ar_step.unwrap_or(5),
+            window,
+            overlap: gd.overlap.unwrap_or(bs),
+            addnoise_condition: gd.addnoise_condition.unwrap_or(20.0),
+            fps_class: 1,
+            total_frames: None,
+            cache: Default::default(),
+        };
+        defaults.validate()?;
+        let fps = gd.fps.unwrap_or(24);
+        let info = ModelInfo {
+            name,
+            width: gd.width.unwrap_or(960),
+            height: gd.height.unwrap_or(544),
+            fps_num: fps,
+            fps_den: 1,
+            defaults,
+            text_len: gd.text_len.unwrap_or(512),
+        };
+        let s = vc.spatial_compression() * tc.patch_size[1];
+        if info.width % s != 0 || info.height % s != 0 {
+            return Err(Error::setting(
+                "size",
+                format!("{}x{}", info.width, info.height),
+                format!("must be a multiple of {s} (VAE compression x patch size)"),
+            ));
+        }
+        Ok(Self {
+            transformer: Arc::new(transformer),
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            info,
+            device: dev.clone(),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn transformer(&self) -> &Arc<Transformer> {
+        &self.transformer
+    }
+
+    pub fn vae(&self) -> &WanVae {
+        &self.vae
+    }
+
+    pub fn scheduler(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Latent grid `(channels, height, width)` of the model's frames.
+    pub fn latent_shape(&self) -> (usize, usize, usize) {
+        let s = self.vae.config().spatial_compression();
+        (
+            self.vae.config().z_dim,
+            self.info.height / s,
+            self.info.width / s,
+        )
+    }
+
+    /// The text context of a prompt, `[1, text_len, d_model]` (cleaned, tokenized,
+    /// encoded, zeroed after the real tokens, as the reference pipeline does).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        Ok(encode_prompts(
+            &self.text_encoder,
+            &self.tokenizer,
+            &[prompt],
+            self.info.text_len,
+        )?)
+    }
+
+    /// A new endless (or `settings.total_frames` long) video for a prompt.
+    pub fn stream(
+        self: &Arc<Self>,
+        prompt: &str,
+        negative: &str,
+        settings: GeneratorSettings,
+        seed: u64,
+    ) -> Result<VideoStream> {
+        let cond = self.encode_prompt(prompt)?;
+        let neg = self.encode_prompt(negative)?;
+        self.stream_with_contexts(&cond, &neg, settings, NoiseSource::Seed(seed))
+    }
+
+    /// Like [`Pipeline::stream`] with pre-encoded contexts and any noise source.
+    pub fn stream_with_contexts(
+        self: &Arc<Self>,
+        cond: &Tensor,
+        negative: &Tensor,
+        settings: GeneratorSettings,
+        noise: NoiseSource,
+    ) -> Result<VideoStream> {
+        let generator = Generator::new(
+            self.transformer.clone(),
+            self.scheduler.clone(),
+            settings,
+            cond,
+            Some(negative),
+            self.latent_shape(),
+            noise,
+        )?;
+        Ok(VideoStream {
+            pipeline: self.clone(),
+            generator,
+            decoder: self.vae.stream_decoder(),
+        })
+    }
+}
+
+/// A decoded causal block.
+#[derive(Debug, Clone)]
+pub struct DecodedBlock {
+    /// Packed RGB24 frames, `width * height * 3` bytes each.
+    pub frames: Vec<Vec<u8>>,
+    pub width: usize,
+    pub height: usize,
+    pub stats: BlockStats,
+}
+
+/// A running video: generator plus streaming VAE decoder.
+pub struct VideoStream {
+    pipeline: Arc<Pipeline>,
+    generator: Generator,
+    decoder: VaeStreamDecoder,
+}
+
+impl VideoStream {
+    /// Runs until the next causal block is finished and decodes it; `None` when the
+    /// requested length is reached. See [`Generator::next_block`] for `cancel`.
+    pub fn next_block(&mut self, cancel: &AtomicBool) -> Result<Option<DecodedBlock>> {
+        let Some(block) = self.generator.next_block(cancel)? else {
+            return Ok(None);
+        };
+        let z = self
+            .pipeline
+            .vae
+            .denormalize_latents(&block.latents.unsqueeze(0)?)?;
+        let video = self.decoder.decode_next(&z)?; // [1, 3, T, H, W] in [-1, 1]
+        let frames = to_rgb24(&video.squeeze(0)?)?;
+        let (h, w) = (video.dim(3)?, video.dim(4)?);
+        Ok(Some(DecodedBlock {
+            frames,
+            width: w,
+            height: h,
+            stats: block.stats,
+        }))
+    }
+
+    /// Latents of the next finished block without decoding (benchmarks, tests).
+    pub fn generator(&mut self) -> &mut Generator {
+        &mut self.generator
+    }
+
+    pub fn set_contexts(&mut self, cond: &Tensor, negative: &Tensor) -> Result<()> {
+        self.generator.set_contexts(cond, Some(negative))
+    }
+
+    pub fn set_prompt(&mut self, prompt: &str, negative: &str) -> Result<()> {
+        let c = self.pipeline.encode_prompt(prompt)?;
+        let n = self.pipeline.encode_prompt(negative)?;
+        self.set_contexts(&c, &n)
+    }
+
+    pub fn set_settings(&mut self, s: GeneratorSettings) -> Result<()> {
+        self.generator.set_settings(s)
+    }
+}
+
+/// `[3, T, H, W]` in [-1, 1] -> packed RGB24 frames.
+pub fn to_rgb24(video: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let (c, t, _, _) = video.dims4()?;
+    if c != 3 {
+        return Err(Error::setting("frames", c, "expected 3 colour channels"));
+    }
+    let v = ((video.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((1, 2, 3, 0))?
+        .to_dtype(DType::U8)?;
+    let mut frames = Vec::with_capacity(t);
+    for i in 0..t {
+        frames.push(v.get(i)?.flatten_all()?.to_vec1::<u8>()?);
+    }
+    Ok(frames)
+}
+
+/// "cpu", "cuda" or "cuda:N".
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim();
+    if s.is_empty() || s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = if s == "cuda" {
+        Some(0)
+    } else {
+        s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok())
+    };
+    match ordinal {
+        Some(n) => {
+            if !cfg!(feature = "cuda") {
+                return Err(Error::setting(
+                    "device",
+                    s,
+                    "this build has no CUDA support (rebuild with the `cuda` feature)",
+                ));
+            }
+            Device::new_cuda(n).map_err(|e| Error::setting("device", s, e.to_string()))
+        }
+        None => Err(Error::setting("device", s, "expected cpu, cuda or cuda:N")),
+    }
+}

@@ -1,0 +1,236 @@
+//! Behaviour of the cache policies inside the generator (random tiny transformer from the
+//! core fixtures; tools/fixtures/core.py).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use motioncache::cache::{BlockPolicy, CacheMode, CacheSettings, MotionCacheState, Plan, StepInfo};
+use motioncache::generate::{BlockStats, Generator, GeneratorSettings, NoiseSource};
+use motioncache::model::Transformer;
+use motioncache::model::loader::load_transformer;
+use motioncache::schedule::SchedulerConfig;
+
+fn model() -> Arc<Transformer> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/dit_b");
+    Arc::new(load_transformer(&dir, DType::F32, &Device::Cpu).unwrap())
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// An asynchronous run over two windows; returns the latents and per-block stats.
+fn run(m: &Arc<Transformer>, cache: CacheSettings) -> (Tensor, Vec<BlockStats>) {
+    let dev = Device::Cpu;
+    let ctx = Tensor::randn(0f32, 1., (1, 8, 16), &dev).unwrap();
+    // Same contexts for every run: derive them from a fixed seed.
+    let mut rng = motioncache::generate::NoiseRng::new(3);
+    let ctx = rng.randn(ctx.shape(), &dev).unwrap();
+    let neg = rng.randn(ctx.shape(), &dev).unwrap();
+    let settings = GeneratorSettings {
+        steps: 12,
+        shift: 8.0,
+        guidance_scale: 4.0,
+        causal_block_size: 3,
+        ar_step: 3,
+        window: 9,
+        overlap: 3,
+        addnoise_condition: 0.0,
+        fps_class: 1,
+        total_frames: Some(15),
+        cache,
+    };
+    let mut g = Generator::new(
+        m.clone(),
+        SchedulerConfig::default(),
+        settings,
+        &ctx,
+        Some(&neg),
+        (8, 16, 16),
+        NoiseSource::Seed(11),
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut lat = Vec::new();
+    let mut stats = Vec::new();
+    while let Some(b) = g.next_block(&cancel).unwrap() {
+        lat.push(b.latents);
+        stats.push(b.stats);
+    }
+    (Tensor::cat(&lat, 1).unwrap(), stats)
+}
+
+fn recomputed(stats: &[BlockStats]) -> usize {
+    stats.iter().map(|s| s.tokens_recomputed).sum()
+}
+
+#[test]
+fn none_equals_vanilla() {
+    let m = model();
+    let (a, sa) = run(&m, CacheSettings::with_mode(CacheMode::None));
+    let (b, sb) = run(&m, CacheSettings::with_mode(CacheMode::Vanilla));
+    assert!(rel(&a, &b) < 1e-5, "none vs vanilla {}", rel(&a, &b));
+    let fa: f64 = sa.iter().map(|s| s.flops).sum();
+    let fb: f64 = sb.iter().map(|s| s.flops).sum();
+    assert!(fa < fb * 0.8, "exact reuse does less work: {fa} vs {fb}");
+}
+
+#[test]
+fn threshold_zero_and_long_warmup_equal_none() {
+    let m = model();
+    let (none, _) = run(&m, CacheSettings::with_mode(CacheMode::None));
+    let zero = CacheSettings {
+        motion_threshold: 0.0,
+        ..CacheSettings::with_mode(CacheMode::MotionCache)
+    };
+    let (a, sa) = run(&m, zero);
+    assert_eq!(rel(&a, &none), 0.0);
+    assert!(sa.iter().all(|s| s.recomputed_fraction() == 1.0));
+    let warm = CacheSettings {
+        warmup_steps: 12,
+        ..CacheSettings::with_mode(CacheMode::MotionCache)
+    };
+    let (b, _) = run(&m, warm);
+    assert_eq!(rel(&b, &none), 0.0);
+}
+
+#[test]
+fn motioncache_reuses_and_higher_threshold_never_recomputes_more() {
+    let m = model();
+    let mut last = usize::MAX;
+    let mut counts = Vec::new();
+    for t in [0.02, 0.05, 0.1, 0.3, 1.0] {
+        let s = CacheSettings {
+            motion_threshold: t,
+            warmup_steps: 3,
+            uniform_updates: 2,
+            ..CacheSettings::with_mode(CacheMode::MotionCache)
+        };
+        let (_, st) = run(&m, s);
+        let r = recomputed(&st);
+        counts.push((t, r));
+        assert!(r <= last, "threshold {t}: {r} tokens recomputed, more than {last}: {counts:?}");
+        last = r;
+    }
+    let total: usize = run(&m, CacheSettings::with_mode(CacheMode::None)).1.iter().map(|s| s.tokens_total).sum();
+    assert!(last < total / 2, "a high threshold reuses most tokens: {counts:?} of {total}");
+}
+
+#[test]
+fn chunk_policies_skip_whole_steps() {
+    let m = model();
+    for mode in [CacheMode::TeaCache, CacheMode::FlowCache] {
+        let s = CacheSettings {
+            teacache_threshold: 0.3,
+            flowcache_threshold: 0.3,
+            warmup_steps: 3,
+            ..CacheSettings::with_mode(mode)
+        };
+        let (_, st) = run(&m, s);
+        let skipped: usize = st.iter().map(|s| s.skipped_forwards).sum();
+        let partial: usize = st.iter().map(|s| s.partial_forwards).sum();
+        assert!(skipped > 0, "{mode:?} skipped nothing");
+        assert_eq!(partial, 0, "{mode:?} is chunk level");
+    }
+}
+
+#[test]
+fn selective_forward_matches_full_forward() {
+    let m = model();
+    let dev = Device::Cpu;
+    let mut rng = motioncache::generate::NoiseRng::new(5);
+    let ctx = m.context(&rng.randn((1, 8, 16), &dev).unwrap()).unwrap();
+    let (gf, gh, gw) = m.grid(3, 8, 6).unwrap();
+    let lat0 = rng.randn((8, 3, 8, 6), &dev).unwrap();
+    let lat1 = rng.randn((8, 3, 8, 6), &dev).unwrap();
+    let md = m.modulation(&[700.0; 3], 1).unwrap();
+    // Block 0 gives the prefix K/V; block 1 is the block under test.
+    let t0 = m.all_tokens(0, gf, gh, gw).unwrap();
+    let mut kv0 = None;
+    m.forward_layers(&m.patchify(&lat0).unwrap(), &md, &t0, &mut kv0, None, &ctx).unwrap();
+    let prefix = kv0.unwrap();
+    let t1 = m.all_tokens(gf, gf, gh, gw).unwrap();
+    let x1 = m.patchify(&lat1).unwrap();
+    let mut kv = None;
+    let full = m.forward_layers(&x1, &md, &t1, &mut kv, Some(&prefix), &ctx).unwrap();
+    let n = t1.len() as u32;
+    // Every token selected == full forward.
+    let all: Vec<u32> = (0..n).collect();
+    let sub = m.subset(&t1, &all).unwrap();
+    let mut kv_all = kv.clone();
+    let y = m.forward_layers(&x1, &md, &sub, &mut kv_all, Some(&prefix), &ctx).unwrap();
+    assert!(rel(&y, &full) < 1e-5);
+    // A subset with the other tokens' K/V current == full forward at those tokens.
+    let idx: Vec<u32> = (0..n).filter(|i| i % 3 == 1).collect();
+    let sub = m.subset(&t1, &idx).unwrap();
+    let it = Tensor::new(idx.as_slice(), &dev).unwrap();
+    let mut kv_sub = kv.clone();
+    let ys = m.forward_layers(&x1.index_select(&it, 0).unwrap(), &md, &sub, &mut kv_sub, Some(&prefix), &ctx).unwrap();
+    let want = full.index_select(&it, 0).unwrap();
+    assert!(rel(&ys, &want) < 1e-5, "subset error {}", rel(&ys, &want));
+    // With stale K/V for the others the subset result differs (the test can fail).
+    let lat_other = rng.randn((8, 3, 8, 6), &dev).unwrap();
+    let mut kv_stale = None;
+    m.forward_layers(&m.patchify(&lat_other).unwrap(), &md, &t1, &mut kv_stale, Some(&prefix), &ctx).unwrap();
+    let ys2 = m.forward_layers(&x1.index_select(&it, 0).unwrap(), &md, &sub, &mut kv_stale, Some(&prefix), &ctx).unwrap();
+    assert!(rel(&ys2, &want) > 1e-3);
+}
+
+/// Phase-2 recompute counts follow motion: feed the policy outputs in which the left half
+/// of every frame changes from frame to frame and the right half is static.
+#[test]
+fn moving_region_is_recomputed_more_often() {
+    let dev = Device::Cpu;
+    let s = CacheSettings {
+        warmup_steps: 2,
+        uniform_updates: 2,
+        motion_threshold: 0.1,
+        temporal_consistency: 0.0,
+        min_update_ratio: 0.0,
+        ..Default::default()
+    };
+    let (frames, tpf, dim) = (3usize, 8usize, 4usize);
+    let mut st = MotionCacheState::default();
+    let mut counts = vec![0usize; frames * tpf];
+    let mut rng = motioncache::generate::NoiseRng::new(9);
+    for step in 0..40 {
+        // Modulation drifts steadily so that distance accumulates.
+        let m = Tensor::full(1.0f32 + 0.03 * step as f32, (frames, 6, dim), &dev).unwrap();
+        let info = StepInfo {
+            step,
+            steps: 40,
+            modulation: &m,
+            frames,
+            tokens_per_frame: tpf,
+            has_residual: true,
+            prev_last_frame: None,
+        };
+        let plan = st.plan(&s, &info).unwrap();
+        if step >= 2 + 2 + 2 {
+            match &plan {
+                Plan::Tokens(t) => t.iter().for_each(|&i| counts[i as usize] += 1),
+                Plan::Full => counts.iter_mut().for_each(|c| *c += 1),
+                Plan::Skip => {}
+            }
+        }
+        let mut rows = Vec::new();
+        for f in 0..frames {
+            for p in 0..tpf {
+                let moving = p < tpf / 2;
+                for _ in 0..dim {
+                    let v = if moving { 1.0 + f as f64 + 0.5 * rng.normal().abs() } else { 1.0 };
+                    rows.push(v as f32);
+                }
+            }
+        }
+        let x = Tensor::from_vec(rows, (frames * tpf, dim), &dev).unwrap();
+        st.observe(&s, &info, &plan, &x, &x).unwrap();
+    }
+    let moving: usize = (0..frames * tpf).filter(|i| i % tpf < tpf / 2).map(|i| counts[i]).sum();
+    let fixed: usize = (0..frames * tpf).filter(|i| i % tpf >= tpf / 2).map(|i| counts[i]).sum();
+    assert!(moving > fixed, "moving {moving} vs static {fixed}: {counts:?}");
+}
