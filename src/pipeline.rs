@@ -345,15 +345,7 @@ impl Pipeline {
             defaults,
             text_len: gd.text_len.unwrap_or(512),
         };
-        let s = vc.spatial_compression() * tc.patch_size[1];
-        if info.width % s != 0 || info.height % s != 0 {
-            return Err(Error::setting(
-                "size",
-                format!("{}x{}", info.width, info.height),
-                format!("must be a multiple of {s} (VAE compression x patch size)"),
-            ));
-        }
-        Ok(Self {
+        let p = Self {
             transformer: Arc::new(transformer),
             vae,
             text_encoder,
@@ -361,7 +353,9 @@ impl Pipeline {
             scheduler,
             info,
             device: dev.clone(),
-        })
+        };
+        p.latent_shape(p.info.width, p.info.height)?;
+        Ok(p)
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -384,14 +378,19 @@ impl Pipeline {
         &self.scheduler
     }
 
-    /// Latent grid `(channels, height, width)` of the model's frames.
-    pub fn latent_shape(&self) -> (usize, usize, usize) {
+    /// Latent grid `(channels, height, width)` of frames of `width x height` pixels; the
+    /// size must be a multiple of the VAE compression times the patch size.
+    pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
         let s = self.vae.config().spatial_compression();
-        (
-            self.vae.config().z_dim,
-            self.info.height / s,
-            self.info.width / s,
-        )
+        let m = s * self.transformer.config().patch_size[1].max(self.transformer.config().patch_size[2]);
+        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+            return Err(Error::setting(
+                "size",
+                format!("{width}x{height}"),
+                format!("width and height must be positive multiples of {m}"),
+            ));
+        }
+        Ok((self.vae.config().z_dim, height / s, width / s))
     }
 
     /// The text context of a prompt, `[1, text_len, d_model]` (cleaned, tokenized,
@@ -415,16 +414,19 @@ impl Pipeline {
     ) -> Result<VideoStream> {
         let cond = self.encode_prompt(prompt)?;
         let neg = self.encode_prompt(negative)?;
-        self.stream_with_contexts(&cond, &neg, settings, NoiseSource::Seed(seed))
+        let size = (self.info.width, self.info.height);
+        self.stream_with_contexts(&cond, &neg, settings, NoiseSource::Seed(seed), size)
     }
 
-    /// Like [`Pipeline::stream`] with pre-encoded contexts and any noise source.
+    /// Like [`Pipeline::stream`] with pre-encoded contexts, any noise source and a frame
+    /// size `(width, height)` in pixels.
     pub fn stream_with_contexts(
         self: &Arc<Self>,
         cond: &Tensor,
         negative: &Tensor,
         settings: GeneratorSettings,
         noise: NoiseSource,
+        size: (usize, usize),
     ) -> Result<VideoStream> {
         let generator = Generator::new(
             self.transformer.clone(),
@@ -432,7 +434,7 @@ impl Pipeline {
             settings,
             cond,
             Some(negative),
-            self.latent_shape(),
+            self.latent_shape(size.0, size.1)?,
             noise,
         )?;
         Ok(VideoStream {
@@ -451,6 +453,8 @@ pub struct DecodedBlock {
     pub width: usize,
     pub height: usize,
     pub stats: BlockStats,
+    /// The decoded frames as floats, `[3, frames, height, width]` in [-1, 1].
+    pub video: Tensor,
 }
 
 /// A running video: generator plus streaming VAE decoder.
@@ -472,13 +476,15 @@ impl VideoStream {
             .vae
             .denormalize_latents(&block.latents.unsqueeze(0)?)?;
         let video = self.decoder.decode_next(&z)?; // [1, 3, T, H, W] in [-1, 1]
-        let frames = to_rgb24(&video.squeeze(0)?)?;
-        let (h, w) = (video.dim(3)?, video.dim(4)?);
+        let video = video.squeeze(0)?;
+        let frames = to_rgb24(&video)?;
+        let (h, w) = (video.dim(2)?, video.dim(3)?);
         Ok(Some(DecodedBlock {
             frames,
             width: w,
             height: h,
             stats: block.stats,
+            video,
         }))
     }
 

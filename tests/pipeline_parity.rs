@@ -1,0 +1,122 @@
+//! A whole tiny random pipeline directory (diffusers `save_pretrained`) loaded by the Rust
+//! pipeline reproduces diffusers' RGB frames (fixtures: tools/fixtures/pipeline.py).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use motioncache::cache::{CacheMode, CacheSettings};
+use motioncache::generate::{GeneratorSettings, NoiseSource};
+use motioncache::pipeline::Pipeline;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    (d / n).sqrt()
+}
+
+#[test]
+fn rgb_frames_match_diffusers() {
+    let p = Arc::new(Pipeline::load(&dir().join("tiny_random"), &Device::Cpu, DType::F32).unwrap());
+    let fx = candle_core::safetensors::load(dir().join("outputs.safetensors"), &Device::Cpu).unwrap();
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("runs.json")).unwrap()).unwrap();
+    for r in runs.as_array().unwrap() {
+        let name = r["name"].as_str().unwrap();
+        let g = |k: &str| r[k].as_u64().unwrap() as usize;
+        for mode in [CacheMode::None, CacheMode::Vanilla] {
+            let settings = GeneratorSettings {
+                steps: g("steps"),
+                shift: 8.0,
+                guidance_scale: r["guidance"].as_f64().unwrap(),
+                causal_block_size: g("block"),
+                ar_step: g("ar_step"),
+                window: g("frames"),
+                overlap: 0,
+                addnoise_condition: 0.0,
+                fps_class: 1,
+                total_frames: Some(g("frames")),
+                cache: CacheSettings::with_mode(mode),
+            };
+            let cond = p.encode_prompt(r["prompt"].as_str().unwrap()).unwrap();
+            let neg = p.encode_prompt(r["negative"].as_str().unwrap()).unwrap();
+            let noise = NoiseSource::Explicit {
+                segments: VecDeque::from([fx[&format!("{name}_noise")].clone()]),
+                seed: 0,
+            };
+            let mut s = p.stream_with_contexts(&cond, &neg, settings, noise, (32, 32)).unwrap();
+            let cancel = AtomicBool::new(false);
+            let mut parts = Vec::new();
+            let mut rgb = 0;
+            while let Some(b) = s.next_block(&cancel).unwrap() {
+                assert_eq!(b.frames.len(), b.video.dim(1).unwrap());
+                assert_eq!(b.frames[0].len(), b.width * b.height * 3);
+                rgb += b.frames.len();
+                parts.push(b.video);
+            }
+            // [3, T, H, W] in [-1, 1] -> [T, H, W, 3] in [0, 1], as diffusers' "np" output.
+            let got = ((Tensor::cat(&parts, 1).unwrap() + 1.0).unwrap() / 2.0)
+                .unwrap()
+                .permute((1, 2, 3, 0))
+                .unwrap();
+            let want = &fx[&format!("{name}_frames")];
+            assert_eq!(rgb, want.dim(0).unwrap());
+            let e = rel(&got, want);
+            assert!(e <= 1e-3, "{name} {mode:?}: pixel relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn broken_model_directories_name_the_file() {
+    let tmp = std::env::temp_dir().join(format!("mc-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    let load = || Pipeline::load(&tmp, &Device::Cpu, DType::F32).err().map(|e| e.to_string());
+    // Missing component config.
+    std::fs::remove_file(tmp.join("vae/config.json")).unwrap();
+    let e = load().unwrap();
+    assert!(e.contains("vae/config.json"), "{e}");
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    // Truncated weights.
+    let w = tmp.join("transformer/diffusion_pytorch_model.safetensors");
+    let data = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &data[..data.len() / 2]).unwrap();
+    let e = load().unwrap();
+    assert!(e.contains("diffusion_pytorch_model.safetensors") && e.contains("truncated"), "{e}");
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    // Weights that do not match the config.
+    let c = tmp.join("transformer/config.json");
+    let text = std::fs::read_to_string(&c).unwrap().replace("\"ffn_dim\": 48", "\"ffn_dim\": 50");
+    std::fs::write(&c, text).unwrap();
+    let e = load().unwrap();
+    assert!(e.contains("transformer") && e.contains("config.json"), "{e}");
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    // Malformed JSON.
+    std::fs::write(tmp.join("model_index.json"), "{ not json").unwrap();
+    let e = load().unwrap();
+    assert!(e.contains("model_index.json"), "{e}");
+    // Not a model directory at all.
+    let e = Pipeline::load(&tmp.join("nope"), &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(e.contains("nope"), "{e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).unwrap();
+        }
+    }
+}
