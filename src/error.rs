@@ -8,7 +8,10 @@ pub enum Error {
     /// A tensor operation failed (shape mismatch, device error, ...).
     Candle(candle_core::Error),
     /// A file could not be read.
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A model file or directory is missing, truncated or does not match what is expected.
     Model { path: PathBuf, reason: String },
     /// A setting is out of range or inconsistent with the model.
@@ -53,7 +56,11 @@ impl std::fmt::Display for Error {
             Error::Candle(e) => write!(f, "tensor error: {e}"),
             Error::Io { path, source } => write!(f, "cannot read {}: {source}", path.display()),
             Error::Model { path, reason } => write!(f, "{}: {reason}", path.display()),
-            Error::Setting { name, value, reason } => {
+            Error::Setting {
+                name,
+                value,
+                reason,
+            } => {
                 write!(f, "invalid value {value} for {name}: {reason}")
             }
             Error::Cancelled => write!(f, "generation cancelled"),

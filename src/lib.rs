@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod error;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod schedule;

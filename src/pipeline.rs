@@ -95,7 +95,9 @@ impl Files {
                 std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
             }
             Files::Embedded(_) => {
-                let b = self.bytes(rel).ok_or_else(|| Error::model(self.path(rel), "missing file"))?;
+                let b = self
+                    .bytes(rel)
+                    .ok_or_else(|| Error::model(self.path(rel), "missing file"))?;
                 String::from_utf8(b.to_vec()).map_err(|_| Error::model(self.path(rel), "not UTF-8"))
             }
         }
@@ -181,7 +183,12 @@ impl Pipeline {
                 "this build has no embedded model (models/tiny was missing when it was built)",
             ));
         }
-        Self::load_diffusers(&Files::Embedded(embedded::FILES), "tiny (embedded)".into(), device, dtype)
+        Self::load_diffusers(
+            &Files::Embedded(embedded::FILES),
+            "tiny (embedded)".into(),
+            device,
+            dtype,
+        )
     }
 
     fn load_diffusers(files: &Files, name: String, dev: &Device, dtype: DType) -> Result<Self> {
@@ -196,32 +203,53 @@ impl Pipeline {
         }
         let tcfg = TransformerConfig::from_json(&files.text("transformer/config.json")?)
             .map_err(|r| Error::model(files.path("transformer/config.json"), r))?;
-        let (vb, names, wpath) = files.weights("transformer", &["diffusion_pytorch_model", "model"], dtype, dev)?;
+        let (vb, names, wpath) = files.weights(
+            "transformer",
+            &["diffusion_pytorch_model", "model"],
+            dtype,
+            dev,
+        )?;
         let vb = if names.iter().any(|n| n.starts_with("time_embedding.")) {
             vb.rename_f(diffusers_to_original_name)
         } else {
             vb
         };
-        let transformer = Transformer::new(&tcfg, vb)
-            .map_err(|e| Error::model(&wpath, format!("does not match transformer/config.json: {e}")))?;
+        let transformer = Transformer::new(&tcfg, vb).map_err(|e| {
+            Error::model(
+                &wpath,
+                format!("does not match transformer/config.json: {e}"),
+            )
+        })?;
 
         let vcfg: WanVaeConfig = files.json("vae/config.json")?;
         vcfg.validate()
             .map_err(|e| Error::model(files.path("vae/config.json"), e.to_string()))?;
         // The VAE runs in f32 unless asked for half precision explicitly; it is small.
-        let (vb, _, wpath) = files.weights("vae", &["diffusion_pytorch_model", "model"], dtype, dev)?;
+        let (vb, _, wpath) =
+            files.weights("vae", &["diffusion_pytorch_model", "model"], dtype, dev)?;
         let vae = WanVae::new(&vcfg, vb)
             .map_err(|e| Error::model(&wpath, format!("does not match vae/config.json: {e}")))?;
 
         let ucfg: UMT5Config = files.json("text_encoder/config.json")?;
-        let (vb, _, wpath) = files.weights("text_encoder", &["model", "diffusion_pytorch_model"], dtype, dev)?;
-        let text_encoder = UMT5Encoder::new(&ucfg, vb)
-            .map_err(|e| Error::model(&wpath, format!("does not match text_encoder/config.json: {e}")))?;
+        let (vb, _, wpath) = files.weights(
+            "text_encoder",
+            &["model", "diffusion_pytorch_model"],
+            dtype,
+            dev,
+        )?;
+        let text_encoder = UMT5Encoder::new(&ucfg, vb).map_err(|e| {
+            Error::model(
+                &wpath,
+                format!("does not match text_encoder/config.json: {e}"),
+            )
+        })?;
         let tokenizer = match files {
             Files::Dir(d) => PromptTokenizer::from_file(d.join("tokenizer/tokenizer.json")),
             Files::Embedded(_) => {
                 let rel = "tokenizer/tokenizer.json";
-                let b = files.bytes(rel).ok_or_else(|| Error::model(files.path(rel), "missing file"))?;
+                let b = files
+                    .bytes(rel)
+                    .ok_or_else(|| Error::model(files.path(rel), "missing file"))?;
                 let cfg = files.text("tokenizer/tokenizer_config.json").ok();
                 PromptTokenizer::from_bytes(b, cfg.as_deref(), files.path(rel))
             }
@@ -240,7 +268,16 @@ impl Pipeline {
         } else {
             GenerationDefaults::default()
         };
-        Self::assemble(name, transformer, vae, text_encoder, tokenizer, scheduler, gd, dev)
+        Self::assemble(
+            name,
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            gd,
+            dev,
+        )
     }
 
     fn load_original(dir: &Path, dev: &Device, dtype: DType) -> Result<Self> {
@@ -249,7 +286,10 @@ impl Pipeline {
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(Error::model(&p, "missing file (original SkyReels-V2 layout)"))
+                Err(Error::model(
+                    &p,
+                    "missing file (original SkyReels-V2 layout)",
+                ))
             }
         };
         let transformer = crate::model::loader::load_transformer(dir, dtype, dev)?;
@@ -319,10 +359,15 @@ impl Pipeline {
         // reference settings.
         let bs = gd
             .causal_block_size
-            .unwrap_or(if tc.num_frame_per_block > 1 { tc.num_frame_per_block } else { 5 });
+            .unwrap_or(if tc.num_frame_per_block > 1 {
+                tc.num_frame_per_block
+            } else {
+                5
+            });
         let window = gd.window.unwrap_or(25);
+        let steps = gd.steps.unwrap_or(30);
         let defaults = GeneratorSettings {
-            steps: gd.steps.unwrap_or(30),
+            steps,
             shift: gd.shift.unwrap_or(scheduler.flow_shift),
             guidance_scale: gd.guidance_scale.unwrap_or(6.0),
             causal_block_size: bs,
@@ -332,7 +377,7 @@ impl Pipeline {
             addnoise_condition: gd.addnoise_condition.unwrap_or(20.0),
             fps_class: 1,
             total_frames: None,
-            cache: Default::default(),
+            cache: crate::cache::CacheSettings::for_steps(steps),
         };
         defaults.validate()?;
         let fps = gd.fps.unwrap_or(24);
@@ -382,8 +427,9 @@ impl Pipeline {
     /// size must be a multiple of the VAE compression times the patch size.
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
         let s = self.vae.config().spatial_compression();
-        let m = s * self.transformer.config().patch_size[1].max(self.transformer.config().patch_size[2]);
-        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+        let m = s * self.transformer.config().patch_size[1]
+            .max(self.transformer.config().patch_size[2]);
+        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             return Err(Error::setting(
                 "size",
                 format!("{width}x{height}"),
@@ -534,7 +580,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let ordinal = if s == "cuda" {
         Some(0)
     } else {
-        s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok())
+        s.strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
     };
     match ordinal {
         Some(n) => {

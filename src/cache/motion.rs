@@ -57,7 +57,12 @@ impl Default for FlowCacheState {
 }
 
 impl ChunkState {
-    fn decide(&mut self, s: &CacheSettings, info: &StepInfo, threshold: f64) -> candle_core::Result<Plan> {
+    fn decide(
+        &mut self,
+        s: &CacheSettings,
+        info: &StepInfo,
+        threshold: f64,
+    ) -> candle_core::Result<Plan> {
         let forced = info.step < s.warmup_steps
             || !info.has_residual
             || threshold <= 0.0
@@ -88,7 +93,14 @@ impl BlockPolicy for ChunkState {
         let t = s.teacache_threshold;
         self.decide(s, info, t)
     }
-    fn observe(&mut self, _: &CacheSettings, _: &StepInfo, _: &Plan, _: &Tensor, _: &Tensor) -> candle_core::Result<()> {
+    fn observe(
+        &mut self,
+        _: &CacheSettings,
+        _: &StepInfo,
+        _: &Plan,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> candle_core::Result<()> {
         Ok(())
     }
 }
@@ -98,7 +110,14 @@ impl BlockPolicy for FlowCacheState {
         let t = s.flowcache_threshold;
         self.0.decide(s, info, t)
     }
-    fn observe(&mut self, _: &CacheSettings, _: &StepInfo, _: &Plan, _: &Tensor, _: &Tensor) -> candle_core::Result<()> {
+    fn observe(
+        &mut self,
+        _: &CacheSettings,
+        _: &StepInfo,
+        _: &Plan,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> candle_core::Result<()> {
         Ok(())
     }
 }
@@ -154,7 +173,11 @@ impl MotionCacheState {
             d.push(row);
         }
         if d[0].is_empty() {
-            d[0] = if frames > 1 { d[1].clone() } else { vec![1.0; tpf] };
+            d[0] = if frames > 1 {
+                d[1].clone()
+            } else {
+                vec![1.0; tpf]
+            };
         }
         let mut w = Vec::with_capacity(frames * tpf);
         for row in d {
@@ -215,9 +238,9 @@ impl BlockPolicy for MotionCacheState {
         // Staleness bound: tokens not recomputed for `refresh_interval` steps go anyway.
         let mut forced = false;
         if s.refresh_interval > 0 {
-            for i in 0..n {
-                if self.age[i] >= s.refresh_interval && !need[i] {
-                    need[i] = true;
+            for (nd, &age) in need.iter_mut().zip(&self.age) {
+                if age >= s.refresh_interval && !*nd {
+                    *nd = true;
                     forced = true;
                 }
             }
@@ -305,8 +328,14 @@ mod tests {
         let x = Tensor::cat(&[f0, f1], 0).unwrap();
         let s = CacheSettings::default();
         let w = MotionCacheState::motion_weights(&s, &x, 2, 4, None).unwrap();
-        assert!((w[5] - 1.0).abs() < 1e-6, "moving token gets the top weight");
-        assert!((w[4] - s.weight_floor).abs() < 1e-6, "static token gets the floor");
+        assert!(
+            (w[5] - 1.0).abs() < 1e-6,
+            "moving token gets the top weight"
+        );
+        assert!(
+            (w[4] - s.weight_floor).abs() < 1e-6,
+            "static token gets the floor"
+        );
         // Block 0: frame 0 copies frame 1's weights.
         assert_eq!(w[..4], w[4..]);
     }

@@ -111,7 +111,8 @@ impl Default for CacheSettings {
     fn default() -> Self {
         Self {
             mode: CacheMode::MotionCache,
-            warmup_steps: 4,
+            // The reference's `warmup_steps = 4` runs steps 0..=4 in full: five full steps.
+            warmup_steps: 5,
             motion_threshold: 0.1,
             refresh_interval: 0,
             uniform_updates: 6,
@@ -131,6 +132,15 @@ impl CacheSettings {
     pub fn with_mode(mode: CacheMode) -> Self {
         Self {
             mode,
+            ..Self::default()
+        }
+    }
+
+    /// The reference defaults for a schedule of `steps` steps: five warm-up steps at 20
+    /// steps or more (the reference runs 50), a quarter of the steps for short schedules.
+    pub fn for_steps(steps: usize) -> Self {
+        Self {
+            warmup_steps: if steps >= 20 { 5 } else { (steps / 4).max(1) },
             ..Self::default()
         }
     }
@@ -158,7 +168,11 @@ impl CacheSettings {
             ));
         }
         if !(0.0..=1.0).contains(&self.weight_floor) {
-            return Err(Error::setting("weight-floor", self.weight_floor, "must be in [0, 1]"));
+            return Err(Error::setting(
+                "weight-floor",
+                self.weight_floor,
+                "must be in [0, 1]",
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_update_ratio) {
             return Err(Error::setting(
@@ -222,7 +236,12 @@ mod tests {
         .to_string();
         assert!(e.contains("weight-floor"), "{e}");
         assert!(CacheMode::parse("motioncache").is_ok());
-        assert!(CacheMode::parse("fast").unwrap_err().to_string().contains("cache-mode"));
+        assert!(
+            CacheMode::parse("fast")
+                .unwrap_err()
+                .to_string()
+                .contains("cache-mode")
+        );
     }
 
     #[test]

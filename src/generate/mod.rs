@@ -84,7 +84,10 @@ pub enum NoiseSource {
     Seed(u64),
     /// Explicit initial noise per segment, `[C, frames, H, W]` each (for parity with a
     /// reference run); the seed drives `addnoise_condition` only.
-    Explicit { segments: VecDeque<Tensor>, seed: u64 },
+    Explicit {
+        segments: VecDeque<Tensor>,
+        seed: u64,
+    },
 }
 
 /// Per classifier-free-guidance branch state of a segment.
@@ -221,7 +224,8 @@ impl Generator {
     /// next window.
     pub fn set_settings(&mut self, s: GeneratorSettings) -> Result<()> {
         s.validate()?;
-        self.model.grid(s.causal_block_size, self.latent.1, self.latent.2)?;
+        self.model
+            .grid(s.causal_block_size, self.latent.1, self.latent.2)?;
         self.settings = s;
         Ok(())
     }
@@ -324,8 +328,8 @@ impl Generator {
             latents.push(noise.narrow(1, b * bs, bs)?.contiguous()?);
         }
         if let Some(hist) = history {
-            for b in 0..prefix / bs {
-                latents[b] = hist.narrow(1, b * bs, bs)?.contiguous()?;
+            for (b, l) in latents.iter_mut().enumerate().take(prefix / bs) {
+                *l = hist.narrow(1, b * bs, bs)?.contiguous()?;
             }
         }
         let schedule = FlowSchedule::new(&self.scheduler, s.steps, s.shift)?;
@@ -417,7 +421,10 @@ impl Generator {
         // Vanilla accounting: diffusers runs the whole window, every branch, dense
         // attention over all of it.
         for b in v0..v1 {
-            let f = nbranch as f64 * self.model.layer_flops(block_tokens, window_tokens, self.text_len);
+            let f = nbranch as f64
+                * self
+                    .model
+                    .layer_flops(block_tokens, window_tokens, self.text_len);
             let tgt = attribution(seg, b);
             seg.stats[tgt].vanilla_flops += f;
         }
@@ -431,17 +438,33 @@ impl Generator {
                     let mut kvs: Vec<BlockKv> = Vec::new();
                     for b in v0..v1 {
                         check(cancel)?;
-                        let (x, ts) = model_input(seg, b, &row, &timesteps, &cond_noise, self.settings.addnoise_condition)?;
+                        let (x, ts) = model_input(
+                            seg,
+                            b,
+                            &row,
+                            &timesteps,
+                            &cond_noise,
+                            self.settings.addnoise_condition,
+                        )?;
                         let refs: Vec<&BlockKv> = kvs.iter().collect();
                         let prefix = BlockKv::concat(&refs)?;
                         let mut kv = None;
                         let (pred, _, _) = forward_block(
-                            &self.model, &self.contexts[br], &x, &ts, self.settings.fps_class,
-                            &seg.tokens[b], prefix.as_ref(), &mut kv, None, seg.grid,
+                            &self.model,
+                            &self.contexts[br],
+                            &x,
+                            &ts,
+                            self.settings.fps_class,
+                            &seg.tokens[b],
+                            prefix.as_ref(),
+                            &mut kv,
+                            None,
+                            seg.grid,
                         )?;
                         let keys = kvs.iter().map(|k| k.tokens()).sum::<usize>() + block_tokens;
                         let tgt = attribution(seg, b);
-                        seg.stats[tgt].flops += self.model.layer_flops(block_tokens, keys, self.text_len);
+                        seg.stats[tgt].flops +=
+                            self.model.layer_flops(block_tokens, keys, self.text_len);
                         if upd[b] {
                             seg.stats[b].full_forwards += 1;
                             seg.stats[b].tokens_recomputed += block_tokens;
@@ -458,7 +481,14 @@ impl Generator {
                     let mut xs = Vec::new();
                     let mut ts = Vec::new();
                     for b in v0..v1 {
-                        let (x, t) = model_input(seg, b, &row, &timesteps, &cond_noise, self.settings.addnoise_condition)?;
+                        let (x, t) = model_input(
+                            seg,
+                            b,
+                            &row,
+                            &timesteps,
+                            &cond_noise,
+                            self.settings.addnoise_condition,
+                        )?;
                         xs.push(x);
                         ts.extend(t);
                     }
@@ -467,18 +497,32 @@ impl Generator {
                     let mut kv = None;
                     let grid = ((v1 - v0) * gf, gh, gw);
                     let (pred, _, _) = forward_block(
-                        &self.model, &self.contexts[br], &x, &ts, self.settings.fps_class,
-                        &toks, None, &mut kv, None, grid,
+                        &self.model,
+                        &self.contexts[br],
+                        &x,
+                        &ts,
+                        self.settings.fps_class,
+                        &toks,
+                        None,
+                        &mut kv,
+                        None,
+                        grid,
                     )?;
                     for b in v0..v1 {
                         let tgt = attribution(seg, b);
-                        seg.stats[tgt].flops += self.model.layer_flops(block_tokens, window_tokens, self.text_len);
+                        seg.stats[tgt].flops +=
+                            self.model
+                                .layer_flops(block_tokens, window_tokens, self.text_len);
                         if upd[b] {
                             seg.stats[b].full_forwards += 1;
                             seg.stats[b].tokens_recomputed += block_tokens;
                             seg.stats[b].tokens_total += block_tokens;
                         }
-                        pred_row[b] = Some(pred.narrow(1, (b - v0) * seg.settings.causal_block_size, seg.settings.causal_block_size)?);
+                        pred_row[b] = Some(pred.narrow(
+                            1,
+                            (b - v0) * seg.settings.causal_block_size,
+                            seg.settings.causal_block_size,
+                        )?);
                     }
                 }
             }
@@ -523,12 +567,17 @@ impl Generator {
                     let prefix = BlockKv::concat(&prefix_refs)?;
                     let keys = prefix.as_ref().map(|p| p.tokens()).unwrap_or(0) + block_tokens;
                     let x = seg.latents[b].clone();
-                    let ts = vec![seg.matrix.timestep(row[b], &timesteps) as f64; seg.settings.causal_block_size];
+                    let ts = vec![
+                        seg.matrix.timestep(row[b], &timesteps) as f64;
+                        seg.settings.causal_block_size
+                    ];
                     let branch = &mut seg.branches[br];
                     if branch.policy[b].is_none() {
                         branch.policy[b] = Some(block_policy(mode));
                     }
-                    let modulation = self.model.modulation(&ts_grid(&ts, gf), self.settings.fps_class)?;
+                    let modulation = self
+                        .model
+                        .modulation(&ts_grid(&ts, gf), self.settings.fps_class)?;
                     let info = StepInfo {
                         step: branch.steps_done[b],
                         steps,
@@ -536,20 +585,33 @@ impl Generator {
                         frames: gf,
                         tokens_per_frame: gh * gw,
                         has_residual: branch.residual[b].is_some(),
-                        prev_last_frame: if b > 0 { branch.last_frame[b - 1].as_ref() } else { None },
+                        prev_last_frame: if b > 0 {
+                            branch.last_frame[b - 1].as_ref()
+                        } else {
+                            None
+                        },
                     };
                     let cache = &self.settings.cache;
                     let mut plan = match branch.policy[b].as_mut() {
                         Some(p) => p.plan(cache, &info)?,
                         None => Plan::Full,
                     };
-                    if plan != Plan::Full && (branch.residual[b].is_none() || branch.active[b].is_none()) {
+                    if plan != Plan::Full
+                        && (branch.residual[b].is_none() || branch.active[b].is_none())
+                    {
                         plan = Plan::Full;
                     }
                     let (pred, x_in, x_out) = forward_block(
-                        &self.model, &self.contexts[br], &x, &ts, self.settings.fps_class,
-                        &seg.tokens[b], prefix.as_ref(), &mut branch.active[b],
-                        Some((&plan, &mut branch.residual[b])), seg.grid,
+                        &self.model,
+                        &self.contexts[br],
+                        &x,
+                        &ts,
+                        self.settings.fps_class,
+                        &seg.tokens[b],
+                        prefix.as_ref(),
+                        &mut branch.active[b],
+                        Some((&plan, &mut branch.residual[b])),
+                        seg.grid,
                     )?;
                     if let Some(p) = branch.policy[b].as_mut() {
                         p.observe(cache, &info, &plan, &x_in, &x_out)?;
@@ -645,7 +707,12 @@ impl Generator {
         if self.settings.addnoise_condition <= 0.0 {
             return Ok(out);
         }
-        for (b, o) in out.iter_mut().enumerate().take(seg.prefix_blocks.min(v1)).skip(v0) {
+        for (b, o) in out
+            .iter_mut()
+            .enumerate()
+            .take(seg.prefix_blocks.min(v1))
+            .skip(v0)
+        {
             let l = &seg.latents[b];
             *o = Some(self.rng.randn(l.shape(), l.device())?);
         }
@@ -663,14 +730,29 @@ impl Generator {
         timesteps: &[i64],
     ) -> Result<()> {
         let noise = self.prefix_noise(seg, b, b + 1)?;
-        let (x, ts) = model_input(seg, b, row, timesteps, &noise, self.settings.addnoise_condition)?;
+        let (x, ts) = model_input(
+            seg,
+            b,
+            row,
+            timesteps,
+            &noise,
+            self.settings.addnoise_condition,
+        )?;
         let branch = &mut seg.branches[br];
         let mut kv = None;
         let (gf, gh, gw) = seg.grid;
         let keys = branch.finished.as_ref().map(|f| f.tokens()).unwrap_or(0) + gf * gh * gw;
         forward_block(
-            &self.model, &self.contexts[br], &x, &ts, self.settings.fps_class,
-            &seg.tokens[b], branch.finished.as_ref(), &mut kv, None, seg.grid,
+            &self.model,
+            &self.contexts[br],
+            &x,
+            &ts,
+            self.settings.fps_class,
+            &seg.tokens[b],
+            branch.finished.as_ref(),
+            &mut kv,
+            None,
+            seg.grid,
         )?;
         let kv = kv.ok_or_else(|| missing(b))?;
         branch.finished = match branch.finished.take() {
@@ -696,7 +778,9 @@ fn attribution(seg: &Segment, b: usize) -> usize {
 }
 
 fn missing(b: usize) -> Error {
-    Error::Candle(candle_core::Error::Msg(format!("no prediction for block {b}")))
+    Error::Candle(candle_core::Error::Msg(format!(
+        "no prediction for block {b}"
+    )))
 }
 
 fn check(cancel: &AtomicBool) -> Result<()> {

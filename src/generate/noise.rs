@@ -44,7 +44,9 @@ impl NoiseRng {
     /// A standard-normal f32 tensor.
     pub fn randn(&mut self, shape: impl Into<Shape>, dev: &Device) -> candle_core::Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count()).map(|_| self.normal() as f32).collect();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| self.normal() as f32)
+            .collect();
         Tensor::from_vec(v, shape, dev)
     }
 }

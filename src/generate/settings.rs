@@ -53,7 +53,11 @@ impl GeneratorSettings {
             return Err(Error::setting("steps", self.steps, "must be in 1..=1000"));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(Error::setting("shift", self.shift, "must be a positive number"));
+            return Err(Error::setting(
+                "shift",
+                self.shift,
+                "must be a positive number",
+            ));
         }
         if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
             return Err(Error::setting(
@@ -64,16 +68,20 @@ impl GeneratorSettings {
         }
         let bs = self.causal_block_size;
         if bs == 0 {
-            return Err(Error::setting("causal-block-size", bs, "must be at least 1"));
+            return Err(Error::setting(
+                "causal-block-size",
+                bs,
+                "must be at least 1",
+            ));
         }
-        if self.window == 0 || self.window % bs != 0 {
+        if self.window == 0 || !self.window.is_multiple_of(bs) {
             return Err(Error::setting(
                 "window",
                 self.window,
                 format!("must be a positive multiple of the causal block size {bs}"),
             ));
         }
-        if self.overlap % bs != 0 || self.overlap >= self.window {
+        if !self.overlap.is_multiple_of(bs) || self.overlap >= self.window {
             return Err(Error::setting(
                 "overlap",
                 self.overlap,
@@ -83,7 +91,9 @@ impl GeneratorSettings {
                 ),
             ));
         }
-        if !(self.addnoise_condition.is_finite() && (0.0..1000.0).contains(&self.addnoise_condition)) {
+        if !(self.addnoise_condition.is_finite()
+            && (0.0..1000.0).contains(&self.addnoise_condition))
+        {
             return Err(Error::setting(
                 "addnoise-condition",
                 self.addnoise_condition,
@@ -91,7 +101,11 @@ impl GeneratorSettings {
             ));
         }
         if self.fps_class > 1 {
-            return Err(Error::setting("fps class", self.fps_class, "must be 0 or 1"));
+            return Err(Error::setting(
+                "fps class",
+                self.fps_class,
+                "must be 0 or 1",
+            ));
         }
         if let Some(t) = self.total_frames
             && t == 0
@@ -113,9 +127,27 @@ mod tests {
             let e = s.validate().unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
         };
-        bad(GeneratorSettings { steps: 0, ..Default::default() }, "steps");
-        bad(GeneratorSettings { window: 10, ..Default::default() }, "window");
-        bad(GeneratorSettings { overlap: 9, ..Default::default() }, "overlap");
+        bad(
+            GeneratorSettings {
+                steps: 0,
+                ..Default::default()
+            },
+            "steps",
+        );
+        bad(
+            GeneratorSettings {
+                window: 10,
+                ..Default::default()
+            },
+            "window",
+        );
+        bad(
+            GeneratorSettings {
+                overlap: 9,
+                ..Default::default()
+            },
+            "overlap",
+        );
         bad(
             GeneratorSettings {
                 guidance_scale: f64::NAN,

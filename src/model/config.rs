@@ -66,8 +66,8 @@ impl TransformerConfig {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
         let cfg = if value.get("num_attention_heads").is_some() {
-            let d: DiffusersConfig =
-                serde_json::from_value(value).map_err(|e| format!("not a transformer config: {e}"))?;
+            let d: DiffusersConfig = serde_json::from_value(value)
+                .map_err(|e| format!("not a transformer config: {e}"))?;
             d.into_config()?
         } else if value.get("num_heads").is_some() {
             let o: OriginalConfig = serde_json::from_value(value)
@@ -85,7 +85,7 @@ impl TransformerConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.attention_head_dim % 2 != 0 || self.attention_head_dim < 6 {
+        if !self.attention_head_dim.is_multiple_of(2) || self.attention_head_dim < 6 {
             return Err(format!(
                 "attention_head_dim {} must be even and at least 6 (3D RoPE)",
                 self.attention_head_dim
@@ -232,7 +232,7 @@ impl OriginalConfig {
         {
             return Err(format!("model_type {t:?} is not supported (only t2v)"));
         }
-        if self.num_heads == 0 || self.dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "dim {} is not divisible by num_heads {}",
                 self.dim, self.num_heads
@@ -263,10 +263,22 @@ impl OriginalConfig {
 /// `norm3`.
 pub fn diffusers_to_original_name(name: &str) -> String {
     const TOP: &[(&str, &str)] = &[
-        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+        (
+            "condition_embedder.time_embedder.linear_1",
+            "time_embedding.0",
+        ),
+        (
+            "condition_embedder.time_embedder.linear_2",
+            "time_embedding.2",
+        ),
+        (
+            "condition_embedder.text_embedder.linear_1",
+            "text_embedding.0",
+        ),
+        (
+            "condition_embedder.text_embedder.linear_2",
+            "text_embedding.2",
+        ),
         ("condition_embedder.time_proj", "time_projection.1"),
         ("fps_projection.net.0.proj", "fps_projection.0"),
         ("fps_projection.net.2", "fps_projection.2"),
@@ -323,7 +335,10 @@ mod tests {
             diffusers_to_original_name("blocks.0.attn2.to_out.0.bias"),
             "blocks.0.cross_attn.o.bias"
         );
-        assert_eq!(diffusers_to_original_name("scale_shift_table"), "head.modulation");
+        assert_eq!(
+            diffusers_to_original_name("scale_shift_table"),
+            "head.modulation"
+        );
         assert_eq!(
             diffusers_to_original_name("blocks.1.scale_shift_table"),
             "blocks.1.modulation"
@@ -332,7 +347,10 @@ mod tests {
             diffusers_to_original_name("condition_embedder.time_proj.weight"),
             "time_projection.1.weight"
         );
-        assert_eq!(diffusers_to_original_name("patch_embedding.weight"), "patch_embedding.weight");
+        assert_eq!(
+            diffusers_to_original_name("patch_embedding.weight"),
+            "patch_embedding.weight"
+        );
     }
 
     #[test]
@@ -356,6 +374,10 @@ mod tests {
         assert!(TransformerConfig::from_json("{}").is_err());
         let bad = r#"{"num_attention_heads":2,"attention_head_dim":5,"in_channels":4,
             "text_dim":8,"ffn_dim":8,"num_layers":1}"#;
-        assert!(TransformerConfig::from_json(bad).unwrap_err().contains("attention_head_dim"));
+        assert!(
+            TransformerConfig::from_json(bad)
+                .unwrap_err()
+                .contains("attention_head_dim")
+        );
     }
 }

@@ -63,7 +63,10 @@ pub struct BlockKv {
 
 impl BlockKv {
     pub fn tokens(&self) -> usize {
-        self.layers.first().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers
+            .first()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Concatenates several blocks' keys/values along the token axis, layer by layer.
@@ -383,8 +386,16 @@ impl Layer {
         let q = split_heads(&self.attn1.q(&h)?, self.heads)?;
         let k = split_heads(&self.attn1.k(&h)?, self.heads)?;
         let v = split_heads(&self.attn1.to_v.forward(&h)?, self.heads)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, &toks.cos.to_dtype(dtype)?, &toks.sin.to_dtype(dtype)?)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, &toks.cos.to_dtype(dtype)?, &toks.sin.to_dtype(dtype)?)?;
+        let q = candle_nn::rotary_emb::rope_i(
+            &q,
+            &toks.cos.to_dtype(dtype)?,
+            &toks.sin.to_dtype(dtype)?,
+        )?;
+        let k = candle_nn::rotary_emb::rope_i(
+            &k,
+            &toks.cos.to_dtype(dtype)?,
+            &toks.sin.to_dtype(dtype)?,
+        )?;
         let (k_all, v_all) = match (&toks.idx, own.take()) {
             (Some(idx), Some((k_old, v_old))) => {
                 let (_, heads, n, hd) = k.dims4()?;
@@ -395,12 +406,17 @@ impl Layer {
                 (k_old.scatter(&ix, &k, 2)?, v_old.scatter(&ix, &v, 2)?)
             }
             (Some(_), None) => {
-                candle_core::bail!("selective forward of a block whose keys/values were never computed")
+                candle_core::bail!(
+                    "selective forward of a block whose keys/values were never computed"
+                )
             }
             (None, _) => (k, v),
         };
         let (keys, values) = match prefix {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k_all], 2)?, Tensor::cat(&[pv, &v_all], 2)?),
+            Some((pk, pv)) => (
+                Tensor::cat(&[pk, &k_all], 2)?,
+                Tensor::cat(&[pv, &v_all], 2)?,
+            ),
             None => (k_all.clone(), v_all.clone()),
         };
         *own = Some((k_all, v_all));
@@ -560,7 +576,9 @@ impl Transformer {
             .reshape((f, 6, dim))?;
         if let Some((table, p0, p2)) = &self.fps {
             let emb = table.i(fps_class as usize)?.unsqueeze(0)?;
-            let add = p2.forward(&p0.forward(&emb)?.silu()?)?.to_dtype(DType::F32)?;
+            let add = p2
+                .forward(&p0.forward(&emb)?.silu()?)?
+                .to_dtype(DType::F32)?;
             proj = proj.broadcast_add(&add.reshape((1, 6, dim))?)?;
         }
         Ok(FrameModulation {
@@ -570,9 +588,14 @@ impl Transformer {
     }
 
     /// Latent grid `[C, F, H, W]` -> post-patch grid size `(F', H', W')`.
-    pub fn grid(&self, frames: usize, h: usize, w: usize) -> candle_core::Result<(usize, usize, usize)> {
+    pub fn grid(
+        &self,
+        frames: usize,
+        h: usize,
+        w: usize,
+    ) -> candle_core::Result<(usize, usize, usize)> {
         let [pt, ph, pw] = self.cfg.patch_size;
-        if frames % pt != 0 || h % ph != 0 || w % pw != 0 {
+        if !frames.is_multiple_of(pt) || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
             candle_core::bail!(
                 "latent size {frames}x{h}x{w} is not a multiple of the patch size {:?}",
                 self.cfg.patch_size
@@ -597,7 +620,9 @@ impl Transformer {
             .reshape(vec![c, gf, pt, gh, ph, gw, pw])?
             .permute(vec![1, 3, 5, 0, 2, 4, 6])?
             .reshape((gf * gh * gw, c * pt * ph * pw))?;
-        patches.matmul(&self.patch_w.t()?)?.broadcast_add(&self.patch_b)
+        patches
+            .matmul(&self.patch_w.t()?)?
+            .broadcast_add(&self.patch_b)
     }
 
     /// Output head and unpatchify: tokens `[N, dim]` of a `(F', H', W')` grid -> the
@@ -616,7 +641,10 @@ impl Transformer {
         let h = per_frame(&xn, &counts, |xf, f| {
             xf.broadcast_mul(&scale.i(f)?)?.broadcast_add(&shift.i(f)?)
         })?;
-        let out = self.proj_out.forward(&h.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+        let out = self
+            .proj_out
+            .forward(&h.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?;
         let [pt, ph, pw] = self.cfg.patch_size;
         let c = self.cfg.out_channels;
         out.reshape(vec![gf, gh, gw, pt, ph, pw, c])?
@@ -626,7 +654,13 @@ impl Transformer {
 
     /// Token set of all tokens of `frames` grid frames starting at absolute grid frame
     /// `f0` (the RoPE temporal position).
-    pub fn all_tokens(&self, f0: usize, frames: usize, gh: usize, gw: usize) -> candle_core::Result<TokenSet> {
+    pub fn all_tokens(
+        &self,
+        f0: usize,
+        frames: usize,
+        gh: usize,
+        gw: usize,
+    ) -> candle_core::Result<TokenSet> {
         let (cos, sin) = self.rope.tables(f0, frames, gh, gw)?;
         Ok(TokenSet {
             idx: None,

@@ -52,7 +52,10 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     for f in files {
         let p = dir.join(f);
         if !p.is_file() {
-            return Err(Error::model(&p, format!("shard listed in {} is missing", index.display())));
+            return Err(Error::model(
+                &p,
+                format!("shard listed in {} is missing", index.display()),
+            ));
         }
         out.push(p);
     }
@@ -61,7 +64,11 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Memory-maps safetensors files after checking each parses (a truncated file is an error
 /// naming it, not a crash later).
-pub fn mmap_safetensors(files: &[PathBuf], dtype: DType, dev: &Device) -> Result<VarBuilder<'static>> {
+pub fn mmap_safetensors(
+    files: &[PathBuf],
+    dtype: DType,
+    dev: &Device,
+) -> Result<VarBuilder<'static>> {
     for f in files {
         check_safetensors(f)?;
     }
@@ -81,7 +88,10 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
         .map_err(|_| Error::model(path, "truncated safetensors file (no header)"))?;
     let hlen = u64::from_le_bytes(n);
     if hlen > 100_000_000 || 8 + hlen > len {
-        return Err(Error::model(path, "truncated or corrupt safetensors header"));
+        return Err(Error::model(
+            path,
+            "truncated or corrupt safetensors header",
+        ));
     }
     let mut h = vec![0u8; hlen as usize];
     f.read_exact(&mut h)

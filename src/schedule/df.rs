@@ -32,10 +32,18 @@ impl StepMatrix {
         pre_ready_blocks: usize,
     ) -> Result<Self> {
         if num_blocks == 0 {
-            return Err(Error::setting("num_blocks", 0, "at least one block is needed"));
+            return Err(Error::setting(
+                "num_blocks",
+                0,
+                "at least one block is needed",
+            ));
         }
         if base_num_blocks == 0 {
-            return Err(Error::setting("base_num_blocks", 0, "the window holds no block"));
+            return Err(Error::setting(
+                "base_num_blocks",
+                0,
+                "the window holds no block",
+            ));
         }
         if base_num_blocks < num_blocks {
             let min = steps.div_ceil(base_num_blocks);
@@ -43,7 +51,9 @@ impl StepMatrix {
                 return Err(Error::setting(
                     "ar-step",
                     ar_step,
-                    format!("must be at least {min} for {steps} steps over a window of {base_num_blocks} blocks"),
+                    format!(
+                        "must be at least {min} for {steps} steps over a window of {base_num_blocks} blocks"
+                    ),
                 ));
             }
         }
@@ -63,7 +73,10 @@ impl StepMatrix {
                     row[i - 1] - ar_step as i64
                 };
             }
-            let row: Vec<usize> = row.iter().map(|&r| r.clamp(0, n_iter as i64) as usize).collect();
+            let row: Vec<usize> = row
+                .iter()
+                .map(|&r| r.clamp(0, n_iter as i64) as usize)
+                .collect();
             update.push(
                 row.iter()
                     .zip(&pre)
@@ -80,7 +93,10 @@ impl StepMatrix {
                 if terminal < num_blocks && m[terminal] {
                     terminal += 1;
                 }
-                (terminal.saturating_sub(base_num_blocks), terminal.min(num_blocks))
+                (
+                    terminal.saturating_sub(base_num_blocks),
+                    terminal.min(num_blocks),
+                )
             })
             .collect();
         Ok(Self {

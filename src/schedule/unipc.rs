@@ -61,13 +61,22 @@ impl SchedulerConfig {
             ));
         }
         if !(1..=3).contains(&self.solver_order) {
-            return Err(format!("solver_order {} is not in 1..=3", self.solver_order));
+            return Err(format!(
+                "solver_order {} is not in 1..=3",
+                self.solver_order
+            ));
         }
         if self.solver_type != "bh1" && self.solver_type != "bh2" {
-            return Err(format!("solver_type {:?} is not bh1 or bh2", self.solver_type));
+            return Err(format!(
+                "solver_type {:?} is not bh1 or bh2",
+                self.solver_type
+            ));
         }
         if self.final_sigmas_type != "zero" && self.final_sigmas_type != "sigma_min" {
-            return Err(format!("final_sigmas_type {:?} unknown", self.final_sigmas_type));
+            return Err(format!(
+                "final_sigmas_type {:?} unknown",
+                self.final_sigmas_type
+            ));
         }
         if !self.predict_x0 {
             return Err("predict_x0=false is not supported".into());
@@ -230,12 +239,19 @@ impl UniPcState {
         order: usize,
     ) -> (f64, Vec<f64>, Vec<f64>, f64) {
         let h = s.lambda(t) - s.lambda(s0);
-        let mut rks: Vec<f64> = prev.iter().map(|&si| (s.lambda(si) - s.lambda(s0)) / h).collect();
+        let mut rks: Vec<f64> = prev
+            .iter()
+            .map(|&si| (s.lambda(si) - s.lambda(s0)) / h)
+            .collect();
         rks.push(1.0);
         let hh = -h;
         let h_phi_1 = hh.exp_m1();
         let mut h_phi_k = h_phi_1 / hh - 1.0;
-        let b_h = if s.cfg.solver_type == "bh1" { hh } else { hh.exp_m1() };
+        let b_h = if s.cfg.solver_type == "bh1" {
+            hh
+        } else {
+            hh.exp_m1()
+        };
         let mut b = Vec::with_capacity(order);
         let mut factorial = 1.0;
         for i in 1..=order {
@@ -323,6 +339,7 @@ fn sub(m: &[Vec<f64>], n: usize) -> Vec<Vec<f64>> {
 }
 
 /// Gaussian elimination with partial pivoting for the tiny UniPC systems (order <= 3).
+#[allow(clippy::needless_range_loop)]
 fn solve(a: &[Vec<f64>], b: &[f64]) -> Vec<f64> {
     let n = b.len();
     let mut m: Vec<Vec<f64>> = a

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 /// im2col matrices are built and multiplied in tiles of at most this many elements, so that
 /// a large frame (540P with hundreds of channels) does not need gigabytes at once.
-const MAX_TILE_ELEMS: usize = 1 << 23;
+const MAX_TILE_ELEMS: usize = 1 << 20;
 
 /// Kernel, stride and spatial zero padding of a convolution. Time is never padded here: the
 /// caller puts the causal history (cached frames or zeros) in front.
@@ -59,11 +59,14 @@ impl Geometry {
 }
 
 /// The im2col gather on the CPU: rows `row_start..row_start + rows` of the matrix
-/// `[B*To*Ho*Wo, kt*kh*kw*C]` (taps ordered dt, dy, dx, then channel).
+/// `[B*To*Ho*Wo, kt*kh*kw*C (+ 1)]` (taps ordered dt, dy, dx, then channel). With
+/// `ones_column` every row ends with a 1 that multiplies the bias row of the kernel matrix,
+/// which saves a separate pass over the output to add the bias.
 struct Im2Col {
     g: Geometry,
     row_start: usize,
     rows: usize,
+    ones_column: bool,
 }
 
 impl Im2Col {
@@ -74,10 +77,14 @@ impl Im2Col {
         if self.row_start + self.rows > b * to * ho * wo {
             candle_core::bail!("im2col: rows out of range")
         }
-        let k = g.kt * g.kh * g.kw * c;
+        let k = g.kt * g.kh * g.kw * c + usize::from(self.ones_column);
         let mut out = vec![T::zero(); self.rows * k];
+        let one = T::from_f64(1.0);
         let fill = |first_row: usize, dst: &mut [T]| {
             for (i, row) in dst.chunks_exact_mut(k).enumerate() {
+                if self.ones_column {
+                    row[k - 1] = one;
+                }
                 let r = first_row + i;
                 let x0 = r % wo;
                 let y0 = (r / wo) % ho;
@@ -135,7 +142,7 @@ impl CustomOp1 for Im2Col {
         if dims.len() != 5 {
             candle_core::bail!("im2col: expected [B, T, H, W, C], got {dims:?}")
         }
-        let k = self.g.kt * self.g.kh * self.g.kw * dims[4];
+        let k = self.g.kt * self.g.kh * self.g.kw * dims[4] + usize::from(self.ones_column);
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.gather(&v[o1..o2], dims)?),
             CpuStorage::F64(v) => CpuStorage::F64(self.gather(&v[o1..o2], dims)?),
@@ -184,6 +191,8 @@ fn im2col_tensor_ops(x: &Tensor, g: Geometry) -> Result<Tensor> {
 pub(crate) struct ConvLayer {
     /// `[K, C_out]`
     weight: Tensor,
+    /// `[K + 1, C_out]`: the kernel with the bias as last row, for the CPU gather.
+    weight_with_bias: Tensor,
     /// `[C_out]`
     bias: Tensor,
     geometry: Geometry,
@@ -210,9 +219,13 @@ impl ConvLayer {
         } else {
             weight.dtype()
         };
+        let weight = weight.to_dtype(compute)?;
+        let bias = bias.to_dtype(compute)?;
+        let weight_with_bias = Tensor::cat(&[&weight, &bias.unsqueeze(0)?], 0)?;
         Ok(Self {
-            weight: weight.to_dtype(compute)?,
-            bias: bias.to_dtype(compute)?,
+            weight,
+            weight_with_bias,
+            bias,
             geometry,
             c_in,
             c_out,
@@ -284,9 +297,11 @@ impl ConvLayer {
         let k = self.weight.dim(0)?;
         let pointwise = g.kt == 1 && g.kh == 1 && g.kw == 1 && g.stride_t == 1 && g.stride_hw == 1;
         let y = if pointwise {
-            xc.reshape((rows, c))?.matmul(&self.weight)?
+            xc.reshape((rows, c))?
+                .matmul(&self.weight)?
+                .broadcast_add(&self.bias)?
         } else if xc.device().is_cpu() {
-            let tile = (MAX_TILE_ELEMS / k).max(1);
+            let tile = (MAX_TILE_ELEMS / (k + 1)).max(1);
             let mut outs = Vec::with_capacity(rows.div_ceil(tile));
             let mut start = 0;
             while start < rows {
@@ -295,17 +310,18 @@ impl ConvLayer {
                     g,
                     row_start: start,
                     rows: n,
+                    ones_column: true,
                 };
-                outs.push(xc.apply_op1_no_bwd(&op)?.matmul(&self.weight)?);
+                outs.push(xc.apply_op1_no_bwd(&op)?.matmul(&self.weight_with_bias)?);
                 start += n;
             }
             Tensor::cat(&outs, 0)?
         } else {
-            im2col_tensor_ops(&xc, g)?.matmul(&self.weight)?
+            im2col_tensor_ops(&xc, g)?
+                .matmul(&self.weight)?
+                .broadcast_add(&self.bias)?
         };
-        y.broadcast_add(&self.bias)?
-            .to_dtype(dtype)?
-            .reshape((b, to, ho, wo, self.c_out))
+        y.to_dtype(dtype)?.reshape((b, to, ho, wo, self.c_out))
     }
 }
 
@@ -340,11 +356,13 @@ mod tests {
                 g,
                 row_start: 0,
                 rows: split,
+                ones_column: false,
             })?;
             let b = x.apply_op1_no_bwd(&Im2Col {
                 g,
                 row_start: split,
                 rows: rows - split,
+                ones_column: false,
             })?;
             let got = Tensor::cat(&[a, b], 0)?;
             let diff = (got - &reference)?.abs()?.sum_all()?.to_scalar::<f32>()?;

@@ -52,7 +52,6 @@ impl FeatCache {
     }
 }
 
-
 /// Wan's `CausalConv3d`: a 3D convolution whose temporal padding is all in front (zeros, or
 /// the cached last frames of the previous chunk), so frame t only sees frames <= t.
 #[derive(Debug, Clone)]
@@ -567,14 +566,8 @@ impl Decoder3d {
             .chain(cfg.dim_mult.iter().rev().copied())
             .map(|u| cfg.dim * u)
             .collect();
-        let conv_in = CausalConv3d::new(
-            cfg.z_channels,
-            dims[0],
-            (3, 3),
-            1,
-            (1, 1),
-            vb.pp("conv_in"),
-        )?;
+        let conv_in =
+            CausalConv3d::new(cfg.z_channels, dims[0], (3, 3), 1, (1, 1), vb.pp("conv_in"))?;
         let mid_block = MidBlock::new(dims[0], vb.pp("mid_block"))?;
         let mut up_blocks = Vec::with_capacity(levels);
         for i in 0..levels {
@@ -584,11 +577,7 @@ impl Decoder3d {
             let out_dim = dims[i + 1];
             let mut resnets = Vec::with_capacity(cfg.num_res_blocks + 1);
             for j in 0..cfg.num_res_blocks + 1 {
-                resnets.push(ResidualBlock::new(
-                    in_dim,
-                    out_dim,
-                    vb.pp("resnets").pp(j),
-                )?);
+                resnets.push(ResidualBlock::new(in_dim, out_dim, vb.pp("resnets").pp(j))?);
                 in_dim = out_dim;
             }
             let upsampler = if i != levels - 1 {
@@ -648,7 +637,11 @@ pub(crate) fn pointwise_conv(
 ) -> Result<ConvLayer> {
     let w = vb.get((c_out, c_in, 1, 1, 1), "weight")?;
     let b = vb.get(c_out, "bias")?;
-    ConvLayer::from_weight(w.narrow(0, 0, keep)?, b.narrow(0, 0, keep)?, Geometry::POINT)
+    ConvLayer::from_weight(
+        w.narrow(0, 0, keep)?,
+        b.narrow(0, 0, keep)?,
+        Geometry::POINT,
+    )
 }
 
 /// `[B, C, T, H, W]` -> `[B, T, H, W, C]`.

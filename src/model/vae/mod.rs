@@ -329,7 +329,11 @@ pub fn original_vae_name(cfg: &WanVaeConfig, name: &str) -> String {
             let start = block * (cfg.num_res_blocks + 2);
             if let Some(r) = r.strip_prefix("resnets.") {
                 let (j, r) = index_and_rest(r)?;
-                return Some(format!("{side}.upsamples.{}.{}", start + j, resnet_part(r)?));
+                return Some(format!(
+                    "{side}.upsamples.{}.{}",
+                    start + j,
+                    resnet_part(r)?
+                ));
             }
             if let Some(r) = r.strip_prefix("upsamplers.0.") {
                 let idx = start + cfg.num_res_blocks + 1;
