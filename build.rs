@@ -17,7 +17,11 @@ fn collect(dir: &Path, base: &Path, out: &mut Vec<(String, PathBuf)>) {
             p.extension().and_then(|e| e.to_str()),
             Some("json") | Some("safetensors")
         ) {
-            let rel = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+            let rel = p
+                .strip_prefix(base)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .replace('\\', "/");
             out.push((rel, p));
         }
     }
@@ -36,7 +40,11 @@ fn main() {
     }
     let mut code = String::from("pub static FILES: &[(&str, &[u8])] = &[\n");
     for (rel, p) in &files {
-        let _ = writeln!(code, "    ({rel:?}, include_bytes!({:?})),", p.display().to_string());
+        let _ = writeln!(
+            code,
+            "    ({rel:?}, include_bytes!({:?})),",
+            p.display().to_string()
+        );
     }
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("embedded.rs");

@@ -18,8 +18,21 @@ fn model() -> Arc<Transformer> {
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     (d / n.max(1e-30)).sqrt()
 }
 
@@ -113,11 +126,21 @@ fn motioncache_reuses_and_higher_threshold_never_recomputes_more() {
         let (_, st) = run(&m, s);
         let r = recomputed(&st);
         counts.push((t, r));
-        assert!(r <= last, "threshold {t}: {r} tokens recomputed, more than {last}: {counts:?}");
+        assert!(
+            r <= last,
+            "threshold {t}: {r} tokens recomputed, more than {last}: {counts:?}"
+        );
         last = r;
     }
-    let total: usize = run(&m, CacheSettings::with_mode(CacheMode::None)).1.iter().map(|s| s.tokens_total).sum();
-    assert!(last < total / 2, "a high threshold reuses most tokens: {counts:?} of {total}");
+    let total: usize = run(&m, CacheSettings::with_mode(CacheMode::None))
+        .1
+        .iter()
+        .map(|s| s.tokens_total)
+        .sum();
+    assert!(
+        last < total / 2,
+        "a high threshold reuses most tokens: {counts:?} of {total}"
+    );
 }
 
 #[test]
@@ -151,32 +174,63 @@ fn selective_forward_matches_full_forward() {
     // Block 0 gives the prefix K/V; block 1 is the block under test.
     let t0 = m.all_tokens(0, gf, gh, gw).unwrap();
     let mut kv0 = None;
-    m.forward_layers(&m.patchify(&lat0).unwrap(), &md, &t0, &mut kv0, None, &ctx).unwrap();
+    m.forward_layers(&m.patchify(&lat0).unwrap(), &md, &t0, &mut kv0, None, &ctx)
+        .unwrap();
     let prefix = kv0.unwrap();
     let t1 = m.all_tokens(gf, gf, gh, gw).unwrap();
     let x1 = m.patchify(&lat1).unwrap();
     let mut kv = None;
-    let full = m.forward_layers(&x1, &md, &t1, &mut kv, Some(&prefix), &ctx).unwrap();
+    let full = m
+        .forward_layers(&x1, &md, &t1, &mut kv, Some(&prefix), &ctx)
+        .unwrap();
     let n = t1.len() as u32;
     // Every token selected == full forward.
     let all: Vec<u32> = (0..n).collect();
     let sub = m.subset(&t1, &all).unwrap();
     let mut kv_all = kv.clone();
-    let y = m.forward_layers(&x1, &md, &sub, &mut kv_all, Some(&prefix), &ctx).unwrap();
+    let y = m
+        .forward_layers(&x1, &md, &sub, &mut kv_all, Some(&prefix), &ctx)
+        .unwrap();
     assert!(rel(&y, &full) < 1e-5);
     // A subset with the other tokens' K/V current == full forward at those tokens.
     let idx: Vec<u32> = (0..n).filter(|i| i % 3 == 1).collect();
     let sub = m.subset(&t1, &idx).unwrap();
     let it = Tensor::new(idx.as_slice(), &dev).unwrap();
     let mut kv_sub = kv.clone();
-    let ys = m.forward_layers(&x1.index_select(&it, 0).unwrap(), &md, &sub, &mut kv_sub, Some(&prefix), &ctx).unwrap();
+    let ys = m
+        .forward_layers(
+            &x1.index_select(&it, 0).unwrap(),
+            &md,
+            &sub,
+            &mut kv_sub,
+            Some(&prefix),
+            &ctx,
+        )
+        .unwrap();
     let want = full.index_select(&it, 0).unwrap();
     assert!(rel(&ys, &want) < 1e-5, "subset error {}", rel(&ys, &want));
     // With stale K/V for the others the subset result differs (the test can fail).
     let lat_other = rng.randn((8, 3, 8, 6), &dev).unwrap();
     let mut kv_stale = None;
-    m.forward_layers(&m.patchify(&lat_other).unwrap(), &md, &t1, &mut kv_stale, Some(&prefix), &ctx).unwrap();
-    let ys2 = m.forward_layers(&x1.index_select(&it, 0).unwrap(), &md, &sub, &mut kv_stale, Some(&prefix), &ctx).unwrap();
+    m.forward_layers(
+        &m.patchify(&lat_other).unwrap(),
+        &md,
+        &t1,
+        &mut kv_stale,
+        Some(&prefix),
+        &ctx,
+    )
+    .unwrap();
+    let ys2 = m
+        .forward_layers(
+            &x1.index_select(&it, 0).unwrap(),
+            &md,
+            &sub,
+            &mut kv_stale,
+            Some(&prefix),
+            &ctx,
+        )
+        .unwrap();
     assert!(rel(&ys2, &want) > 1e-3);
 }
 
@@ -222,7 +276,11 @@ fn moving_region_is_recomputed_more_often() {
             for p in 0..tpf {
                 let moving = p < tpf / 2;
                 for _ in 0..dim {
-                    let v = if moving { 1.0 + f as f64 + 0.5 * rng.normal().abs() } else { 1.0 };
+                    let v = if moving {
+                        1.0 + f as f64 + 0.5 * rng.normal().abs()
+                    } else {
+                        1.0
+                    };
                     rows.push(v as f32);
                 }
             }
@@ -230,7 +288,16 @@ fn moving_region_is_recomputed_more_often() {
         let x = Tensor::from_vec(rows, (frames * tpf, dim), &dev).unwrap();
         st.observe(&s, &info, &plan, &x, &x).unwrap();
     }
-    let moving: usize = (0..frames * tpf).filter(|i| i % tpf < tpf / 2).map(|i| counts[i]).sum();
-    let fixed: usize = (0..frames * tpf).filter(|i| i % tpf >= tpf / 2).map(|i| counts[i]).sum();
-    assert!(moving > fixed, "moving {moving} vs static {fixed}: {counts:?}");
+    let moving: usize = (0..frames * tpf)
+        .filter(|i| i % tpf < tpf / 2)
+        .map(|i| counts[i])
+        .sum();
+    let fixed: usize = (0..frames * tpf)
+        .filter(|i| i % tpf >= tpf / 2)
+        .map(|i| counts[i])
+        .sum();
+    assert!(
+        moving > fixed,
+        "moving {moving} vs static {fixed}: {counts:?}"
+    );
 }

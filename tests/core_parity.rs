@@ -29,8 +29,21 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let d = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (d / n.max(1e-30)).sqrt()
 }
 
@@ -40,7 +53,14 @@ fn model(name: &str) -> Arc<Transformer> {
 
 /// Runs a window through the per-block path: causal blocks of `bs` frames attend to the
 /// blocks before them through the K/V cache; `bs == frames` is one bidirectional group.
-fn blockwise_forward(m: &Transformer, x: &Tensor, t: &[f64], ctx: &Tensor, bs: usize, fps: u32) -> Tensor {
+fn blockwise_forward(
+    m: &Transformer,
+    x: &Tensor,
+    t: &[f64],
+    ctx: &Tensor,
+    bs: usize,
+    fps: u32,
+) -> Tensor {
     let (_, f, h, w) = x.dims4().unwrap();
     let (gf, gh, gw) = m.grid(bs, h, w).unwrap();
     let c = m.context(ctx).unwrap();
@@ -54,7 +74,9 @@ fn blockwise_forward(m: &Transformer, x: &Tensor, t: &[f64], ctx: &Tensor, bs: u
         let refs: Vec<_> = kvs.iter().collect();
         let prefix = motioncache::model::transformer::BlockKv::concat(&refs).unwrap();
         let mut kv = None;
-        let y = m.forward_layers(&tok, &md, &toks, &mut kv, prefix.as_ref(), &c).unwrap();
+        let y = m
+            .forward_layers(&tok, &md, &toks, &mut kv, prefix.as_ref(), &c)
+            .unwrap();
         outs.push(m.head(&y, &md.temb, (gf, gh, gw)).unwrap());
         kvs.push(kv.unwrap());
     }
@@ -77,7 +99,14 @@ fn forward_matches_diffusers() {
         let bs = meta["causal_block_size"].as_u64().unwrap() as usize;
         let fps = meta["fps_class"].as_u64().unwrap() as u32;
         let x = fx["hidden_states"].i(0).unwrap();
-        let t: Vec<f64> = fx["timestep"].i(0).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let t: Vec<f64> = fx["timestep"]
+            .i(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         let expected = fx["output"].i(0).unwrap();
         let frames = x.dim(1).unwrap();
         // diffusers applies the block-causal mask only for blocks larger than one frame.
@@ -100,7 +129,11 @@ fn unipc_matches_diffusers() {
         let shift = case["shift"].as_f64().unwrap();
         let s = FlowSchedule::new(&SchedulerConfig::default(), steps, shift).unwrap();
         let ts: Vec<f32> = fx[&format!("{key}_timesteps")].to_vec1().unwrap();
-        assert_eq!(s.timesteps, ts.iter().map(|&t| t as i64).collect::<Vec<_>>(), "{key} timesteps");
+        assert_eq!(
+            s.timesteps,
+            ts.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            "{key} timesteps"
+        );
         let sig: Vec<f32> = fx[&format!("{key}_sigmas")].to_vec1().unwrap();
         for (a, b) in s.sigmas.iter().zip(&sig) {
             assert!((a - b).abs() <= 1e-6, "{key} sigmas {a} vs {b}");
@@ -122,35 +155,67 @@ fn step_matrix_matches_diffusers() {
     for case in json("step_matrix.json").as_array().unwrap() {
         let g = |k: &str| case[k].as_u64().unwrap() as usize;
         let bs = g("causal_block_size");
-        let ts: Vec<i64> = case["timesteps"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-        let m = StepMatrix::new(g("num_latent_frames") / bs, g("steps"), g("base") / bs, g("ar_step"), g("pre_ready") / bs).unwrap();
+        let ts: Vec<i64> = case["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        let m = StepMatrix::new(
+            g("num_latent_frames") / bs,
+            g("steps"),
+            g("base") / bs,
+            g("ar_step"),
+            g("pre_ready") / bs,
+        )
+        .unwrap();
         let want_t = case["step_matrix"].as_array().unwrap();
         let want_u = case["update_mask"].as_array().unwrap();
         let want_v = case["valid_interval"].as_array().unwrap();
         assert_eq!(m.iterations(), want_t.len(), "{case}");
         for it in 0..m.iterations() {
             let (t, u) = m.frame_rows(it, bs, &ts);
-            let wt: Vec<i64> = want_t[it].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-            let wu: Vec<bool> = want_u[it].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() != 0).collect();
+            let wt: Vec<i64> = want_t[it]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let wu: Vec<bool> = want_u[it]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap() != 0)
+                .collect();
             assert_eq!(t, wt, "timesteps row {it}");
             assert_eq!(u, wu, "update row {it}");
             let (a, b) = m.valid[it];
             let wv = want_v[it].as_array().unwrap();
             assert_eq!((a * bs) as u64, wv[0].as_u64().unwrap());
-            assert_eq!((b * bs) as u64, wv[1].as_u64().unwrap().min(g("num_latent_frames") as u64));
+            assert_eq!(
+                (b * bs) as u64,
+                wv[1].as_u64().unwrap().min(g("num_latent_frames") as u64)
+            );
         }
     }
 }
 
 fn run(name: &str, mode: CacheMode) -> (Tensor, Tensor) {
     let runs = json("runs.json");
-    let r = runs.as_array().unwrap().iter().find(|r| r["name"] == name).unwrap();
+    let r = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap();
     let fx = load("runs.safetensors");
     let g = |k: &str| r[k].as_u64().unwrap() as usize;
     let m = model(&format!("dit_{}", r["model"].as_str().unwrap()));
     let expected = fx[&format!("{name}_latents")].clone();
     let (c, _, h, w) = expected.dims4().unwrap();
-    let segments: VecDeque<Tensor> = (0..g("segments")).map(|i| fx[&format!("{name}_noise{i}")].clone()).collect();
+    let segments: VecDeque<Tensor> = (0..g("segments"))
+        .map(|i| fx[&format!("{name}_noise{i}")].clone())
+        .collect();
     let settings = GeneratorSettings {
         steps: g("steps"),
         shift: 8.0,

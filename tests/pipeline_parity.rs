@@ -16,15 +16,29 @@ fn dir() -> PathBuf {
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     (d / n).sqrt()
 }
 
 #[test]
 fn rgb_frames_match_diffusers() {
     let p = Arc::new(Pipeline::load(&dir().join("tiny_random"), &Device::Cpu, DType::F32).unwrap());
-    let fx = candle_core::safetensors::load(dir().join("outputs.safetensors"), &Device::Cpu).unwrap();
+    let fx =
+        candle_core::safetensors::load(dir().join("outputs.safetensors"), &Device::Cpu).unwrap();
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("runs.json")).unwrap()).unwrap();
     for r in runs.as_array().unwrap() {
@@ -50,7 +64,9 @@ fn rgb_frames_match_diffusers() {
                 segments: VecDeque::from([fx[&format!("{name}_noise")].clone()]),
                 seed: 0,
             };
-            let mut s = p.stream_with_contexts(&cond, &neg, settings, noise, (32, 32)).unwrap();
+            let mut s = p
+                .stream_with_contexts(&cond, &neg, settings, noise, (32, 32))
+                .unwrap();
             let cancel = AtomicBool::new(false);
             let mut parts = Vec::new();
             let mut rgb = 0;
@@ -78,7 +94,11 @@ fn broken_model_directories_name_the_file() {
     let tmp = std::env::temp_dir().join(format!("mc-broken-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     copy_dir(&dir().join("tiny_random"), &tmp);
-    let load = || Pipeline::load(&tmp, &Device::Cpu, DType::F32).err().map(|e| e.to_string());
+    let load = || {
+        Pipeline::load(&tmp, &Device::Cpu, DType::F32)
+            .err()
+            .map(|e| e.to_string())
+    };
     // Missing component config.
     std::fs::remove_file(tmp.join("vae/config.json")).unwrap();
     let e = load().unwrap();
@@ -89,21 +109,32 @@ fn broken_model_directories_name_the_file() {
     let data = std::fs::read(&w).unwrap();
     std::fs::write(&w, &data[..data.len() / 2]).unwrap();
     let e = load().unwrap();
-    assert!(e.contains("diffusion_pytorch_model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("diffusion_pytorch_model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     copy_dir(&dir().join("tiny_random"), &tmp);
     // Weights that do not match the config.
     let c = tmp.join("transformer/config.json");
-    let text = std::fs::read_to_string(&c).unwrap().replace("\"ffn_dim\": 48", "\"ffn_dim\": 50");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"ffn_dim\": 48", "\"ffn_dim\": 50");
     std::fs::write(&c, text).unwrap();
     let e = load().unwrap();
-    assert!(e.contains("transformer") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("transformer") && e.contains("config.json"),
+        "{e}"
+    );
     copy_dir(&dir().join("tiny_random"), &tmp);
     // Malformed JSON.
     std::fs::write(tmp.join("model_index.json"), "{ not json").unwrap();
     let e = load().unwrap();
     assert!(e.contains("model_index.json"), "{e}");
     // Not a model directory at all.
-    let e = Pipeline::load(&tmp.join("nope"), &Device::Cpu, DType::F32).err().unwrap().to_string();
+    let e = Pipeline::load(&tmp.join("nope"), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("nope"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
