@@ -1,0 +1,196 @@
+"""Procedural captioned video clips for training the tiny SkyReels-V2-DF pipeline.
+
+Every clip is one shape (circle, square, triangle) in a bright colour over a dark static
+background (plain, striped or checkered), either moving in a straight line in one direction
+for the whole clip, or standing still. Motion never reverses inside a clip: a caption that
+says "left" must describe every frame of the clip, otherwise the model cannot learn to tie
+direction words to motion.
+
+Usage as a script writes a PNG contact sheet of a few clips:
+    python tools/tiny/data.py --out /tmp/sheet.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Bright, saturated object colours, far apart in hue, so that a mean colour can be
+# classified by nearest neighbour (the Rust adherence test uses the same table).
+OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (235, 35, 35),
+    "green": (40, 210, 40),
+    "blue": (45, 90, 255),
+    "yellow": (245, 225, 30),
+    "white": (245, 245, 245),
+    "magenta": (230, 40, 230),
+}
+
+# Dark backgrounds (two shades each for the textures) so that every object stands out.
+BACKGROUND_COLORS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "gray": ((70, 70, 70), (115, 115, 115)),
+    "blue": ((15, 20, 80), (40, 50, 140)),
+    "green": ((10, 60, 20), (30, 110, 45)),
+    "red": ((80, 15, 15), (140, 40, 40)),
+    "black": ((5, 5, 5), (45, 45, 45)),
+}
+
+SHAPES = ("circle", "square", "triangle")
+PATTERNS = ("plain", "striped", "checkered")
+DIRECTIONS = ("left", "right", "up", "down")
+# Unit motion per direction in (x, y) image coordinates (y grows downwards).
+DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def vocabulary() -> list[str]:
+    """All words of the caption grammar after the special tokens (<pad>=0, </s>=1, <unk>=2)."""
+    words = ["a", "static", "moving", "on", "background"]
+    words += list(OBJECT_COLORS) + list(SHAPES) + list(DIRECTIONS) + list(PATTERNS)
+    words += [c for c in BACKGROUND_COLORS if c not in words]
+    seen: list[str] = []
+    for w in words:
+        if w not in seen:
+            seen.append(w)
+    return list(SPECIAL_TOKENS) + seen
+
+
+@dataclass
+class Scene:
+    color: str
+    shape: str
+    direction: str | None  # None = static
+    pattern: str
+    bg_color: str
+    speed: float  # pixels per frame
+    size: float  # half extent in pixels
+    center: tuple[float, float]  # object centre at the middle frame
+    phase: int  # texture offset in pixels
+    mention_background: bool
+
+    def caption(self) -> str:
+        bg = f" on a {self.pattern} {self.bg_color} background" if self.mention_background else ""
+        if self.direction is None:
+            return f"a static {self.color} {self.shape}{bg}"
+        return f"a {self.color} {self.shape} moving {self.direction}{bg}"
+
+
+def sample_scene(rng: np.random.Generator, size: int = 64, static_prob: float = 0.15) -> Scene:
+    direction = None if rng.random() < static_prob else DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    half = float(rng.uniform(0.12, 0.19) * size)
+    # Centre at mid clip; for moving objects anywhere on the motion axis, so clips include
+    # objects entering and leaving the frame (long generations need that), but mostly visible.
+    lo, hi = half, size - half
+    cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+    return Scene(
+        color=list(OBJECT_COLORS)[rng.integers(len(OBJECT_COLORS))],
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        direction=direction,
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+        bg_color=list(BACKGROUND_COLORS)[rng.integers(len(BACKGROUND_COLORS))],
+        speed=float(rng.uniform(3.0, 5.0) * size / 64.0),
+        size=half,
+        center=(cx, cy),
+        phase=int(rng.integers(0, 16)),
+        mention_background=bool(rng.random() > 0.1),
+    )
+
+
+def _background(scene: Scene, size: int) -> np.ndarray:
+    dark, light = (np.array(c, dtype=np.float32) / 255.0 for c in BACKGROUND_COLORS[scene.bg_color])
+    yy, xx = np.mgrid[0:size, 0:size]
+    cell = max(size // 8, 2)
+    if scene.pattern == "plain":
+        mask = np.zeros((size, size), dtype=bool)
+    elif scene.pattern == "striped":
+        mask = ((xx + scene.phase) // cell) % 2 == 1
+    else:
+        mask = (((xx + scene.phase) // cell) + ((yy + scene.phase) // cell)) % 2 == 1
+    img = np.where(mask[..., None], light, dark)
+    return img.astype(np.float32)
+
+
+def _coverage(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] from a signed distance (negative inside)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        sd = np.sqrt(dx * dx + dy * dy) - half
+    elif shape == "square":
+        sd = np.maximum(np.abs(dx), np.abs(dy)) - half * 0.85
+    else:
+        # Upward-pointing triangle as the intersection of three half-planes.
+        r = half * 1.25
+        s60 = math.sqrt(3.0) / 2.0
+        ty = dy - r * 0.15
+        e1 = ty - r * 0.5  # bottom edge
+        e2 = s60 * dx - 0.5 * ty - r * 0.5  # right edge
+        e3 = -s60 * dx - 0.5 * ty - r * 0.5  # left edge
+        sd = np.maximum(e1, np.maximum(e2, e3))
+    return np.clip(0.5 - sd, 0.0, 1.0)
+
+
+def render(scene: Scene, num_frames: int, size: int = 64, masks: list | None = None) -> np.ndarray:
+    """Frames as float32 [T, H, W, 3] in [0, 1]; object coverage per frame appended to masks."""
+    bg = _background(scene, size)
+    color = np.array(OBJECT_COLORS[scene.color], dtype=np.float32) / 255.0
+    vx, vy = DIRECTION_VECTORS[scene.direction] if scene.direction else (0.0, 0.0)
+    mid = (num_frames - 1) / 2.0
+    frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
+    for t in range(num_frames):
+        cx = scene.center[0] + vx * scene.speed * (t - mid)
+        cy = scene.center[1] + vy * scene.speed * (t - mid)
+        cov = _coverage(scene.shape, cx, cy, scene.size, size)[..., None]
+        if masks is not None:
+            masks.append(cov[..., 0])
+        frames[t] = bg * (1.0 - cov) + color * cov
+    return frames
+
+
+def sample_clip(rng: np.random.Generator, num_frames: int, size: int = 64) -> tuple[np.ndarray, str, Scene]:
+    scene = sample_scene(rng, size)
+    return render(scene, num_frames, size), scene.caption(), scene
+
+
+def batch(rng: np.random.Generator, batch_size: int, num_frames: int, size: int = 64, with_masks: bool = False):
+    """Returns (video [B, 3, T, H, W] float32 in [-1, 1], captions[, masks [B, T, H, W]])."""
+    vids, caps, ms = [], [], []
+    for _ in range(batch_size):
+        scene = sample_scene(rng, size)
+        m: list = []
+        v = render(scene, num_frames, size, m)
+        vids.append(v.transpose(3, 0, 1, 2) * 2.0 - 1.0)
+        caps.append(scene.caption())
+        ms.append(np.stack(m))
+    out = (np.stack(vids).astype(np.float32), caps)
+    if with_masks:
+        return (*out, np.stack(ms).astype(np.float32))
+    return out
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/work/tiny-ckpt/data_sheet.png")
+    ap.add_argument("--clips", type=int, default=6)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from PIL import Image
+
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for _ in range(args.clips):
+        v, cap, _ = sample_clip(rng, args.frames)
+        print(cap)
+        rows.append(np.concatenate(list(v), axis=1))
+    sheet = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    Image.fromarray(sheet).save(args.out)
+    print("vocabulary:", len(vocabulary()), vocabulary())
+
+
+if __name__ == "__main__":
+    _main()
