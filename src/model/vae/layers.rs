@@ -1,5 +1,5 @@
-//! Building blocks of the Wan 2.1 VAE: causal 3D convolution made of 2D convolutions,
-//! channel RMS norm, residual and attention blocks, spatial/temporal resampling, and the
+//! Building blocks of the Wan 2.1 VAE: causal 3D convolution (im2col over a chunk's frames
+//! with the causal history in front, see [`super::conv`]), channel RMS norm, residual and attention blocks, spatial/temporal resampling, and the
 //! encoder/decoder stacks.
 //!
 //! Activations inside this module are channels-last, `[B, T, H, W, C]`: the convolutions
