@@ -1,0 +1,809 @@
+//! GObject/GStreamer glue of `motioncachesrc`: properties, caps, start/stop, create.
+
+use std::collections::VecDeque;
+use std::ffi::CStr;
+use std::path::Path;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::glib::translate::ToGlibPtr;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::base_src::CreateSuccess;
+use gst_base::subclass::prelude::*;
+use gst_video::prelude::*;
+use motioncache::generate::{BlockStats, GeneratorSettings};
+use motioncache::pipeline::{ModelInfo, Pipeline, parse_device};
+
+use super::convert::{I420Planes, Layout, rgb_to_i420, rgb_to_packed};
+use super::properties::{self, MAX_FPS};
+use super::settings::*;
+use super::worker::{Callbacks, Popped, Worker};
+use super::{CacheModeProp, DTypeProp};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "motioncachesrc",
+        gst::DebugColorFlags::empty(),
+        Some("Streaming diffusion video generator"),
+    )
+});
+
+/// Finished blocks waiting for the streaming thread; two let generation of the next block
+/// overlap with pushing the current one without letting a stalled pipeline pile up video.
+const QUEUE_BLOCKS: usize = 2;
+
+/// Minimum spacing of "falling behind real time" warnings.
+const BEHIND_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the worker reports, read by the `stats` property and the latency query.
+#[derive(Default)]
+struct BlockReport {
+    last: Option<BlockStats>,
+    /// Pixel frames per block, known after the first block.
+    frames_per_block: Option<usize>,
+    /// Slowest block so far: what a live pipeline must budget as latency.
+    max_wall: Duration,
+    /// The latency last answered to a query, to notice when it must grow.
+    reported: Option<gst::ClockTime>,
+}
+
+/// Created in start(), dropped in stop().
+struct State {
+    info: ModelInfo,
+    generator: GeneratorSettings,
+    worker: Arc<Worker>,
+    video: Option<(gst_video::VideoInfo, Layout)>,
+    /// Frames of the block being pushed.
+    pending: VecDeque<Vec<u8>>,
+    /// Frames pushed since start: the timestamp clock.
+    frame: u64,
+    /// Live mode: running time and pts of the first frame pushed in PLAYING.
+    live_origin: Option<(gst::ClockTime, gst::ClockTime)>,
+    last_behind_warning: Option<Instant>,
+}
+
+#[derive(Default)]
+pub struct MotionCacheSrc {
+    settings: Mutex<Settings>,
+    state: Mutex<Option<State>>,
+    report: Arc<Mutex<BlockReport>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for MotionCacheSrc {
+    const NAME: &'static str = "GstMotionCacheSrc";
+    type Type = super::MotionCacheSrc;
+    type ParentType = gst_base::PushSrc;
+}
+
+/// Reads a string property value without trusting it to be UTF-8 (glib's own accessors
+/// panic on invalid UTF-8, and C callers can pass anything).
+fn string_value(value: &glib::Value) -> Result<String, String> {
+    // SAFETY: the value holds a G_TYPE_STRING (checked by GObject against the pspec);
+    // the pointer is valid for the duration of this call and copied out.
+    unsafe {
+        let ptr = glib::gobject_ffi::g_value_get_string(value.to_glib_none().0);
+        if ptr.is_null() {
+            return Ok(String::new());
+        }
+        let c = CStr::from_ptr(ptr);
+        c.to_str()
+            .map(str::to_owned)
+            .map_err(|_| String::from_utf8_lossy(c.to_bytes()).into_owned())
+    }
+}
+
+impl ObjectImpl for MotionCacheSrc {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(properties::specs);
+        PROPERTIES.as_ref()
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        obj.set_format(gst::Format::Time);
+        obj.set_live(DEFAULT_IS_LIVE);
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let name = pspec.name();
+        let running = lock(&self.state)
+            .as_ref()
+            .map(|s| (s.worker.clone(), s.info.defaults.clone()));
+        if running.is_some() && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
+            self.warn(format!(
+                "property '{name}' cannot change while the element is running (set it in the \
+                 READY or NULL state); the change is refused"
+            ));
+            return;
+        }
+
+        let mut settings = lock(&self.settings);
+        let old = settings.clone();
+        let s = &mut *settings;
+        match name {
+            "model" | "prompt" | "negative-prompt" | "device" => {
+                let v = match string_value(value) {
+                    Ok(v) => v,
+                    Err(lossy) => {
+                        drop(settings);
+                        self.warn(format!(
+                            "property '{name}' is not valid UTF-8 ({lossy:?}); the change is \
+                             refused"
+                        ));
+                        return;
+                    }
+                };
+                match name {
+                    "model" => s.model = v,
+                    "prompt" => s.prompt = v,
+                    "negative-prompt" => s.negative_prompt = v,
+                    _ => s.device = v,
+                }
+            }
+            "seed" => s.seed = value.get().expect("type checked upstream"),
+            "steps" => s.steps = value.get().expect("type checked upstream"),
+            "guidance-scale" => s.guidance_scale = value.get().expect("type checked upstream"),
+            "shift" => s.shift = value.get().expect("type checked upstream"),
+            "causal-block-size" => {
+                s.causal_block_size = value.get().expect("type checked upstream")
+            }
+            "ar-step" => s.ar_step = value.get().expect("type checked upstream"),
+            "window" => s.window = value.get().expect("type checked upstream"),
+            "overlap" => s.overlap = value.get().expect("type checked upstream"),
+            "fps" => {
+                let f: gst::Fraction = value.get().expect("type checked upstream");
+                s.fps = (f.numer(), f.denom());
+            }
+            "dtype" => s.dtype = value.get::<DTypeProp>().expect("type checked upstream"),
+            "cache-mode" => {
+                s.cache_mode = value.get::<CacheModeProp>().expect("type checked upstream")
+            }
+            "warmup-steps" => s.warmup_steps = value.get().expect("type checked upstream"),
+            "motion-threshold" => s.motion_threshold = value.get().expect("type checked upstream"),
+            "refresh-interval" => s.refresh_interval = value.get().expect("type checked upstream"),
+            "uniform-updates" => s.uniform_updates = value.get().expect("type checked upstream"),
+            "weight-floor" => s.weight_floor = value.get().expect("type checked upstream"),
+            "min-update-ratio" => s.min_update_ratio = value.get().expect("type checked upstream"),
+            "temporal-consistency" => {
+                s.temporal_consistency = value.get().expect("type checked upstream")
+            }
+            "is-live" => {
+                s.is_live = value.get().expect("type checked upstream");
+                self.obj().set_live(s.is_live);
+            }
+            _ => unimplemented!("property {name}"),
+        }
+        gst::debug!(CAT, imp = self, "{name} set to {value:?}");
+        let empty_prompt = name == "prompt" && settings.prompt.trim().is_empty();
+        let problem = running.and_then(|(worker, defaults)| {
+            if settings.prompt != old.prompt || settings.negative_prompt != old.negative_prompt {
+                worker.set_prompts(settings.prompt.clone(), settings.negative_prompt.clone());
+                return None;
+            }
+            match settings.generator_settings(&defaults) {
+                Ok(g) => {
+                    if let Some(state) = lock(&self.state).as_mut() {
+                        state.generator = g.clone();
+                    }
+                    worker.set_settings(g);
+                    None
+                }
+                Err(e) => {
+                    *settings = old;
+                    Some(format!("{e}; '{name}' keeps its previous value"))
+                }
+            }
+        });
+        // Messages go out after the lock is released: a bus sync handler may read
+        // properties.
+        drop(settings);
+        if empty_prompt {
+            // Allowed (an unconditioned video), but almost never what the user meant.
+            self.warn("property 'prompt' is empty: the video follows no text".into());
+        }
+        if let Some(p) = problem {
+            self.warn(p);
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = lock(&self.settings);
+        match pspec.name() {
+            "model" => s.model.to_value(),
+            "prompt" => s.prompt.to_value(),
+            "negative-prompt" => s.negative_prompt.to_value(),
+            "seed" => s.seed.to_value(),
+            "steps" => s.steps.to_value(),
+            "guidance-scale" => s.guidance_scale.to_value(),
+            "shift" => s.shift.to_value(),
+            "causal-block-size" => s.causal_block_size.to_value(),
+            "ar-step" => s.ar_step.to_value(),
+            "window" => s.window.to_value(),
+            "overlap" => s.overlap.to_value(),
+            "fps" => gst::Fraction::new(s.fps.0, s.fps.1).to_value(),
+            "device" => s.device.to_value(),
+            "dtype" => s.dtype.to_value(),
+            "cache-mode" => s.cache_mode.to_value(),
+            "warmup-steps" => s.warmup_steps.to_value(),
+            "motion-threshold" => s.motion_threshold.to_value(),
+            "refresh-interval" => s.refresh_interval.to_value(),
+            "uniform-updates" => s.uniform_updates.to_value(),
+            "weight-floor" => s.weight_floor.to_value(),
+            "min-update-ratio" => s.min_update_ratio.to_value(),
+            "temporal-consistency" => s.temporal_consistency.to_value(),
+            "is-live" => s.is_live.to_value(),
+            "stats" => {
+                let r = lock(&self.report);
+                match &r.last {
+                    Some(b) => stats_structure(b).to_value(),
+                    None => gst::Structure::new_empty("motioncache-stats").to_value(),
+                }
+            }
+            name => unimplemented!("property {name}"),
+        }
+    }
+}
+
+/// The `motioncache-stats` structure of a block (element message and `stats` property).
+fn stats_structure(b: &BlockStats) -> gst::Structure {
+    gst::Structure::builder("motioncache-stats")
+        .field("block-index", b.index as u64)
+        .field("frames", b.frames as u32)
+        .field("wall-time", b.wall.as_secs_f64())
+        .field("recomputed-fraction", b.recomputed_fraction())
+        .field("flops-ratio", b.flops_ratio())
+        .field("steps", b.steps as u32)
+        .field("full-forwards", b.full_forwards as u32)
+        .field("partial-forwards", b.partial_forwards as u32)
+        .field("skipped-forwards", b.skipped_forwards as u32)
+        .build()
+}
+
+impl GstObjectImpl for MotionCacheSrc {}
+
+impl ElementImpl for MotionCacheSrc {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "MotionCache video generator",
+                "Source/Video",
+                "Generates video from a text prompt with a streaming autoregressive diffusion \
+                 model (SkyReels-V2 diffusion forcing) and MotionCache token caching, pushing \
+                 frames as each causal block finishes",
+                "motioncache developers",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = gst_video::VideoCapsBuilder::new()
+                .format_list(FORMATS)
+                .framerate_range(gst::Fraction::new(0, 1)..=gst::Fraction::new(i32::MAX, 1))
+                .build();
+            vec![
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid pad template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+const FORMATS: [gst_video::VideoFormat; 4] = [
+    gst_video::VideoFormat::Rgb,
+    gst_video::VideoFormat::I420,
+    gst_video::VideoFormat::Rgba,
+    gst_video::VideoFormat::Bgrx,
+];
+
+impl MotionCacheSrc {
+    /// A warning on the bus and in the debug log (no bus yet: the log only).
+    fn warn(&self, msg: String) {
+        gst::warning!(CAT, imp = self, "{msg}");
+        gst::element_imp_warning!(self, gst::LibraryError::Settings, ["{}", msg]);
+    }
+
+    fn progress(&self, kind: gst::ProgressType, text: &str) {
+        let msg = gst::message::Progress::builder(kind, "load-model", text)
+            .src(&*self.obj())
+            .build();
+        let _ = self.obj().post_message(msg);
+    }
+
+    /// Caps of what the loaded model produces.
+    fn model_caps(&self, info: &ModelInfo, fps: Option<(i32, i32)>) -> gst::Caps {
+        let (w, h) = (info.width as i32, info.height as i32);
+        let base = |formats: &[gst_video::VideoFormat]| {
+            let b = gst_video::VideoCapsBuilder::new()
+                .format_list(formats.iter().copied())
+                .width(w)
+                .height(h)
+                .pixel_aspect_ratio(gst::Fraction::new(1, 1));
+            match fps {
+                Some((n, d)) => b.framerate(gst::Fraction::new(n, d)),
+                None => {
+                    let max = MAX_FPS.max(info.fps_num / info.fps_den.max(1) + 1);
+                    b.framerate_range(gst::Fraction::new(1, 1)..=gst::Fraction::new(max, 1))
+                }
+            }
+        };
+        let mut caps = base(&FORMATS[..1]).build();
+        {
+            let caps = caps.get_mut().expect("new caps are writable");
+            // BT.601 limited range is what convert.rs writes.
+            caps.append(base(&FORMATS[1..2]).field("colorimetry", "bt601").build());
+            caps.append(base(&FORMATS[2..]).build());
+        }
+        caps
+    }
+
+    fn native_fps(info: &ModelInfo) -> gst::Fraction {
+        if info.fps_num > 0 && info.fps_den > 0 {
+            gst::Fraction::new(info.fps_num, info.fps_den)
+        } else {
+            gst::Fraction::new(24, 1)
+        }
+    }
+
+    fn load(&self, settings: &Settings) -> Result<Pipeline, gst::ErrorMessage> {
+        let device = parse_device(&settings.device).map_err(|e| {
+            gst::error_msg!(gst::ResourceError::Settings, ["property 'device': {}", e])
+        })?;
+        let what = if settings.model.is_empty() {
+            "the embedded tiny model".to_string()
+        } else {
+            settings.model.clone()
+        };
+        self.progress(
+            gst::ProgressType::Start,
+            &format!("Loading {what} on {}", settings.device),
+        );
+        let loaded = if settings.model.is_empty() {
+            Pipeline::load_embedded(&device, settings.dtype())
+        } else {
+            let dir = Path::new(&settings.model);
+            if dir.is_dir() {
+                Pipeline::load(dir, &device, settings.dtype())
+            } else {
+                Err(motioncache::Error::model(
+                    dir,
+                    "no such model directory (property 'model')",
+                ))
+            }
+        };
+        match loaded {
+            Ok(p) => {
+                self.progress(gst::ProgressType::Complete, &format!("Loaded {what}"));
+                Ok(p)
+            }
+            Err(e) => {
+                self.progress(gst::ProgressType::Error, &format!("Cannot load {what}"));
+                Err(gst::error_msg!(
+                    gst::ResourceError::OpenRead,
+                    ["cannot load model {}: {}", what, e]
+                ))
+            }
+        }
+    }
+
+    /// The worker's per-block callback: statistics message, `stats`, latency updates.
+    fn callbacks(&self) -> Callbacks {
+        let weak = self.obj().downgrade();
+        let report = self.report.clone();
+        let weak_warn = weak.clone();
+        Callbacks {
+            on_block: Box::new(move |stats, frames| {
+                let grown = {
+                    let mut r = lock(&report);
+                    r.last = Some(stats.clone());
+                    r.frames_per_block = Some(frames);
+                    r.max_wall = r.max_wall.max(stats.wall);
+                    let need = gst::ClockTime::from_nseconds(r.max_wall.as_nanos() as u64);
+                    r.reported.is_some_and(|rep| need > rep + rep / 10)
+                };
+                let Some(obj) = weak.upgrade() else { return };
+                gst::debug!(CAT, obj = obj, "block finished: {stats:?}");
+                let msg = gst::message::Element::builder(stats_structure(stats))
+                    .src(&obj)
+                    .build();
+                let _ = obj.post_message(msg);
+                if grown && obj.is_live() {
+                    let _ = obj.post_message(gst::message::Latency::builder().src(&obj).build());
+                }
+            }),
+            on_warning: Box::new(move |msg| {
+                if let Some(obj) = weak_warn.upgrade() {
+                    obj.imp().warn(msg);
+                }
+            }),
+        }
+    }
+
+    /// Live latency: a frame can leave only when its whole block is finished, so the
+    /// slowest block's generation time (before the first block: the block's duration).
+    fn latency(&self) -> Option<gst::ClockTime> {
+        let (fps, block) = {
+            let state = lock(&self.state);
+            let s = state.as_ref()?;
+            let fps = match &s.video {
+                Some((v, _)) => v.fps(),
+                None => Self::native_fps(&s.info),
+            };
+            (fps, s.generator.causal_block_size)
+        };
+        let mut r = lock(&self.report);
+        let measured = gst::ClockTime::from_nseconds(r.max_wall.as_nanos() as u64);
+        let frames = r.frames_per_block.unwrap_or(block) as u64;
+        let estimate = if fps.numer() > 0 {
+            gst::ClockTime::SECOND
+                .mul_div_ceil(frames * fps.denom() as u64, fps.numer() as u64)
+                .unwrap_or(gst::ClockTime::ZERO)
+        } else {
+            gst::ClockTime::ZERO
+        };
+        let latency = if r.last.is_some() { measured } else { estimate };
+        r.reported = Some(latency);
+        Some(latency)
+    }
+
+    /// Live mode: warns (rate-limited) when frames leave later than real time allows.
+    fn check_real_time(&self, state: &mut State, pts: gst::ClockTime) {
+        let obj = self.obj();
+        let Some(now) = obj.current_running_time() else {
+            return;
+        };
+        let (rt0, pts0) = *state.live_origin.get_or_insert((now, pts));
+        let elapsed = now.saturating_sub(rt0);
+        let produced = pts.saturating_sub(pts0);
+        let late = elapsed.saturating_sub(produced);
+        let budget = lock(&self.report).reported.unwrap_or(gst::ClockTime::ZERO)
+            + gst::ClockTime::from_mseconds(500);
+        if late > budget
+            && state
+                .last_behind_warning
+                .is_none_or(|t| t.elapsed() > BEHIND_WARNING_INTERVAL)
+        {
+            state.last_behind_warning = Some(Instant::now());
+            let r = lock(&self.report);
+            let gen_fps = match (r.frames_per_block, r.max_wall.as_secs_f64()) {
+                (Some(f), w) if w > 0.0 => format!("{:.1}", f as f64 / w),
+                _ => "?".into(),
+            };
+            drop(r);
+            let want = state
+                .video
+                .as_ref()
+                .map(|(v, _)| v.fps())
+                .unwrap_or(gst::Fraction::new(0, 1));
+            self.warn(format!(
+                "generation falls behind real time: {late} late (about {gen_fps} fps generated, \
+                 {want} fps requested); lower steps, use a faster cache-mode or raise \
+                 motion-threshold"
+            ));
+        }
+    }
+}
+
+impl BaseSrcImpl for MotionCacheSrc {
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = lock(&self.settings).clone();
+        let pipeline = Arc::new(self.load(&settings)?);
+        let info = pipeline.info().clone();
+        let generator = settings.generator_settings(&info.defaults).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
+            )
+        })?;
+        if settings.prompt.trim().is_empty() {
+            self.warn("property 'prompt' is empty: the video follows no text".into());
+        }
+        let stream = pipeline
+            .stream(
+                &settings.prompt,
+                &settings.negative_prompt,
+                generator.clone(),
+                settings.seed,
+            )
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::LibraryError::Settings,
+                    ["cannot start generating: {}", e]
+                )
+            })?;
+        *lock(&self.report) = BlockReport::default();
+        let worker =
+            Worker::spawn(pipeline, stream, QUEUE_BLOCKS, self.callbacks()).map_err(|e| {
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ["cannot start the generator thread: {}", e]
+                )
+            })?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "started: model {} {}x{} @ {}/{}, {:?}",
+            info.name,
+            info.width,
+            info.height,
+            info.fps_num,
+            info.fps_den,
+            generator
+        );
+        *lock(&self.state) = Some(State {
+            info,
+            generator,
+            worker: Arc::new(worker),
+            video: None,
+            pending: VecDeque::new(),
+            frame: 0,
+            live_origin: None,
+            last_behind_warning: None,
+        });
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        let state = lock(&self.state).take();
+        if let Some(state) = state {
+            state.worker.shutdown();
+        }
+        gst::info!(CAT, imp = self, "stopped");
+        Ok(())
+    }
+
+    fn is_seekable(&self) -> bool {
+        false
+    }
+
+    fn do_seek(&self, segment: &mut gst::Segment) -> bool {
+        // A generator cannot seek; only the start-up segment (time 0, rate 1) is accepted.
+        let ok = segment.rate() == 1.0
+            && segment
+                .downcast_ref::<gst::ClockTime>()
+                .is_some_and(|s| s.start().is_none_or(|t| t.is_zero()));
+        if !ok {
+            gst::warning!(CAT, imp = self, "refusing seek to {segment:?}");
+        }
+        ok
+    }
+
+    fn caps(&self, filter: Option<&gst::Caps>) -> Option<gst::Caps> {
+        let fps = lock(&self.settings).fixed_fps();
+        let caps = match lock(&self.state).as_ref() {
+            Some(s) => self.model_caps(&s.info, fps),
+            None => self.obj().src_pad().pad_template_caps(),
+        };
+        Some(match filter {
+            Some(f) => f.intersect_with_mode(&caps, gst::CapsIntersectMode::First),
+            None => caps,
+        })
+    }
+
+    fn fixate(&self, mut caps: gst::Caps) -> gst::Caps {
+        let native = lock(&self.state)
+            .as_ref()
+            .map(|s| Self::native_fps(&s.info));
+        caps.truncate();
+        {
+            let caps = caps.make_mut();
+            if let Some(native) = native
+                && let Some(s) = caps.structure_mut(0)
+            {
+                s.fixate_field_nearest_fraction("framerate", native);
+            }
+        }
+        self.parent_fixate(caps)
+    }
+
+    fn negotiate(&self) -> Result<(), gst::LoggableError> {
+        self.parent_negotiate().inspect_err(|_| {
+            let ours = self.caps(None).map(|c| c.to_string()).unwrap_or_default();
+            let theirs = self.obj().src_pad().peer_query_caps(None).to_string();
+            gst::element_imp_error!(
+                self,
+                gst::CoreError::Negotiation,
+                [
+                    "cannot meet the downstream caps: this model generates {}, downstream \
+                     accepts {}",
+                    ours,
+                    theirs
+                ]
+            );
+        })
+    }
+
+    fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        let info = gst_video::VideoInfo::from_caps(caps)
+            .map_err(|_| gst::loggable_error!(CAT, "cannot parse caps {caps}"))?;
+        let layout = Layout::from_format(info.format())
+            .ok_or_else(|| gst::loggable_error!(CAT, "unsupported format in {caps}"))?;
+        let mut state = lock(&self.state);
+        let s = state
+            .as_mut()
+            .ok_or_else(|| gst::loggable_error!(CAT, "caps set before start"))?;
+        if info.width() as usize != s.info.width
+            || info.height() as usize != s.info.height
+            || info.fps().numer() <= 0
+        {
+            return Err(gst::loggable_error!(
+                CAT,
+                "caps {caps} do not match the model's {}x{} frames",
+                s.info.width,
+                s.info.height
+            ));
+        }
+        gst::debug!(CAT, imp = self, "caps set: {caps}");
+        s.video = Some((info, layout));
+        Ok(())
+    }
+
+    fn query(&self, query: &mut gst::QueryRef) -> bool {
+        match query.view_mut() {
+            gst::QueryViewMut::Latency(q) => {
+                let live = self.obj().is_live();
+                match self.latency() {
+                    Some(latency) if live => {
+                        gst::debug!(CAT, imp = self, "latency {latency}");
+                        q.set(true, latency, gst::ClockTime::NONE);
+                        true
+                    }
+                    Some(_) => {
+                        q.set(false, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => BaseSrcImplExt::parent_query(self, query),
+        }
+    }
+
+    fn times(&self, buffer: &gst::BufferRef) -> (Option<gst::ClockTime>, Option<gst::ClockTime>) {
+        // Live: base class waits on the clock until each frame's time (pseudo-live, like
+        // videotestsrc is-live=true).
+        if self.obj().is_live()
+            && let Some(pts) = buffer.pts()
+        {
+            return (Some(pts), buffer.duration().map(|d| pts + d));
+        }
+        (None, None)
+    }
+
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(s) = lock(&self.state).as_ref() {
+            s.worker.set_flushing(true);
+        }
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(s) = lock(&self.state).as_ref() {
+            s.worker.set_flushing(false);
+        }
+        Ok(())
+    }
+}
+
+impl PushSrcImpl for MotionCacheSrc {
+    fn create(
+        &self,
+        _buffer: Option<&mut gst::BufferRef>,
+    ) -> Result<CreateSuccess, gst::FlowError> {
+        let (rgb, index, info, layout, size) = loop {
+            let (worker, expect) = {
+                let mut state = lock(&self.state);
+                let Some(s) = state.as_mut() else {
+                    return Err(gst::FlowError::Flushing);
+                };
+                let Some((info, layout)) = s.video.clone() else {
+                    return Err(gst::FlowError::NotNegotiated);
+                };
+                if let Some(frame) = s.pending.pop_front() {
+                    let index = s.frame;
+                    s.frame += 1;
+                    break (frame, index, info, layout, (s.info.width, s.info.height));
+                }
+                (
+                    s.worker.clone(),
+                    (info.width() as usize, info.height() as usize),
+                )
+            };
+            match worker.pop() {
+                Popped::Block(block) => {
+                    if (block.width, block.height) != expect
+                        || block
+                            .frames
+                            .iter()
+                            .any(|f| f.len() != block.width * block.height * 3)
+                    {
+                        gst::element_imp_error!(
+                            self,
+                            gst::StreamError::Format,
+                            [
+                                "the model produced {}x{} frames, the caps say {}x{}",
+                                block.width,
+                                block.height,
+                                expect.0,
+                                expect.1
+                            ]
+                        );
+                        return Err(gst::FlowError::Error);
+                    }
+                    if let Some(s) = lock(&self.state).as_mut() {
+                        s.pending.extend(block.frames);
+                    }
+                }
+                Popped::Flushing => return Err(gst::FlowError::Flushing),
+                Popped::Ended => return Err(gst::FlowError::Eos),
+                Popped::Failed(e) => {
+                    gst::element_imp_error!(
+                        self,
+                        gst::LibraryError::Failed,
+                        ["video generation failed: {}", e]
+                    );
+                    return Err(gst::FlowError::Error);
+                }
+            }
+        };
+
+        let fps = info.fps();
+        let at = |n: u64| {
+            gst::ClockTime::SECOND
+                .mul_div_floor(n * fps.denom() as u64, fps.numer() as u64)
+                .unwrap_or(gst::ClockTime::ZERO)
+        };
+        let (pts, end) = (at(index), at(index + 1));
+        let mut buffer = gst::Buffer::with_size(info.size()).map_err(|_| gst::FlowError::Error)?;
+        {
+            let b = buffer.get_mut().expect("new buffer is writable");
+            b.set_pts(pts);
+            b.set_duration(end - pts);
+            b.set_offset(index);
+            b.set_offset_end(index + 1);
+        }
+        let mut frame = gst_video::VideoFrame::from_buffer_writable(buffer, &info)
+            .map_err(|_| gst::FlowError::Error)?;
+        let (w, h) = size;
+        let strides: Vec<usize> = frame.plane_stride().iter().map(|s| *s as usize).collect();
+        let [p0, p1, p2, _] = frame.planes_data_mut();
+        match layout {
+            Layout::I420 => rgb_to_i420(
+                &rgb,
+                w,
+                h,
+                I420Planes {
+                    y: (p0, strides[0]),
+                    u: (p1, strides[1]),
+                    v: (p2, strides[2]),
+                },
+            ),
+            packed => rgb_to_packed(&rgb, w, h, packed, p0, strides[0]),
+        }
+        let buffer = frame.into_buffer();
+
+        if self.obj().is_live()
+            && let Some(s) = lock(&self.state).as_mut()
+        {
+            self.check_real_time(s, pts);
+        }
+        gst::trace!(CAT, imp = self, "frame {index} at {pts}");
+        Ok(CreateSuccess::NewBuffer(buffer))
+    }
+}

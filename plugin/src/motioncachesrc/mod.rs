@@ -1,0 +1,77 @@
+//! `motioncachesrc`: a live video source that runs a streaming diffusion generator.
+//!
+//! `imp.rs` is the GObject/GStreamer glue; `settings.rs` maps the properties onto
+//! generator settings; `worker.rs` runs the generator on its own thread into a bounded
+//! queue; `convert.rs` writes the model's RGB frames in the negotiated format.
+
+use gst::glib;
+use gst::prelude::*;
+
+mod convert;
+mod imp;
+mod properties;
+mod settings;
+mod worker;
+
+pub use settings::{DEFAULT_PROMPT, Settings};
+
+glib::wrapper! {
+    pub struct MotionCacheSrc(ObjectSubclass<imp::MotionCacheSrc>)
+        @extends gst_base::PushSrc, gst_base::BaseSrc, gst::Element, gst::Object;
+}
+
+/// The cache policy (property `cache-mode`), one value per `motioncache::cache::CacheMode`.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstMotionCacheMode")]
+pub enum CacheModeProp {
+    #[enum_value(
+        name = "Vanilla: recompute the whole window at every step, as diffusers does (baseline)",
+        nick = "vanilla"
+    )]
+    Vanilla = 0,
+    #[enum_value(
+        name = "None: exact, finished blocks' K/V computed once, nothing reused",
+        nick = "none"
+    )]
+    None = 1,
+    #[enum_value(
+        name = "TeaCache: skip whole block-steps while the modulation distance stays small",
+        nick = "teacache"
+    )]
+    TeaCache = 2,
+    #[enum_value(
+        name = "FlowCache: chunk-level skipping with a per-block budget",
+        nick = "flowcache"
+    )]
+    FlowCache = 3,
+    #[enum_value(
+        name = "MotionCache: token-level, motion-aware reuse",
+        nick = "motioncache"
+    )]
+    MotionCache = 4,
+}
+
+/// Floating-point type the model runs in (property `dtype`).
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstMotionCacheDType")]
+pub enum DTypeProp {
+    #[enum_value(name = "F32: 32-bit float", nick = "f32")]
+    F32 = 0,
+    #[enum_value(name = "F16: 16-bit float", nick = "f16")]
+    F16 = 1,
+    #[enum_value(name = "BF16: bfloat16", nick = "bf16")]
+    BF16 = 2,
+}
+
+pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    CacheModeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    DTypeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    gst::Element::register(
+        Some(plugin),
+        "motioncachesrc",
+        gst::Rank::NONE,
+        MotionCacheSrc::static_type(),
+    )
+}

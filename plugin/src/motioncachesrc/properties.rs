@@ -1,0 +1,227 @@
+//! The element's property specifications (names, ranges, defaults, blurbs, and whether a
+//! property may change while PLAYING), as gst-inspect shows them.
+
+use gst::glib;
+use gst::prelude::*;
+
+use super::settings::*;
+
+/// Largest frame rate the element offers.
+pub const MAX_FPS: i32 = 240;
+
+fn int_prop(name: &str, nick: &str, blurb: &str, max: i32, mutable: bool) -> glib::ParamSpec {
+    let b = glib::ParamSpecInt::builder(name)
+        .nick(nick)
+        .blurb(blurb)
+        .minimum(MODEL_DEFAULT)
+        .maximum(max)
+        .default_value(MODEL_DEFAULT);
+    if mutable {
+        b.mutable_playing().build()
+    } else {
+        b.mutable_ready().build()
+    }
+}
+
+fn float_prop(name: &str, nick: &str, blurb: &str, max: f64, mutable: bool) -> glib::ParamSpec {
+    let b = glib::ParamSpecDouble::builder(name)
+        .nick(nick)
+        .blurb(blurb)
+        .minimum(MODEL_DEFAULT_F)
+        .maximum(max)
+        .default_value(MODEL_DEFAULT_F);
+    if mutable {
+        b.mutable_playing().build()
+    } else {
+        b.mutable_ready().build()
+    }
+}
+
+pub fn specs() -> Vec<glib::ParamSpec> {
+    vec![
+        glib::ParamSpecString::builder("model")
+            .nick("Model")
+            .blurb(
+                "Model directory (diffusers SkyReels-V2 DF pipeline or original \
+                 SkyReels-V2 layout); empty = the tiny model embedded in the plugin",
+            )
+            .default_value(Some(DEFAULT_MODEL))
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecString::builder("prompt")
+            .nick("Prompt")
+            .blurb("Text the video follows; a change applies from the next block")
+            .default_value(Some(DEFAULT_PROMPT))
+            .mutable_playing()
+            .build(),
+        glib::ParamSpecString::builder("negative-prompt")
+            .nick("Negative prompt")
+            .blurb(
+                "What guidance steers away from (used when guidance-scale > 1); a \
+                 change applies from the next block",
+            )
+            .default_value(Some(DEFAULT_NEGATIVE_PROMPT))
+            .mutable_playing()
+            .build(),
+        glib::ParamSpecUInt64::builder("seed")
+            .nick("Seed")
+            .blurb("Seed of the initial noise (same seed and settings = same video)")
+            .default_value(DEFAULT_SEED)
+            .mutable_ready()
+            .build(),
+        int_prop(
+            "steps",
+            "Steps",
+            "Denoising steps per block (-1 = the model's default)",
+            1000,
+            false,
+        ),
+        float_prop(
+            "guidance-scale",
+            "Guidance scale",
+            "Classifier-free guidance scale, guidance runs above 1 (negative = the \
+             model's default)",
+            100.0,
+            true,
+        ),
+        float_prop(
+            "shift",
+            "Shift",
+            "Flow-matching sigma shift (negative = the model's default)",
+            100.0,
+            false,
+        ),
+        int_prop(
+            "causal-block-size",
+            "Causal block size",
+            "Latent frames per causal block, the unit frames are pushed in (-1 = the \
+             model's default)",
+            64,
+            false,
+        ),
+        int_prop(
+            "ar-step",
+            "AR step",
+            "Asynchronous lag in steps between consecutive blocks, 0 = synchronous \
+             (-1 = the model's default)",
+            1000,
+            false,
+        ),
+        int_prop(
+            "window",
+            "Window",
+            "Latent frames the model sees at once, a multiple of causal-block-size \
+             (-1 = the model's default)",
+            1024,
+            false,
+        ),
+        int_prop(
+            "overlap",
+            "Overlap",
+            "Latent frames of history carried into the next window, a multiple of \
+             causal-block-size smaller than the window (-1 = the model's default)",
+            1024,
+            false,
+        ),
+        gst::ParamSpecFraction::builder("fps")
+            .nick("Frame rate")
+            .blurb(
+                "Output frame rate; 0/1 = the model's native rate unless downstream \
+                 asks for another",
+            )
+            .minimum(gst::Fraction::new(0, 1))
+            .maximum(gst::Fraction::new(MAX_FPS, 1))
+            .default_value(gst::Fraction::new(DEFAULT_FPS.0, DEFAULT_FPS.1))
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecString::builder("device")
+            .nick("Device")
+            .blurb("Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with the `cuda` feature)")
+            .default_value(Some(DEFAULT_DEVICE))
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecEnum::builder_with_default("dtype", DEFAULT_DTYPE)
+            .nick("Data type")
+            .blurb("Floating-point type of the model weights and activations")
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecEnum::builder_with_default("cache-mode", DEFAULT_CACHE_MODE)
+            .nick("Cache mode")
+            .blurb("What the generator reuses between denoising steps")
+            .mutable_playing()
+            .build(),
+        int_prop(
+            "warmup-steps",
+            "Warmup steps",
+            "Full steps per block before any reuse (-1 = the model's default, at most \
+             steps)",
+            1000,
+            true,
+        ),
+        float_prop(
+            "motion-threshold",
+            "Motion threshold",
+            "MotionCache: accumulated motion-weighted distance that makes a token \
+             recompute; higher = more reuse, faster (negative = the model's default)",
+            1e6,
+            true,
+        ),
+        int_prop(
+            "refresh-interval",
+            "Refresh interval",
+            "A token is recomputed at least every N of its steps, 0 = no limit (-1 = \
+             the model's default)",
+            1000,
+            true,
+        ),
+        int_prop(
+            "uniform-updates",
+            "Uniform updates",
+            "Refreshes with uniform weights before motion weights apply (-1 = the \
+             model's default)",
+            1000,
+            true,
+        ),
+        float_prop(
+            "weight-floor",
+            "Weight floor",
+            "Floor of the motion-weight normalisation, in [0, 1] (negative = the \
+             model's default)",
+            1.0,
+            true,
+        ),
+        float_prop(
+            "min-update-ratio",
+            "Minimum update ratio",
+            "Skip the pass when fewer than this fraction of tokens need it, in [0, 1] \
+             (negative = the model's default)",
+            1.0,
+            true,
+        ),
+        float_prop(
+            "temporal-consistency",
+            "Temporal consistency",
+            "Threshold of the per-position vote across a block's frames, 0 = off, in \
+             [0, 1] (negative = the model's default)",
+            1.0,
+            true,
+        ),
+        glib::ParamSpecBoolean::builder("is-live")
+            .nick("Is live")
+            .blurb(
+                "Act as a live source: frames are timestamped and paced in real time \
+                 (needed for RTMP and other live sinks)",
+            )
+            .default_value(DEFAULT_IS_LIVE)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+            .nick("Statistics")
+            .blurb(
+                "Statistics of the last finished block (the fields of the \
+                 motioncache-stats element message)",
+            )
+            .read_only()
+            .build(),
+    ]
+}

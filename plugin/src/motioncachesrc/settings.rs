@@ -1,0 +1,211 @@
+//! The element's property values and their mapping onto the core's generator settings.
+//!
+//! Numeric schedule and cache properties use -1 for "the model's default" (the model
+//! directory's defaults, `ModelInfo::defaults`), so a property only overrides what the user
+//! actually set and gst-inspect shows an honest default.
+
+use candle_core::DType;
+use motioncache::cache::CacheMode;
+use motioncache::generate::GeneratorSettings;
+
+use super::{CacheModeProp, DTypeProp};
+
+pub const DEFAULT_MODEL: &str = "";
+pub const DEFAULT_PROMPT: &str = "a red circle moving right on a striped blue background";
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "";
+pub const DEFAULT_SEED: u64 = 0;
+/// "Use the model's default" for integer and float properties.
+pub const MODEL_DEFAULT: i32 = -1;
+pub const MODEL_DEFAULT_F: f64 = -1.0;
+pub const DEFAULT_FPS: (i32, i32) = (0, 1);
+pub const DEFAULT_DEVICE: &str = "cpu";
+pub const DEFAULT_DTYPE: DTypeProp = DTypeProp::F32;
+pub const DEFAULT_CACHE_MODE: CacheModeProp = CacheModeProp::MotionCache;
+pub const DEFAULT_IS_LIVE: bool = false;
+
+/// Property values as the user set them (Clone: copied under a short lock).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Model directory; empty = the embedded tiny model.
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: i32,
+    pub guidance_scale: f64,
+    pub shift: f64,
+    pub causal_block_size: i32,
+    pub ar_step: i32,
+    pub window: i32,
+    pub overlap: i32,
+    /// Output frame rate; 0/1 = the model's native rate (or what downstream asks for).
+    pub fps: (i32, i32),
+    pub device: String,
+    pub dtype: DTypeProp,
+    pub cache_mode: CacheModeProp,
+    pub warmup_steps: i32,
+    pub motion_threshold: f64,
+    pub refresh_interval: i32,
+    pub uniform_updates: i32,
+    pub weight_floor: f64,
+    pub min_update_ratio: f64,
+    pub temporal_consistency: f64,
+    pub is_live: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.to_string(),
+            prompt: DEFAULT_PROMPT.to_string(),
+            negative_prompt: DEFAULT_NEGATIVE_PROMPT.to_string(),
+            seed: DEFAULT_SEED,
+            steps: MODEL_DEFAULT,
+            guidance_scale: MODEL_DEFAULT_F,
+            shift: MODEL_DEFAULT_F,
+            causal_block_size: MODEL_DEFAULT,
+            ar_step: MODEL_DEFAULT,
+            window: MODEL_DEFAULT,
+            overlap: MODEL_DEFAULT,
+            fps: DEFAULT_FPS,
+            device: DEFAULT_DEVICE.to_string(),
+            dtype: DEFAULT_DTYPE,
+            cache_mode: DEFAULT_CACHE_MODE,
+            warmup_steps: MODEL_DEFAULT,
+            motion_threshold: MODEL_DEFAULT_F,
+            refresh_interval: MODEL_DEFAULT,
+            uniform_updates: MODEL_DEFAULT,
+            weight_floor: MODEL_DEFAULT_F,
+            min_update_ratio: MODEL_DEFAULT_F,
+            temporal_consistency: MODEL_DEFAULT_F,
+            is_live: DEFAULT_IS_LIVE,
+        }
+    }
+}
+
+/// A non-negative property value overrides the default; -1 keeps it.
+fn int_or(v: i32, default: usize) -> usize {
+    usize::try_from(v).unwrap_or(default)
+}
+
+fn float_or(v: f64, default: f64) -> f64 {
+    if v < 0.0 { default } else { v }
+}
+
+impl Settings {
+    /// The generator settings these properties ask for on top of the model's defaults,
+    /// validated (the error names the property and the value). Endless stream:
+    /// `num-buffers` on the element ends it.
+    pub fn generator_settings(
+        &self,
+        defaults: &GeneratorSettings,
+    ) -> motioncache::Result<GeneratorSettings> {
+        let d = defaults;
+        let mut s = d.clone();
+        s.steps = int_or(self.steps, d.steps);
+        s.guidance_scale = float_or(self.guidance_scale, d.guidance_scale);
+        s.shift = float_or(self.shift, d.shift);
+        s.causal_block_size = int_or(self.causal_block_size, d.causal_block_size);
+        s.ar_step = int_or(self.ar_step, d.ar_step);
+        s.window = int_or(self.window, d.window);
+        s.overlap = int_or(self.overlap, d.overlap);
+        s.total_frames = None;
+
+        let c = &mut s.cache;
+        c.mode = cache_mode(self.cache_mode);
+        c.warmup_steps = int_or(self.warmup_steps, d.cache.warmup_steps);
+        c.motion_threshold = float_or(self.motion_threshold, d.cache.motion_threshold);
+        c.refresh_interval = int_or(self.refresh_interval, d.cache.refresh_interval);
+        c.uniform_updates = int_or(self.uniform_updates, d.cache.uniform_updates);
+        c.weight_floor = float_or(self.weight_floor, d.cache.weight_floor);
+        c.min_update_ratio = float_or(self.min_update_ratio, d.cache.min_update_ratio);
+        c.temporal_consistency = float_or(self.temporal_consistency, d.cache.temporal_consistency);
+        // A warmup longer than a lowered step count would be an error the user did not
+        // cause: clamp the model's default, keep an explicit value as given.
+        if self.warmup_steps < 0 {
+            c.warmup_steps = c.warmup_steps.min(s.steps);
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.dtype {
+            DTypeProp::F32 => DType::F32,
+            DTypeProp::F16 => DType::F16,
+            DTypeProp::BF16 => DType::BF16,
+        }
+    }
+
+    /// The fixed output rate the user asked for, if any.
+    pub fn fixed_fps(&self) -> Option<(i32, i32)> {
+        (self.fps.0 > 0 && self.fps.1 > 0).then_some(self.fps)
+    }
+
+    /// The prompts the generator should use.
+    pub fn prompts(&self) -> (String, String) {
+        (self.prompt.clone(), self.negative_prompt.clone())
+    }
+}
+
+pub fn cache_mode(p: CacheModeProp) -> CacheMode {
+    match p {
+        CacheModeProp::Vanilla => CacheMode::Vanilla,
+        CacheModeProp::None => CacheMode::None,
+        CacheModeProp::TeaCache => CacheMode::TeaCache,
+        CacheModeProp::FlowCache => CacheMode::FlowCache,
+        CacheModeProp::MotionCache => CacheMode::MotionCache,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_model_and_overrides_apply() {
+        let model = GeneratorSettings {
+            steps: 8,
+            ..Default::default()
+        };
+        let s = Settings::default().generator_settings(&model).unwrap();
+        assert_eq!(s.steps, 8);
+        assert_eq!(s.cache.warmup_steps, model.cache.warmup_steps);
+        assert_eq!(s.total_frames, None);
+
+        let user = Settings {
+            steps: 3,
+            motion_threshold: 0.5,
+            cache_mode: CacheModeProp::TeaCache,
+            ..Default::default()
+        };
+        let s = user.generator_settings(&model).unwrap();
+        assert_eq!(s.steps, 3);
+        // the model's warmup (4) is clamped to the user's 3 steps
+        assert_eq!(s.cache.warmup_steps, 3);
+        assert_eq!(s.cache.motion_threshold, 0.5);
+        assert_eq!(s.cache.mode, CacheMode::TeaCache);
+    }
+
+    #[test]
+    fn invalid_combinations_name_the_property() {
+        let model = GeneratorSettings::default();
+        let e = Settings {
+            steps: 4,
+            warmup_steps: 9,
+            ..Default::default()
+        }
+        .generator_settings(&model)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("warmup-steps"), "{e}");
+        let e = Settings {
+            overlap: 2,
+            ..Default::default()
+        }
+        .generator_settings(&model)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("overlap"), "{e}");
+    }
+}

@@ -1,0 +1,200 @@
+//! Shared helpers of the element tests: plugin registration, timeouts, fast settings.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, Once, mpsc};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+
+pub fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().expect("gst::init");
+        gstmotioncache::plugin_register_static().expect("register the motioncache plugin");
+    });
+}
+
+/// Runs `f` on its own thread and fails the test if it has not finished after `secs`
+/// (so a hang shows up as a failure instead of a stuck CI job). Tests of one binary run
+/// one at a time: each generator uses every core, and the thread/memory checks count
+/// process-wide.
+pub fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init();
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let r = f();
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => {
+            let _ = handle.join();
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test timed out after {secs} s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("sender dropped without a value"),
+        },
+    }
+}
+
+/// Settings that keep the tests short; `MOTIONCACHE_TEST_MODEL` points the tests at a
+/// model directory instead of the embedded model (development only).
+pub fn fast_props() -> Vec<(&'static str, String)> {
+    let mut p = vec![
+        ("steps", "4".to_string()),
+        ("guidance-scale", "1".to_string()),
+    ];
+    if let Ok(m) = std::env::var("MOTIONCACHE_TEST_MODEL") {
+        p.push(("model", m));
+    }
+    p
+}
+
+/// The same as a gst-launch fragment.
+pub fn fast_launch() -> String {
+    fast_props()
+        .into_iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn configure(el: &gst::Element) {
+    for (k, v) in fast_props() {
+        el.set_property_from_str(k, &v);
+    }
+}
+
+pub fn new_src() -> gst::Element {
+    init();
+    let el = gst::ElementFactory::make("motioncachesrc")
+        .build()
+        .expect("motioncachesrc");
+    configure(&el);
+    el
+}
+
+/// Stats of one `motioncache-stats` element message.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub block_index: u64,
+    pub frames: u32,
+    pub wall_time: f64,
+    pub recomputed_fraction: f64,
+    pub flops_ratio: f64,
+    pub steps: u32,
+    pub full: u32,
+    pub partial: u32,
+    pub skipped: u32,
+}
+
+pub fn parse_stats(s: &gst::StructureRef) -> Option<Stats> {
+    if s.name() != "motioncache-stats" {
+        return None;
+    }
+    Some(Stats {
+        block_index: s.get("block-index").expect("block-index u64"),
+        frames: s.get("frames").expect("frames u32"),
+        wall_time: s.get("wall-time").expect("wall-time f64"),
+        recomputed_fraction: s
+            .get("recomputed-fraction")
+            .expect("recomputed-fraction f64"),
+        flops_ratio: s.get("flops-ratio").expect("flops-ratio f64"),
+        steps: s.get("steps").expect("steps u32"),
+        full: s.get("full-forwards").expect("full-forwards u32"),
+        partial: s.get("partial-forwards").expect("partial-forwards u32"),
+        skipped: s.get("skipped-forwards").expect("skipped-forwards u32"),
+    })
+}
+
+/// What a pipeline run posted.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub stats: Vec<Stats>,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub eos: bool,
+}
+
+fn describe(err: &glib::Error, debug: Option<glib::GString>) -> String {
+    format!(
+        "{err} ({})",
+        debug.map(|d| d.to_string()).unwrap_or_default()
+    )
+}
+
+/// Records one bus message; true when the run is over (EOS or error).
+pub fn record(out: &mut Outcome, msg: &gst::Message) -> bool {
+    use gst::MessageView;
+    match msg.view() {
+        MessageView::Eos(_) => {
+            out.eos = true;
+            true
+        }
+        MessageView::Error(e) => {
+            out.errors.push(describe(&e.error(), e.debug()));
+            true
+        }
+        MessageView::Warning(w) => {
+            out.warnings.push(describe(&w.error(), w.debug()));
+            false
+        }
+        MessageView::Element(e) => {
+            if let Some(s) = e.structure().and_then(parse_stats) {
+                out.stats.push(s);
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Plays `pipeline` until EOS or an error (or `secs`), returns what the bus said, leaves
+/// the pipeline in NULL.
+pub fn run(pipeline: &gst::Pipeline, secs: u64) -> Outcome {
+    let mut out = Outcome::default();
+    let bus = pipeline.bus().expect("pipeline bus");
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        // the error message on the bus says why
+        drain(&bus, &mut out, Duration::from_millis(200));
+        pipeline.set_state(gst::State::Null).expect("to NULL");
+        return out;
+    }
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        if record(&mut out, &msg) {
+            break;
+        }
+    }
+    pipeline.set_state(gst::State::Null).expect("to NULL");
+    drain(&bus, &mut out, Duration::ZERO);
+    out
+}
+
+pub fn drain(bus: &gst::Bus, out: &mut Outcome, wait: Duration) {
+    let end = Instant::now() + wait;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match bus.timed_pop(gst::ClockTime::from_nseconds(left.as_nanos() as u64)) {
+            Some(m) => {
+                record(out, &m);
+            }
+            None => break,
+        }
+    }
+}
+
+pub fn launch(desc: &str) -> gst::Pipeline {
+    init();
+    gst::parse::launch(desc)
+        .unwrap_or_else(|e| panic!("cannot build {desc}: {e}"))
+        .downcast::<gst::Pipeline>()
+        .expect("a pipeline")
+}

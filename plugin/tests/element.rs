@@ -1,0 +1,377 @@
+//! `motioncachesrc` behaviour: caps, segment, timestamps, EOS, live mode, runtime changes,
+//! stopping, seeking.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gst::prelude::*;
+
+fn harness(props: &[(&str, &str)]) -> gst_check::Harness {
+    let src = new_src();
+    for (k, v) in props {
+        src.set_property_from_str(k, v);
+    }
+    gst_check::Harness::with_element(&src, None, Some("src"))
+}
+
+fn next_event(h: &mut gst_check::Harness, t: gst::EventType) -> gst::Event {
+    loop {
+        let ev = h.pull_event().expect("an event within the harness timeout");
+        if ev.type_() == t {
+            return ev;
+        }
+    }
+}
+
+#[test]
+fn caps_segment_timestamps_and_eos() {
+    with_timeout(240, || {
+        let mut h = harness(&[("num-buffers", "7")]);
+        h.play();
+        let caps = match next_event(&mut h, gst::EventType::Caps).view() {
+            gst::EventView::Caps(c) => c.caps_owned(),
+            _ => unreachable!(),
+        };
+        let info = gst_video::VideoInfo::from_caps(&caps).expect("raw video caps");
+        assert_eq!(info.format(), gst_video::VideoFormat::Rgb, "{caps}");
+        assert!(info.width() > 0 && info.height() > 0);
+        let fps = info.fps();
+        assert!(fps.numer() > 0, "fixed framerate expected: {caps}");
+        match next_event(&mut h, gst::EventType::Segment).view() {
+            gst::EventView::Segment(s) => {
+                let seg = s.segment();
+                assert_eq!(seg.format(), gst::Format::Time);
+                assert_eq!(seg.rate(), 1.0);
+            }
+            _ => unreachable!(),
+        }
+        let frame_ns = |n: u64| {
+            gst::ClockTime::SECOND
+                .mul_div_floor(n * fps.denom() as u64, fps.numer() as u64)
+                .unwrap()
+        };
+        for n in 0..7u64 {
+            let b = h.pull().expect("buffer");
+            assert_eq!(b.size(), info.size());
+            assert_eq!(b.pts(), Some(frame_ns(n)), "frame {n}");
+            assert_eq!(
+                b.duration(),
+                Some(frame_ns(n + 1) - frame_ns(n)),
+                "frame {n}"
+            );
+            assert_eq!(b.offset(), n);
+            assert_eq!(b.offset_end(), n + 1);
+        }
+        next_event(&mut h, gst::EventType::Eos);
+        // the model actually drew something: not a constant frame
+        assert_eq!(h.buffers_in_queue(), 0);
+    });
+}
+
+#[test]
+fn i420_negotiated_for_encoders() {
+    with_timeout(240, || {
+        let mut h = harness(&[("num-buffers", "2")]);
+        h.set_sink_caps_str("video/x-raw,format=I420");
+        h.play();
+        let b = h.pull().expect("buffer");
+        let caps = h
+            .sinkpad()
+            .expect("harness sink pad")
+            .current_caps()
+            .expect("caps");
+        let info = gst_video::VideoInfo::from_caps(&caps).unwrap();
+        assert_eq!(info.format(), gst_video::VideoFormat::I420);
+        assert_eq!(
+            info.colorimetry().matrix(),
+            gst_video::VideoColorMatrix::Bt601,
+            "{caps}"
+        );
+        assert_eq!(b.size(), info.size());
+        let map = b.map_readable().unwrap();
+        let y = &map[..info.width() as usize];
+        assert!(
+            y.iter().all(|&v| (16..=235).contains(&v)),
+            "limited-range luma: {y:?}"
+        );
+    });
+}
+
+#[test]
+fn frames_are_not_constant_and_stats_are_posted() {
+    with_timeout(240, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc name=src num-buffers=6 {} ! fakesink",
+            fast_launch()
+        ));
+        let out = run(&pipeline, 200);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(out.eos);
+        assert!(!out.stats.is_empty(), "no motioncache-stats message");
+        for (i, s) in out.stats.iter().enumerate() {
+            assert_eq!(s.block_index, i as u64);
+            assert!(s.frames > 0 && s.wall_time > 0.0 && s.steps == 4, "{s:?}");
+            assert!((0.0..=1.0).contains(&s.recomputed_fraction), "{s:?}");
+            assert!(s.flops_ratio > 0.0, "{s:?}");
+        }
+        let src = pipeline.by_name("src").unwrap();
+        let stats = src.property::<gst::Structure>("stats");
+        assert!(parse_stats(&stats).is_some(), "{stats}");
+    });
+}
+
+#[test]
+fn live_mode_paces_and_answers_latency() {
+    with_timeout(300, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc is-live=true num-buffers=12 {} ! fakesink sync=true",
+            fast_launch()
+        ));
+        let bus = pipeline.bus().unwrap();
+        let started = Instant::now();
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let mut out = Outcome::default();
+        let mut latency = None;
+        while let Some(msg) = bus.timed_pop(gst::ClockTime::from_seconds(120)) {
+            if latency.is_none() && !out.stats.is_empty() {
+                let mut q = gst::query::Latency::new();
+                assert!(pipeline.query(&mut q), "latency query answered");
+                latency = Some(q.result());
+            }
+            if record(&mut out, &msg) {
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(out.eos);
+        let (live, min, _max) = latency.expect("latency queried");
+        assert!(live);
+        assert!(min > gst::ClockTime::ZERO, "block latency {min}");
+        // 12 frames at the model's rate (24 fps or less) cannot leave faster than real time
+        assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+    });
+}
+
+/// Runs until `until` blocks were posted, calling `at` once when block `change_at` is seen.
+fn run_blocks(
+    pipeline: &gst::Pipeline,
+    until: u64,
+    change_at: u64,
+    mut at: impl FnMut(),
+) -> Outcome {
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut out = Outcome::default();
+    let mut changed = false;
+    let end = Instant::now() + Duration::from_secs(200);
+    while Instant::now() < end {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        if record(&mut out, &msg) {
+            break;
+        }
+        if let Some(last) = out.stats.last() {
+            if !changed && last.block_index >= change_at {
+                at();
+                changed = true;
+            }
+            if last.block_index >= until {
+                break;
+            }
+        }
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    out
+}
+
+#[test]
+fn runtime_motion_threshold_changes_statistics() {
+    with_timeout(300, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc name=src cache-mode=motioncache warmup-steps=1 motion-threshold=0 \
+             refresh-interval=0 min-update-ratio=0 {} ! fakesink sync=false",
+            fast_launch()
+        ));
+        let src = pipeline.by_name("src").unwrap();
+        let out = run_blocks(&pipeline, 9, 1, || {
+            src.set_property("motion-threshold", 1000.0f64);
+        });
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        assert!(out.stats.len() >= 10, "{} blocks", out.stats.len());
+        let first = &out.stats[1];
+        let last = out.stats.last().unwrap();
+        // threshold 0: every token recomputes at every step; 1000: after the one warmup
+        // step almost nothing does
+        assert!(
+            last.recomputed_fraction < first.recomputed_fraction - 0.2,
+            "before {first:?} after {last:?}"
+        );
+        assert!(
+            last.flops_ratio < first.flops_ratio,
+            "before {first:?} after {last:?}"
+        );
+        assert_eq!(src.property::<f64>("motion-threshold"), 1000.0);
+    });
+}
+
+fn pull_frames(h: &mut gst_check::Harness, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|_| {
+            let b = h.pull().expect("buffer");
+            b.map_readable().unwrap().to_vec()
+        })
+        .collect()
+}
+
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn prompt_change_changes_frames() {
+    with_timeout(400, || {
+        const FRAMES: usize = 30;
+        let run = |change: bool| {
+            let mut h = harness(&[("seed", "7")]);
+            h.play();
+            let mut frames = pull_frames(&mut h, 1);
+            if change {
+                h.element().unwrap().set_property(
+                    "prompt",
+                    "a white triangle moving down on a plain green background",
+                );
+            }
+            frames.extend(pull_frames(&mut h, FRAMES - 1));
+            frames
+        };
+        let same = run(false);
+        let changed = run(true);
+        let first = mean_abs_diff(&same[0], &changed[0]);
+        assert!(
+            first < 0.01,
+            "same seed, same prompt: first frames differ by {first}"
+        );
+        let last = mean_abs_diff(&same[FRAMES - 1], &changed[FRAMES - 1]);
+        assert!(
+            last > 0.5,
+            "the new prompt did not change the frames ({last})"
+        );
+    });
+}
+
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn stop_is_prompt_and_restarts_do_not_leak() {
+    with_timeout(400, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc name=src {} ! fakesink sync=false",
+            fast_launch()
+        ));
+        let bus = pipeline.bus().unwrap();
+        let mut rss_after_first = 0;
+        let mut baseline = 0;
+        for cycle in 0..5 {
+            pipeline.set_state(gst::State::Playing).unwrap();
+            // wait for the first block, then stop while the next one is being generated
+            let msg = bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_seconds(120),
+                    &[gst::MessageType::Element, gst::MessageType::Error],
+                )
+                .expect("a first block");
+            assert!(!matches!(msg.view(), gst::MessageView::Error(_)), "{msg:?}");
+            let t = Instant::now();
+            pipeline.set_state(gst::State::Null).unwrap();
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_secs(3),
+                "PLAYING -> NULL took {took:?}"
+            );
+            while bus.pop().is_some() {}
+            let names = thread_names();
+            assert!(
+                !names.iter().any(|n| n == "motioncache-gen"),
+                "generator thread left after cycle {cycle}: {names:?}"
+            );
+            // The first cycle starts thread pools (GStreamer's task pool, the matmul
+            // pool) that live on; after that every cycle must end where it began.
+            if cycle == 0 {
+                rss_after_first = rss_kib();
+                baseline = names.len();
+            } else {
+                // one more is a GLib pool thread on its way out
+                assert!(
+                    names.len() <= baseline + 1,
+                    "cycle {cycle}: threads {names:?}, {baseline} after the first cycle"
+                );
+            }
+        }
+        let grown = rss_kib().saturating_sub(rss_after_first);
+        assert!(
+            grown < 64 * 1024,
+            "RSS grew by {grown} KiB over 4 start/stop cycles"
+        );
+    });
+}
+
+#[test]
+fn flushing_seek_is_refused_and_playback_continues() {
+    with_timeout(300, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc num-buffers=15 {} ! fakesink sync=false",
+            fast_launch()
+        ));
+        let bus = pipeline.bus().unwrap();
+        pipeline.set_state(gst::State::Playing).unwrap();
+        bus.timed_pop_filtered(
+            gst::ClockTime::from_seconds(120),
+            &[gst::MessageType::Element],
+        )
+        .expect("a first block");
+        let seek = pipeline.seek_simple(
+            gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE,
+            gst::ClockTime::from_seconds(1),
+        );
+        assert!(seek.is_err(), "a generator cannot seek");
+        let mut out = Outcome::default();
+        while let Some(msg) = bus.timed_pop(gst::ClockTime::from_seconds(120)) {
+            if record(&mut out, &msg) {
+                break;
+            }
+        }
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(out.eos, "playback went on to EOS after the refused seek");
+    });
+}
