@@ -151,3 +151,21 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The embedded default model loads and generates frames of its size.
+#[test]
+fn embedded_model_generates() {
+    let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
+    let info = p.info().clone();
+    assert_eq!((info.width, info.height), (64, 64));
+    let mut s = info.defaults.clone();
+    s.total_frames = Some(2 * s.causal_block_size);
+    let mut st = p.stream("a red circle moving right on a striped blue background", "", s, 1).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut n = 0;
+    while let Some(b) = st.next_block(&cancel).unwrap() {
+        assert_eq!(b.frames[0].len(), 64 * 64 * 3);
+        n += b.frames.len();
+    }
+    assert!(n >= 6, "{n} frames");
+}
