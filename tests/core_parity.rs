@@ -258,3 +258,47 @@ fn df_runs_match_diffusers_exact_and_vanilla() {
         }
     }
 }
+
+/// Sharded weights (an index json listing several safetensors files) load to the same
+/// model; bf16 and f16 run close to f32.
+#[test]
+fn sharded_weights_and_half_precision() {
+    let tmp = std::env::temp_dir().join(format!("mc-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(dir().join("dit_b/config.json"), tmp.join("config.json")).unwrap();
+    let all = candle_core::safetensors::load(dir().join("dit_b/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        candle_core::safetensors::save(&tensors, tmp.join(&file)).unwrap();
+        for n in part.iter() {
+            map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(tmp.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let fx = load("forward_b.safetensors");
+    let x = fx["hidden_states"].i(0).unwrap();
+    let t: Vec<f64> = fx["timestep"].i(0).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let want = fx["output"].i(0).unwrap();
+    let sharded = load_transformer(&tmp, DType::F32, &Device::Cpu).unwrap();
+    let y = blockwise_forward(&sharded, &x, &t, &fx["context"], 3, 0);
+    assert!(rel(&y, &want) <= 1e-4, "sharded: {}", rel(&y, &want));
+    for (dt, tol) in [(DType::BF16, 5e-2), (DType::F16, 1e-2)] {
+        let m = load_transformer(&dir().join("dit_b"), dt, &Device::Cpu).unwrap();
+        let y = blockwise_forward(&m, &x, &t, &fx["context"], 3, 0);
+        let e = rel(&y, &want);
+        assert!(e <= tol, "{dt:?}: relative error {e}");
+    }
+    // A shard listed in the index but missing is an error naming it.
+    std::fs::remove_file(tmp.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+    let e = load_transformer(&tmp, DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("00002-of-00002") && e.contains("missing"), "{e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
