@@ -267,25 +267,43 @@ fn sharded_weights_and_half_precision() {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::copy(dir().join("dit_b/config.json"), tmp.join("config.json")).unwrap();
-    let all = candle_core::safetensors::load(dir().join("dit_b/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let all = candle_core::safetensors::load(
+        dir().join("dit_b/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut names: Vec<&String> = all.keys().collect();
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
     for (i, part) in [a, b].iter().enumerate() {
         let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
-        let tensors: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        let tensors: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&tensors, tmp.join(&file)).unwrap();
         for n in part.iter() {
             map.insert((*n).clone(), serde_json::Value::String(file.clone()));
         }
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": map });
-    std::fs::write(tmp.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        tmp.join("diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
 
     let fx = load("forward_b.safetensors");
     let x = fx["hidden_states"].i(0).unwrap();
-    let t: Vec<f64> = fx["timestep"].i(0).unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    let t: Vec<f64> = fx["timestep"]
+        .i(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     let want = fx["output"].i(0).unwrap();
     let sharded = load_transformer(&tmp, DType::F32, &Device::Cpu).unwrap();
     let y = blockwise_forward(&sharded, &x, &t, &fx["context"], 3, 0);
@@ -298,7 +316,10 @@ fn sharded_weights_and_half_precision() {
     }
     // A shard listed in the index but missing is an error naming it.
     std::fs::remove_file(tmp.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
-    let e = load_transformer(&tmp, DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = load_transformer(&tmp, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("00002-of-00002") && e.contains("missing"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -160,7 +160,14 @@ fn embedded_model_generates() {
     assert_eq!((info.width, info.height), (64, 64));
     let mut s = info.defaults.clone();
     s.total_frames = Some(2 * s.causal_block_size);
-    let mut st = p.stream("a red circle moving right on a striped blue background", "", s, 1).unwrap();
+    let mut st = p
+        .stream(
+            "a red circle moving right on a striped blue background",
+            "",
+            s,
+            1,
+        )
+        .unwrap();
     let cancel = AtomicBool::new(false);
     let mut n = 0;
     while let Some(b) = st.next_block(&cancel).unwrap() {
