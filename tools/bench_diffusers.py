@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Reference timing: diffusers' SkyReelsV2DiffusionForcingPipeline (PyTorch, CPU, the same
+number of threads) on the same model directory, prompts, steps and schedules as
+`motioncache-bench`, so the benchmark report can put vanilla beside vanilla.
+
+    /work/venv/bin/python tools/bench_diffusers.py --model models/tiny --out bench-out/diffusers.json [--quick]
+
+Writes {"paper": seconds, "element-default": seconds} (sums over the prompts).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+PROMPTS = [
+    "a red circle moving right on a striped blue background",
+    "a yellow square moving left on a checkered green background",
+    "a white triangle moving up on a plain black background",
+    "a static green circle on a striped red background",
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/tiny")
+    ap.add_argument("--out", default="bench-out/diffusers.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    with open(os.path.join(a.model, "motioncache.json")) as f:
+        d = json.load(f)
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(a.model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = PROMPTS[:2] if a.quick else PROMPTS
+    w, h, text_len = d["width"], d["height"], d["text_len"]
+    # Latent frames as the Rust benchmark counts them. With no temporal compression,
+    # diffusers turns num_frames into num_frames + 1, hence the -1 on num_frames.
+    scenarios = {
+        "paper": dict(frames=35, base=25, overlap=5, block=5, ar=5, steps=20 if a.quick else 50, guidance=6.0,
+                      addnoise=20.0),
+        "element-default": dict(frames=2 * d["window"] - d["overlap"], base=d["window"], overlap=d["overlap"],
+                                block=d["causal_block_size"], ar=d["ar_step"], steps=d["steps"],
+                                guidance=d["guidance_scale"], addnoise=d["addnoise_condition"]),
+    }
+    out = {}
+    for name, s in scenarios.items():
+        total = 0.0
+        for i, p in enumerate(prompts):
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe(prompt=p, negative_prompt="", height=h, width=w, num_frames=s["frames"] - 1,
+                     num_inference_steps=s["steps"], guidance_scale=s["guidance"], causal_block_size=s["block"],
+                     ar_step=s["ar"], base_num_frames=s["base"], overlap_history=s["overlap"],
+                     addnoise_condition=s["addnoise"], max_sequence_length=text_len, output_type="np",
+                     generator=torch.Generator().manual_seed(1024 + i))
+            dt = time.perf_counter() - start
+            print(f"{name} prompt {i}: {dt:.2f} s", flush=True)
+            total += dt
+        out[name] = total
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
