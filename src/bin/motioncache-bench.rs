@@ -8,7 +8,10 @@
 //! vanilla's. Writes bench.json, bench.md and bench.png into the output folder.
 //!
 //!     cargo run --release --features bench --bin motioncache-bench -- [--model DIR]
-//!         [--out DIR] [--quick] [--diffusers FILE] [--forward]
+//!         [--out DIR] [--quick] [--diffusers FILE]
+//!
+//! `--quick` runs two of the four prompts; `--diffusers FILE` adds the seconds that
+//! tools/bench_diffusers.py measured for diffusers on the same model and schedules.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -199,7 +202,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // frames over a 25-frame window, 5 frames of overlap history with addnoise 20; 35
     // latent frames so that the window slides once.
     let paper = GeneratorSettings {
-        steps: if quick { 20 } else { 50 },
+        steps: 50,
         shift: 8.0,
         guidance_scale: 6.0,
         causal_block_size: 5,
