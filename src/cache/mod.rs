@@ -44,15 +44,17 @@ pub struct StepInfo<'a> {
 pub trait BlockPolicy: Send {
     fn plan(&mut self, s: &CacheSettings, info: &StepInfo) -> candle_core::Result<Plan>;
     /// Called after the forward with the block's transformer input and output tokens
-    /// (`[tokens, dim]`), whatever the plan was.
+    /// (`[tokens, dim]`), whatever the plan was. Chunk-level policies need nothing from it.
     fn observe(
         &mut self,
-        s: &CacheSettings,
-        info: &StepInfo,
-        plan: &Plan,
-        x_in: &Tensor,
-        x_out: &Tensor,
-    ) -> candle_core::Result<()>;
+        _s: &CacheSettings,
+        _info: &StepInfo,
+        _plan: &Plan,
+        _x_in: &Tensor,
+        _x_out: &Tensor,
+    ) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 /// Computes everything, always.
@@ -61,16 +63,6 @@ pub struct NoCache;
 impl BlockPolicy for NoCache {
     fn plan(&mut self, _: &CacheSettings, _: &StepInfo) -> candle_core::Result<Plan> {
         Ok(Plan::Full)
-    }
-    fn observe(
-        &mut self,
-        _: &CacheSettings,
-        _: &StepInfo,
-        _: &Plan,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> candle_core::Result<()> {
-        Ok(())
     }
 }
 

@@ -93,32 +93,12 @@ impl BlockPolicy for ChunkState {
         let t = s.teacache_threshold;
         self.decide(s, info, t)
     }
-    fn observe(
-        &mut self,
-        _: &CacheSettings,
-        _: &StepInfo,
-        _: &Plan,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> candle_core::Result<()> {
-        Ok(())
-    }
 }
 
 impl BlockPolicy for FlowCacheState {
     fn plan(&mut self, s: &CacheSettings, info: &StepInfo) -> candle_core::Result<Plan> {
         let t = s.flowcache_threshold;
         self.0.decide(s, info, t)
-    }
-    fn observe(
-        &mut self,
-        _: &CacheSettings,
-        _: &StepInfo,
-        _: &Plan,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> candle_core::Result<()> {
-        Ok(())
     }
 }
 
