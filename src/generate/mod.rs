@@ -22,7 +22,7 @@ use candle_core::{DType, Tensor};
 
 use crate::cache::{BlockPolicy, CacheMode, Plan, StepInfo, block_policy};
 use crate::error::{Error, Result};
-use crate::model::transformer::{BlockKv, Context, TokenSet, Transformer};
+use crate::model::transformer::{BlockKv, Context, FrameModulation, TokenSet, Transformer};
 use crate::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
 /// Statistics of one finished block.
@@ -453,8 +453,9 @@ impl Generator {
                             &self.model,
                             &self.contexts[br],
                             &x,
-                            &ts,
-                            self.settings.fps_class,
+                            &self
+                                .model
+                                .modulation(&ts_grid(&ts, gf), self.settings.fps_class)?,
                             &seg.tokens[b],
                             prefix.as_ref(),
                             &mut kv,
@@ -500,8 +501,9 @@ impl Generator {
                         &self.model,
                         &self.contexts[br],
                         &x,
-                        &ts,
-                        self.settings.fps_class,
+                        &self
+                            .model
+                            .modulation(&ts_grid(&ts, grid.0), self.settings.fps_class)?,
                         &toks,
                         None,
                         &mut kv,
@@ -605,8 +607,7 @@ impl Generator {
                         &self.model,
                         &self.contexts[br],
                         &x,
-                        &ts,
-                        self.settings.fps_class,
+                        &modulation,
                         &seg.tokens[b],
                         prefix.as_ref(),
                         &mut branch.active[b],
@@ -746,8 +747,9 @@ impl Generator {
             &self.model,
             &self.contexts[br],
             &x,
-            &ts,
-            self.settings.fps_class,
+            &self
+                .model
+                .modulation(&ts_grid(&ts, gf), self.settings.fps_class)?,
             &seg.tokens[b],
             branch.finished.as_ref(),
             &mut kv,
@@ -828,8 +830,7 @@ fn forward_block(
     model: &Transformer,
     ctx: &Context,
     latents: &Tensor,
-    ts: &[f64],
-    fps_class: u32,
+    m: &FrameModulation,
     toks: &TokenSet,
     prefix: Option<&BlockKv>,
     kv: &mut Option<BlockKv>,
@@ -837,11 +838,10 @@ fn forward_block(
     grid: (usize, usize, usize),
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let x_in = model.patchify(latents)?;
-    let m = model.modulation(&ts_grid(ts, grid.0), fps_class)?;
     let x_out = match plan {
-        None => model.forward_layers(&x_in, &m, toks, kv, prefix, ctx)?,
+        None => model.forward_layers(&x_in, m, toks, kv, prefix, ctx)?,
         Some((Plan::Full, residual)) => {
-            let out = model.forward_layers(&x_in, &m, toks, kv, prefix, ctx)?;
+            let out = model.forward_layers(&x_in, m, toks, kv, prefix, ctx)?;
             *residual = Some((&out - &x_in)?);
             out
         }
@@ -854,7 +854,7 @@ fn forward_block(
             let sub = model.subset(toks, idx)?;
             let ix = sub.idx.clone().ok_or_else(|| missing(0))?;
             let xs = x_in.index_select(&ix, 0)?;
-            let ys = model.forward_layers(&xs, &m, &sub, kv, prefix, ctx)?;
+            let ys = model.forward_layers(&xs, m, &sub, kv, prefix, ctx)?;
             let (n, d) = ys.dims2()?;
             let ixb = ix.reshape((n, 1))?.broadcast_as((n, d))?.contiguous()?;
             let new_r = r.scatter(&ixb, &(&ys - &xs)?, 0)?;
