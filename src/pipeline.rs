@@ -294,20 +294,45 @@ impl Pipeline {
         };
         let transformer = crate::model::loader::load_transformer(dir, dtype, dev)?;
         let vae_path = need("Wan2.1_VAE.pth")?;
+        // The original layout carries no VAE or encoder configuration: they are the Wan 2.1
+        // VAE and umT5-XXL, unless `vae_config.json` (diffusers AutoencoderKLWan keys) or
+        // `t5_config.json` (transformers UMT5 keys) beside them say otherwise.
+        let files = Files::Dir(dir.to_path_buf());
+        let vae_cfg = if dir.join("vae_config.json").is_file() {
+            let c: WanVaeConfig = files.json("vae_config.json")?;
+            c.validate()
+                .map_err(|e| Error::model(files.path("vae_config.json"), e.to_string()))?;
+            c
+        } else {
+            WanVaeConfig::default()
+        };
         let vb = VarBuilder::from_pth(&vae_path, dtype, dev)
             .map_err(|e| Error::model(&vae_path, format!("cannot read: {e}")))?;
-        let vae = WanVae::new_original(&WanVaeConfig::default(), vb)
-            .map_err(|e| Error::model(&vae_path, format!("not a Wan 2.1 VAE: {e}")))?;
+        let vae = WanVae::new_original(&vae_cfg, vb).map_err(|e| {
+            Error::model(
+                &vae_path,
+                format!("not a Wan 2.1 VAE of this configuration: {e}"),
+            )
+        })?;
         let t5_path = need("models_t5_umt5-xxl-enc-bf16.pth")?;
+        let t5_cfg = if dir.join("t5_config.json").is_file() {
+            files.json("t5_config.json")?
+        } else {
+            UMT5Config::umt5_xxl()
+        };
         let vb = VarBuilder::from_pth(&t5_path, dtype, dev)
             .map_err(|e| Error::model(&t5_path, format!("cannot read: {e}")))?;
-        let text_encoder = UMT5Encoder::new_original(&UMT5Config::umt5_xxl(), vb)
-            .map_err(|e| Error::model(&t5_path, format!("not a umT5-XXL encoder: {e}")))?;
+        let text_encoder = UMT5Encoder::new_original(&t5_cfg, vb).map_err(|e| {
+            Error::model(
+                &t5_path,
+                format!("not a umT5 encoder of this configuration: {e}"),
+            )
+        })?;
         let tok_path = need("google/umt5-xxl/tokenizer.json")?;
         let tokenizer = PromptTokenizer::from_file(&tok_path)
             .map_err(|e| Error::model(e.path.clone(), e.problem.clone()))?;
         let gd = if dir.join("motioncache.json").is_file() {
-            Files::Dir(dir.to_path_buf()).json("motioncache.json")?
+            files.json("motioncache.json")?
         } else {
             GenerationDefaults::default()
         };

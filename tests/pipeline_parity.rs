@@ -36,7 +36,21 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn rgb_frames_match_diffusers() {
-    let p = Arc::new(Pipeline::load(&dir().join("tiny_random"), &Device::Cpu, DType::F32).unwrap());
+    check_against_diffusers("tiny_random", &[CacheMode::None, CacheMode::Vanilla]);
+}
+
+/// The same pipeline in the original SkyReels-V2 layout (config.json + model.safetensors,
+/// Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/tokenizer.json, written
+/// by tools/fixtures/original_layout.py) gives diffusers' frames too.
+#[test]
+fn original_layout_matches_diffusers() {
+    let d = dir().join("tiny_original");
+    assert!(!d.join("model_index.json").exists() && d.join("Wan2.1_VAE.pth").is_file());
+    check_against_diffusers("tiny_original", &[CacheMode::None]);
+}
+
+fn check_against_diffusers(model: &str, modes: &[CacheMode]) {
+    let p = Arc::new(Pipeline::load(&dir().join(model), &Device::Cpu, DType::F32).unwrap());
     let fx =
         candle_core::safetensors::load(dir().join("outputs.safetensors"), &Device::Cpu).unwrap();
     let runs: serde_json::Value =
@@ -44,7 +58,7 @@ fn rgb_frames_match_diffusers() {
     for r in runs.as_array().unwrap() {
         let name = r["name"].as_str().unwrap();
         let g = |k: &str| r[k].as_u64().unwrap() as usize;
-        for mode in [CacheMode::None, CacheMode::Vanilla] {
+        for &mode in modes {
             let settings = GeneratorSettings {
                 steps: g("steps"),
                 shift: 8.0,
@@ -84,7 +98,10 @@ fn rgb_frames_match_diffusers() {
             let want = &fx[&format!("{name}_frames")];
             assert_eq!(rgb, want.dim(0).unwrap());
             let e = rel(&got, want);
-            assert!(e <= 1e-3, "{name} {mode:?}: pixel relative error {e}");
+            assert!(
+                e <= 1e-3,
+                "{model} {name} {mode:?}: pixel relative error {e}"
+            );
         }
     }
 }
@@ -137,6 +154,28 @@ fn broken_model_directories_name_the_file() {
         .to_string();
     assert!(e.contains("nope"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
+
+    // The original layout: a missing encoder, a VAE that does not match its configuration.
+    let orig = std::env::temp_dir().join(format!("mc-broken-orig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&orig);
+    copy_dir(&dir().join("tiny_original"), &orig);
+    let load = || {
+        Pipeline::load(&orig, &Device::Cpu, DType::F32)
+            .err()
+            .map(|e| e.to_string())
+    };
+    std::fs::remove_file(orig.join("models_t5_umt5-xxl-enc-bf16.pth")).unwrap();
+    let e = load().unwrap();
+    assert!(
+        e.contains("models_t5_umt5-xxl-enc-bf16.pth") && e.contains("missing"),
+        "{e}"
+    );
+    copy_dir(&dir().join("tiny_original"), &orig);
+    // Without vae_config.json the loader expects the real Wan 2.1 VAE (z_dim 16).
+    std::fs::remove_file(orig.join("vae_config.json")).unwrap();
+    let e = load().unwrap();
+    assert!(e.contains("Wan2.1_VAE.pth"), "{e}");
+    let _ = std::fs::remove_dir_all(&orig);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
