@@ -2,6 +2,7 @@
 //! text encoder and its tokenizer, and the loader of model directories.
 
 pub mod config;
+pub mod kernels;
 pub mod loader;
 pub mod t5;
 pub mod tokenizer;

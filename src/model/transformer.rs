@@ -266,51 +266,35 @@ fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     x.transpose(1, 2)?.reshape((n, h * hd))
 }
 
-/// Scaled dot-product attention without a mask, in chunks of queries so that the score
-/// matrix stays small (a 540P block against a full window is 10k x 51k per head).
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, heads, n, hd) = q.dims4()?;
-    let l = k.dim(2)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let kt = k.transpose(2, 3)?;
-    let budget = 64 * 1024 * 1024 / 4; // f32 scores per chunk
-    let chunk = (budget / (heads * l).max(1)).clamp(1, n.max(1));
-    let mut outs = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let qc = q.narrow(2, start, len)?;
-        let s = (qc.matmul(&kt)? * scale)?;
-        let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        outs.push(p.matmul(v)?);
-        start += len;
-    }
-    if outs.len() == 1 {
-        Ok(outs.remove(0))
-    } else {
-        Tensor::cat(&outs, 2)
-    }
-}
-
-/// Applies `f(x_frame, frame)` to each frame's run of tokens (tokens are sorted by frame).
-fn per_frame(
+/// Per-frame affine map of tokens sorted by frame: `x * mul[f] (+ add[f])` for the tokens
+/// of frame `f` (`mul`, `add`: `[frames, dim]`). One broadcast op when every frame has the
+/// same number of tokens (full forwards), else the rows are expanded per token.
+fn per_frame_affine(
     x: &Tensor,
     counts: &[usize],
-    f: impl Fn(&Tensor, usize) -> candle_core::Result<Tensor>,
+    mul: &Tensor,
+    add: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let mut parts = Vec::with_capacity(counts.len());
-    let mut off = 0;
-    for (frame, &c) in counts.iter().enumerate() {
-        if c == 0 {
-            continue;
+    let (n, d) = x.dims2()?;
+    let frames = counts.len();
+    if frames > 0 && counts.iter().all(|&c| c == counts[0]) {
+        let x3 = x.reshape((frames, n / frames, d))?;
+        let mut y = x3.broadcast_mul(&mul.unsqueeze(1)?)?;
+        if let Some(a) = add {
+            y = y.broadcast_add(&a.unsqueeze(1)?)?;
         }
-        parts.push(f(&x.narrow(0, off, c)?, frame)?);
-        off += c;
+        return y.reshape((n, d));
     }
-    if parts.len() == 1 {
-        Ok(parts.remove(0))
-    } else {
-        Tensor::cat(&parts, 0)
+    let idx: Vec<u32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(f, &c)| std::iter::repeat_n(f as u32, c))
+        .collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    let y = (x * mul.index_select(&idx, 0)?)?;
+    match add {
+        Some(a) => y + a.index_select(&idx, 0)?,
+        None => Ok(y),
     }
 }
 
@@ -368,16 +352,18 @@ impl Layer {
         let dtype = x.dtype();
         // [frames, 6, dim]: the layer's table plus the per-frame timestep projection.
         let m = proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
+        let counts = &toks.frame_counts;
         let modulate = |h: &Tensor, shift: usize, scale: usize| {
-            per_frame(h, &toks.frame_counts, |xf, f| {
-                let sc = (m.i((f, scale))? + 1.0)?;
-                xf.broadcast_mul(&sc)?.broadcast_add(&m.i((f, shift))?)
-            })
+            let sc = (m.i((.., scale))? + 1.0)?;
+            per_frame_affine(h, counts, &sc, Some(&m.i((.., shift))?.contiguous()?))
         };
         let gated_add = |x: &Tensor, y: &Tensor, gate: usize| -> candle_core::Result<Tensor> {
-            let g = per_frame(&y.to_dtype(DType::F32)?, &toks.frame_counts, |yf, f| {
-                yf.broadcast_mul(&m.i((f, gate))?)
-            })?;
+            let g = per_frame_affine(
+                &y.to_dtype(DType::F32)?,
+                counts,
+                &m.i((.., gate))?.contiguous()?,
+                None,
+            )?;
             (x.to_dtype(DType::F32)? + g)?.to_dtype(dtype)
         };
 
@@ -420,7 +406,7 @@ impl Layer {
             None => (k_all.clone(), v_all.clone()),
         };
         *own = Some((k_all, v_all));
-        let a = merge_heads(&attention(&q, &keys, &values)?)?;
+        let a = merge_heads(&super::kernels::sdpa(&q, &keys, &values)?)?;
         let a = self.attn1.to_out.forward(&a)?;
         let x = gated_add(x, &a, 2)?;
 
@@ -430,12 +416,14 @@ impl Layer {
             None => x.clone(),
         };
         let q = split_heads(&self.attn2.q(&h)?, self.heads)?;
-        let a = merge_heads(&attention(&q, &ctx.0, &ctx.1)?)?;
+        let a = merge_heads(&super::kernels::sdpa(&q, &ctx.0, &ctx.1)?)?;
         let x = (&x + self.attn2.to_out.forward(&a)?)?;
 
         // Feed-forward.
         let h = modulate(&self.norm3.forward(&x)?, 3, 4)?.to_dtype(dtype)?;
-        let f = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
+        let f = self
+            .ffn_out
+            .forward(&super::kernels::gelu(&self.ffn_in.forward(&h)?)?)?;
         gated_add(&x, &f, 5)
     }
 }
@@ -638,9 +626,7 @@ impl Transformer {
         let xn = self.norm_out.forward(x)?;
         let shift = temb.broadcast_add(&self.head_table.i(0)?.unsqueeze(0)?)?;
         let scale = (temb.broadcast_add(&self.head_table.i(1)?.unsqueeze(0)?)? + 1.0)?;
-        let h = per_frame(&xn, &counts, |xf, f| {
-            xf.broadcast_mul(&scale.i(f)?)?.broadcast_add(&shift.i(f)?)
-        })?;
+        let h = per_frame_affine(&xn, &counts, &scale, Some(&shift))?;
         let out = self
             .proj_out
             .forward(&h.to_dtype(self.dtype)?)?
