@@ -12,6 +12,11 @@
 //!
 //! `--quick` runs two of the four prompts; `--diffusers FILE` adds the seconds that
 //! tools/bench_diffusers.py measured for diffusers on the same model and schedules.
+//!
+//! `motioncache-bench forward ...` is the transformer-forward microbenchmark (candle vs
+//! PyTorch, see forward.rs).
+
+mod forward;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -169,7 +174,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = PathBuf::from("bench-out");
     let mut quick = false;
     let mut diffusers: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("forward") {
+        args.next();
+        return forward::run(&mut args);
+    }
     while let Some(a) = args.next() {
         match a.as_str() {
             "--model" => model = args.next().map(PathBuf::from),
@@ -183,7 +192,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--diffusers" => diffusers = args.next().map(PathBuf::from),
             "-h" | "--help" => {
                 println!(
-                    "motioncache-bench [--model DIR] [--out DIR] [--quick] [--diffusers FILE]"
+                    "motioncache-bench [--model DIR] [--out DIR] [--quick] [--diffusers FILE]\n       motioncache-bench forward --help"
                 );
                 return Ok(());
             }

@@ -1,0 +1,381 @@
+//! `motioncache-bench forward`: one transformer forward of a model configuration with
+//! random weights, in candle and in PyTorch (diffusers' `SkyReelsV2Transformer3DModel`,
+//! through tools/bench_forward.py) in the same run, plus this machine's measured
+//! matrix-multiply rate, so the report can say how close to the peak the forward runs.
+//!
+//!     motioncache-bench forward [--config 1.3b|tiny|PATH] [--frames F] [--height H]
+//!         [--width W] [--text-len L] [--dtypes f32,bf16] [--reps N] [--python EXE|none]
+//!         [--out DIR]
+//!
+//! The forward is what the pipeline calls once per block and step: text projection and
+//! cross-attention keys/values, timestep modulation, patch embedding, every layer over all
+//! tokens of the latent (bidirectional attention over them), head. Latent sizes are in
+//! latent pixels (before patching); the default is a reduced 3 x 16 x 32 latent (384
+//! tokens), which keeps one 1.3B forward at a few seconds on two cores.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use motioncache::model::config::TransformerConfig;
+use motioncache::model::transformer::Transformer;
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Random weights for any tensor the model asks for: normalisation weights 1, everything
+/// else N(0, 0.02) (the values do not change the work; they keep activations finite).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = if name.contains("norm") && name.ends_with("weight") {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+struct Options {
+    config: String,
+    frames: usize,
+    height: usize,
+    width: usize,
+    text_len: Option<usize>,
+    dtypes: Vec<DType>,
+    reps: usize,
+    python: Option<String>,
+    out: PathBuf,
+}
+
+fn parse(args: &mut dyn Iterator<Item = String>) -> BoxResult<Options> {
+    let mut o = Options {
+        config: "1.3b".into(),
+        frames: 3,
+        height: 16,
+        width: 32,
+        text_len: None,
+        dtypes: vec![DType::F32, DType::BF16],
+        reps: 2,
+        python: Some(std::env::var("MOTIONCACHE_PYTHON").unwrap_or_else(|_| "python3".into())),
+        out: PathBuf::from("bench-out"),
+    };
+    let num = |v: Option<String>, name: &str| -> BoxResult<usize> {
+        let v = v.ok_or_else(|| format!("{name} needs a value"))?;
+        v.parse()
+            .map_err(|_| format!("{name}: {v:?} is not a whole number").into())
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" => o.config = args.next().ok_or("--config needs a value")?,
+            "--frames" => o.frames = num(args.next(), "--frames")?,
+            "--height" => o.height = num(args.next(), "--height")?,
+            "--width" => o.width = num(args.next(), "--width")?,
+            "--text-len" => o.text_len = Some(num(args.next(), "--text-len")?),
+            "--reps" => o.reps = num(args.next(), "--reps")?.max(1),
+            "--python" => {
+                let p = args.next().ok_or("--python needs a value")?;
+                o.python = (p != "none").then_some(p);
+            }
+            "--out" => {
+                o.out = args
+                    .next()
+                    .map(PathBuf::from)
+                    .ok_or("--out needs a folder")?
+            }
+            "--dtypes" => {
+                let v = args.next().ok_or("--dtypes needs a value")?;
+                o.dtypes = v
+                    .split(',')
+                    .map(|d| match d {
+                        "f32" => Ok(DType::F32),
+                        "bf16" => Ok(DType::BF16),
+                        "f16" => Ok(DType::F16),
+                        other => Err(format!(
+                            "--dtypes: unknown dtype {other:?} (f32, bf16, f16)"
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "motioncache-bench forward [--config 1.3b|tiny|PATH] [--frames F] [--height H] [--width W] [--text-len L] [--dtypes f32,bf16] [--reps N] [--python EXE|none] [--out DIR]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("forward: unknown argument {other:?}").into()),
+        }
+    }
+    Ok(o)
+}
+
+fn config(name: &str) -> BoxResult<(TransformerConfig, usize)> {
+    match name {
+        // umT5-XXL contexts are 512 positions.
+        "1.3b" => Ok((TransformerConfig::skyreels_v2_df_1_3b(), 512)),
+        "tiny" => {
+            let p = motioncache::pipeline::Pipeline::load_embedded(&Device::Cpu, DType::F32)?;
+            Ok((p.transformer().config().clone(), p.info().text_len))
+        }
+        path => Ok((TransformerConfig::from_file(Path::new(path))?, 512)),
+    }
+}
+
+/// The configuration in diffusers' `transformer/config.json` form, for the PyTorch side.
+fn diffusers_json(c: &TransformerConfig) -> serde_json::Value {
+    serde_json::json!({
+        "patch_size": c.patch_size,
+        "num_attention_heads": c.num_attention_heads,
+        "attention_head_dim": c.attention_head_dim,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "text_dim": c.text_dim,
+        "freq_dim": c.freq_dim,
+        "ffn_dim": c.ffn_dim,
+        "num_layers": c.num_layers,
+        "cross_attn_norm": c.cross_attn_norm,
+        "qk_norm": if c.qk_norm { serde_json::json!("rms_norm_across_heads") } else { serde_json::Value::Null },
+        "eps": c.eps,
+        "rope_max_seq_len": c.rope_max_seq_len,
+        "inject_sample_info": c.inject_sample_info,
+        // One attention group over every token (no block mask), as the candle side.
+        "num_frame_per_block": 1,
+    })
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+/// Best-of-`reps` GFLOP/s of a square matrix multiply (after one warm-up).
+fn matmul_peak(dtype: DType, n: usize, reps: usize) -> BoxResult<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
+    a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        a.matmul(&b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// FLOPs of one whole forward: layers plus text projection, cross-attention keys/values,
+/// patch embedding and head.
+fn forward_flops(m: &Transformer, tokens: usize, text_len: usize) -> f64 {
+    let c = m.config();
+    let d = c.dim() as f64;
+    let [pt, ph, pw] = c.patch_size;
+    let patch = (c.in_channels * pt * ph * pw) as f64;
+    let head = (c.out_channels * pt * ph * pw) as f64;
+    let t = text_len as f64;
+    m.layer_flops(tokens, tokens, text_len)
+        + 2.0 * t * (c.text_dim as f64 * d + d * d)
+        + 2.0 * t * d * d * 2.0 * c.num_layers as f64
+        + 2.0 * tokens as f64 * d * (patch + head)
+}
+
+/// Times candle forwards; returns the seconds of each repetition (after one warm-up).
+fn candle_forward(
+    cfg: &TransformerConfig,
+    dtype: DType,
+    o: &Options,
+    text_len: usize,
+) -> BoxResult<(Vec<f64>, f64)> {
+    let dev = Device::Cpu;
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone());
+    let model = Transformer::new(cfg, vb)?;
+    let latents = Tensor::randn(
+        0f32,
+        1.0,
+        (cfg.in_channels, o.frames, o.height, o.width),
+        &dev,
+    )?;
+    let text = Tensor::randn(0f32, 1.0, (text_len, cfg.text_dim), &dev)?;
+    let (gf, gh, gw) = model.grid(o.frames, o.height, o.width)?;
+    let timesteps: Vec<f64> = (0..gf).map(|i| 999.0 - 37.0 * i as f64).collect();
+    let once = || -> candle_core::Result<Tensor> {
+        let ctx = model.context(&text)?;
+        let m = model.modulation(&timesteps, 1)?;
+        let toks = model.all_tokens(0, gf, gh, gw)?;
+        let x = model.patchify(&latents)?;
+        let mut kv = None;
+        let y = model.forward_layers(&x, &m, &toks, &mut kv, None, &ctx)?;
+        model.head(&y, &m.temb, (gf, gh, gw))
+    };
+    once()?;
+    let mut secs = Vec::new();
+    for _ in 0..o.reps {
+        let t = Instant::now();
+        let y = once()?;
+        // Make sure the result is really computed and finite.
+        let s = y
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Err(format!(
+                "candle forward ({}) produced non-finite values",
+                dtype_name(dtype)
+            )
+            .into());
+        }
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    Ok((secs, forward_flops(&model, gf * gh * gw, text_len)))
+}
+
+/// Runs tools/bench_forward.py; `None` (with a message) if PyTorch is not available.
+fn torch_forward(
+    python: &str,
+    cfg_path: &Path,
+    dtype: DType,
+    o: &Options,
+    text_len: usize,
+    threads: usize,
+) -> Option<Vec<f64>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_forward.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--config", &cfg_path.display().to_string()])
+        .args(["--frames", &o.frames.to_string()])
+        .args(["--height", &o.height.to_string()])
+        .args(["--width", &o.width.to_string()])
+        .args(["--text-len", &text_len.to_string()])
+        .args(["--dtype", dtype_name(dtype)])
+        .args(["--reps", &o.reps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.get("seconds")?
+                .as_array()?
+                .iter()
+                .map(|s| s.as_f64())
+                .collect()
+        }
+        Ok(out) => {
+            eprintln!(
+                "forward: PyTorch side failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("forward: cannot run {python}: {e} (pass --python EXE, or --python none)");
+            None
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+pub fn run(args: &mut dyn Iterator<Item = String>) -> BoxResult<()> {
+    let o = parse(args)?;
+    let (cfg, default_text) = config(&o.config)?;
+    let text_len = o.text_len.unwrap_or(default_text);
+    std::fs::create_dir_all(&o.out)?;
+    let cfg_path = o.out.join("forward-config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&diffusers_json(&cfg))?,
+    )?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "forward microbenchmark: config {} (dim {}, {} layers), latent {}x{}x{}, text {text_len}, {threads} threads",
+        o.config,
+        cfg.dim(),
+        cfg.num_layers,
+        o.frames,
+        o.height,
+        o.width
+    );
+    let mut rows = Vec::new();
+    let mut md = String::from(
+        "| dtype | tokens | GFLOP | candle s | PyTorch s | candle faster by | candle GFLOP/s | matmul peak GFLOP/s | of peak |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for &dtype in &o.dtypes {
+        let peak = matmul_peak(dtype, 2048, 3)?;
+        let (secs, flops) = candle_forward(&cfg, dtype, &o, text_len)?;
+        let c = median(&secs);
+        let t = o
+            .python
+            .as_deref()
+            .and_then(|py| torch_forward(py, &cfg_path, dtype, &o, text_len, threads));
+        let tm = t.as_deref().map(median);
+        let [pt, ph, pw] = cfg.patch_size;
+        let tokens = (o.frames / pt) * (o.height / ph) * (o.width / pw);
+        let rate = flops / c / 1e9;
+        md.push_str(&format!(
+            "| {} | {tokens} | {:.1} | {c:.3} | {} | {} | {rate:.1} | {peak:.1} | {:.0}% |\n",
+            dtype_name(dtype),
+            flops / 1e9,
+            tm.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
+            tm.map(|v| format!("{:.2}x", v / c))
+                .unwrap_or_else(|| "-".into()),
+            100.0 * rate / peak
+        ));
+        rows.push(serde_json::json!({
+            "config": o.config, "dtype": dtype_name(dtype), "tokens": tokens,
+            "text_len": text_len, "flops": flops, "candle_seconds": secs,
+            "torch_seconds": t, "candle_gflops": rate, "matmul_peak_gflops": peak,
+            "threads": threads,
+        }));
+        eprintln!(
+            "forward {}: candle {c:.3} s, PyTorch {}",
+            dtype_name(dtype),
+            tm.map(|v| format!("{v:.3} s"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    std::fs::write(
+        o.out.join("forward.json"),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    std::fs::write(o.out.join("forward.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}

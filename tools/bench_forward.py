@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""PyTorch side of `motioncache-bench forward`: times one forward of diffusers'
+SkyReelsV2Transformer3DModel with random weights, on the same configuration, latent size,
+text length, dtype and threads as the candle side. Prints {"seconds": [...]} on stdout.
+
+    python tools/bench_forward.py --config bench-out/forward-config.json --frames 3 \
+        --height 16 --width 32 --text-len 512 --dtype f32 --reps 2 --threads 2
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from diffusers import SkyReelsV2Transformer3DModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True, help="diffusers transformer config.json")
+    ap.add_argument("--frames", type=int, default=3)
+    ap.add_argument("--height", type=int, default=16)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--text-len", type=int, default=512)
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    with open(a.config) as f:
+        cfg = json.load(f)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    model = SkyReelsV2Transformer3DModel(**cfg).to(dtype).eval()
+    x = torch.randn(1, cfg["in_channels"], a.frames, a.height, a.width, dtype=dtype)
+    t = torch.tensor([[999.0 - 37.0 * i for i in range(a.frames)]])
+    ctx = torch.randn(1, a.text_len, cfg["text_dim"], dtype=dtype)
+    fps = torch.tensor([1]) if cfg.get("inject_sample_info") else None
+
+    def once():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True,
+                     fps=fps, return_dict=False)[0]
+
+    secs = []
+    with torch.no_grad():
+        once()
+        for _ in range(a.reps):
+            start = time.perf_counter()
+            y = once()
+            assert torch.isfinite(y.float()).all(), "non-finite output"
+            secs.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": secs}))
+
+
+if __name__ == "__main__":
+    main()
