@@ -36,7 +36,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn rgb_frames_match_diffusers() {
-    check_against_diffusers("tiny_random", &[CacheMode::None, CacheMode::Vanilla]);
+    let p = Pipeline::load(&dir().join("tiny_random"), &Device::Cpu, DType::F32).unwrap();
+    check_against_diffusers(p, &dir(), &[CacheMode::None, CacheMode::Vanilla]);
 }
 
 /// The same pipeline in the original SkyReels-V2 layout (config.json + model.safetensors,
@@ -46,15 +47,50 @@ fn rgb_frames_match_diffusers() {
 fn original_layout_matches_diffusers() {
     let d = dir().join("tiny_original");
     assert!(!d.join("model_index.json").exists() && d.join("Wan2.1_VAE.pth").is_file());
-    check_against_diffusers("tiny_original", &[CacheMode::None]);
+    let p = Pipeline::load(&d, &Device::Cpu, DType::F32).unwrap();
+    check_against_diffusers(p, &dir(), &[CacheMode::None]);
 }
 
-fn check_against_diffusers(model: &str, modes: &[CacheMode]) {
-    let p = Arc::new(Pipeline::load(&dir().join(model), &Device::Cpu, DType::F32).unwrap());
-    let fx =
-        candle_core::safetensors::load(dir().join("outputs.safetensors"), &Device::Cpu).unwrap();
+/// The embedded default model (models/tiny) gives diffusers' frames (fixtures:
+/// tools/fixtures/tiny_model.py, to be re-run after every export of the model).
+#[test]
+fn embedded_model_matches_diffusers() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_model");
     let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("runs.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fx.join("runs.json")).unwrap()).unwrap();
+    let weights = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/tiny/transformer/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        runs["transformer_fnv1a64"].as_str().unwrap(),
+        format!("{:016x}", fnv1a64(&weights)),
+        "tests/fixtures/tiny_model was made for another export of models/tiny: \
+         run tools/fixtures/tiny_model.py"
+    );
+    let p = Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap();
+    check_against_diffusers(p, &fx, &[CacheMode::None, CacheMode::Vanilla]);
+}
+
+fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Runs every run of `fixtures/runs.json` from its recorded initial noise and compares the
+/// RGB frames with diffusers' (`fixtures/outputs.safetensors`).
+fn check_against_diffusers(p: Pipeline, fixtures: &Path, modes: &[CacheMode]) {
+    let p = Arc::new(p);
+    let size = (p.info().width, p.info().height);
+    let fx =
+        candle_core::safetensors::load(fixtures.join("outputs.safetensors"), &Device::Cpu).unwrap();
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("runs.json")).unwrap())
+            .unwrap();
+    let runs = runs.get("runs").unwrap_or(&runs);
+    let model = &p.info().name;
     for r in runs.as_array().unwrap() {
         let name = r["name"].as_str().unwrap();
         let g = |k: &str| r[k].as_u64().unwrap() as usize;
@@ -79,7 +115,7 @@ fn check_against_diffusers(model: &str, modes: &[CacheMode]) {
                 seed: 0,
             };
             let mut s = p
-                .stream_with_contexts(&cond, &neg, settings, noise, (32, 32))
+                .stream_with_contexts(&cond, &neg, settings, noise, size)
                 .unwrap();
             let cancel = AtomicBool::new(false);
             let mut parts = Vec::new();
