@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine: installs the system packages
-# the tests need (GStreamer, nginx with the RTMP module, ffmpeg), then `cargo test`.
+# the tests need (GStreamer, nginx with the RTMP module, ffmpeg), runs `cargo test`, then
+# compile-checks the `cuda` feature with the CUDA compiler from PyPI (tools/check-cuda.sh;
+# no GPU needed; set MOTIONCACHE_SKIP_CUDA_CHECK=1 to leave it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo test --workspace --all-targets 2>&1
+if [ "${MOTIONCACHE_SKIP_CUDA_CHECK:-0}" != "1" ]; then
+    ./tools/check-cuda.sh
+fi
