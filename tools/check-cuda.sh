@@ -17,7 +17,7 @@ python="${PYTHON:-python3}"
 
 if ! "$venv/bin/python" -c "import nvidia" 2>/dev/null \
     || [ ! -x "$("$venv/bin/python" -c 'import os,nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "bin", "nvcc"))')" ]; then
-    if ! "$python" -m venv --help >/dev/null 2>&1; then
+    if ! "$python" -c "import venv, ensurepip" >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             apt-get install -y -q python3-venv >/dev/null
         else
