@@ -55,6 +55,10 @@ struct GenerationDefaults {
     overlap: Option<usize>,
     addnoise_condition: Option<f64>,
     text_len: Option<usize>,
+    /// The cache policies' rescale polynomial of the modulation distance (highest power
+    /// first); Wan 2.1 1.3B's TeaCache fit when absent. `[1.0, 0.0]` = the raw distance,
+    /// for models nobody fitted a polynomial to.
+    cache_rescale: Option<Vec<f64>>,
 }
 
 /// A model directory on disk or the embedded default model.
@@ -402,7 +406,13 @@ impl Pipeline {
             addnoise_condition: gd.addnoise_condition.unwrap_or(20.0),
             fps_class: 1,
             total_frames: None,
-            cache: crate::cache::CacheSettings::for_steps(steps),
+            cache: crate::cache::CacheSettings {
+                rescale: gd
+                    .cache_rescale
+                    .clone()
+                    .unwrap_or_else(|| crate::cache::WAN_1_3B_RESCALE.to_vec()),
+                ..crate::cache::CacheSettings::for_steps(steps)
+            },
         };
         defaults.validate()?;
         let fps = gd.fps.unwrap_or(24);

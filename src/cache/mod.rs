@@ -7,7 +7,7 @@ mod motion;
 mod settings;
 
 pub use motion::{ChunkState, FlowCacheState, MotionCacheState, TeaCacheState};
-pub use settings::{CacheMode, CacheSettings, DistanceMode, WeightNorm};
+pub use settings::{CacheMode, CacheSettings, DistanceMode, WAN_1_3B_RESCALE, WeightNorm};
 
 use candle_core::Tensor;
 

@@ -199,8 +199,14 @@ impl CacheSettings {
     }
 
     /// The model-specific rescale polynomial at `x` (Horner, highest power first).
+    ///
+    /// A fitted polynomial only holds on the distances it was fitted on: Wan 2.1's is
+    /// negative below about 0.004 and above about 0.11 (at 0.2 it gives -21), and
+    /// accumulating such values would cancel real change and skip steps forever. Where the
+    /// polynomial is negative (or not finite) the raw distance is used instead.
     pub fn rescaled(&self, x: f64) -> f64 {
-        self.rescale.iter().fold(0.0, |acc, c| acc * x + c)
+        let y = self.rescale.iter().fold(0.0, |acc, c| acc * x + c);
+        if y.is_finite() && y >= 0.0 { y } else { x }
     }
 }
 
@@ -251,5 +257,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.rescaled(3.0), 19.0);
+        // Wan 2.1's fit inside its range, and the raw distance where it turns negative.
+        let w = CacheSettings::default();
+        assert!(
+            (w.rescaled(0.05) - 0.1419).abs() < 1e-3,
+            "{}",
+            w.rescaled(0.05)
+        );
+        assert_eq!(w.rescaled(0.2), 0.2);
+        assert_eq!(w.rescaled(0.001), 0.001);
     }
 }

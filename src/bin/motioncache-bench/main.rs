@@ -43,10 +43,11 @@ struct Mode {
 
 /// The modes with the reference settings (warm-up 5 full steps at 50 steps; proportionally
 /// fewer for short schedules).
-fn modes(steps: usize) -> Vec<Mode> {
+fn modes(steps: usize, model: &CacheSettings) -> Vec<Mode> {
     let base = |mode| CacheSettings {
         mode,
         distance_mode: DistanceMode::Global,
+        rescale: model.rescale.clone(),
         ..CacheSettings::for_steps(steps)
     };
     vec![
@@ -174,6 +175,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = PathBuf::from("bench-out");
     let mut quick = false;
     let mut diffusers: Option<PathBuf> = None;
+    let mut only_modes: Option<Vec<String>> = None;
+    let mut only_scenarios: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("forward") {
         args.next();
@@ -190,9 +193,27 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             "--quick" => quick = true,
             "--diffusers" => diffusers = args.next().map(PathBuf::from),
+            "--modes" => {
+                only_modes = Some(
+                    args.next()
+                        .ok_or("--modes needs a comma list")?
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            }
+            "--scenarios" => {
+                only_scenarios = Some(
+                    args.next()
+                        .ok_or("--scenarios needs a comma list")?
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            }
             "-h" | "--help" => {
                 println!(
-                    "motioncache-bench [--model DIR] [--out DIR] [--quick] [--diffusers FILE]\n       motioncache-bench forward --help"
+                    "motioncache-bench [--model DIR] [--out DIR] [--quick] [--diffusers FILE] [--modes a,b] [--scenarios paper,element-default]\n       motioncache-bench forward --help"
                 );
                 return Ok(());
             }
@@ -227,7 +248,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         total_frames: Some(d.window * 2 - d.overlap),
         ..d.clone()
     };
-    let scenarios = [("paper", paper), ("element-default", element)];
+    let scenarios: Vec<(&str, GeneratorSettings)> =
+        [("paper", paper), ("element-default", element)]
+            .into_iter()
+            .filter(|(n, _)| {
+                only_scenarios
+                    .as_ref()
+                    .is_none_or(|o| o.iter().any(|x| x == n))
+            })
+            .collect();
     println!(
         "model: {} ({}x{} @ {} fps), {} prompts, {} threads",
         p.info().name,
@@ -242,7 +271,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows = Vec::new();
     for (sname, base) in &scenarios {
         let mut per_mode: Vec<(String, Vec<Outcome>)> = Vec::new();
-        for m in modes(base.steps) {
+        // vanilla and none are the references of the ratios: always run.
+        for m in modes(base.steps, &d.cache).into_iter().filter(|m| {
+            m.name == "vanilla"
+                || m.name == "none"
+                || only_modes
+                    .as_ref()
+                    .is_none_or(|o| o.iter().any(|x| x == m.name))
+        }) {
             let mut s = base.clone();
             s.cache = m.cache.clone();
             let mut outs = Vec::new();
