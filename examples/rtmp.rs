@@ -12,6 +12,8 @@ use std::time::Duration;
 use gst::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: first thing in main, before gst::init starts any thread.
+    unsafe { motioncache::cpu::tune_threads() };
     let mut args = std::env::args().skip(1);
     let Some(url) = args.next() else {
         eprintln!("usage: motioncache-rtmp RTMP_URL [SECONDS] [PROMPT]");

@@ -15,6 +15,8 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: first thing in main, before gst::init starts any thread.
+    unsafe { motioncache::cpu::tune_threads() };
     let mut args = std::env::args().skip(1);
     let out = args
         .next()

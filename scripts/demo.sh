@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 out="${1:-demo.mp4}"
+# candle's CPU thread settings that suit few cores (see src/cpu.rs).
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}" CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 gst-launch-1.0 -m motioncachesrc num-buffers=48 \
     prompt="a red circle moving right on a striped blue background" \
     ! videoconvert ! x264enc ! mp4mux ! filesink location="$out" \

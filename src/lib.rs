@@ -5,6 +5,7 @@
 //! [`generate`].
 
 pub mod cache;
+pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod metrics;

@@ -164,6 +164,8 @@ struct Row {
 }
 
 fn main() {
+    // SAFETY: first thing in main, no other thread exists yet.
+    unsafe { motioncache::cpu::tune_threads() };
     if let Err(e) = run() {
         eprintln!("motioncache-bench: {e}");
         std::process::exit(1);
