@@ -431,101 +431,66 @@ impl Generator {
 
         let mut preds: Vec<Vec<Option<Tensor>>> = vec![vec![None; blocks]; nbranch];
         if mode == CacheMode::Vanilla || !causal {
-            // Every block of the window, fresh K/V, prefix re-noised every pass.
+            // The whole window in one forward per branch, as diffusers does, with fresh K/V
+            // and the prefix re-noised every pass: block-causal attention groups, or one
+            // group when causal_block_size is 1 (diffusers then attends bidirectionally).
             let cond_noise = self.prefix_noise(seg, v0, v1)?;
+            let mut xs = Vec::new();
+            let mut ts = Vec::new();
+            for b in v0..v1 {
+                let (x, t) = model_input(
+                    seg,
+                    b,
+                    &row,
+                    &timesteps,
+                    &cond_noise,
+                    self.settings.addnoise_condition,
+                )?;
+                xs.push(x);
+                ts.extend(t);
+            }
+            let x = Tensor::cat(&xs, 1)?;
+            let mut toks = self.model.all_tokens(v0 * gf, (v1 - v0) * gf, gh, gw)?;
+            if causal {
+                toks.groups = Some(vec![block_tokens; v1 - v0]);
+            }
+            let grid = ((v1 - v0) * gf, gh, gw);
+            let modulation = self
+                .model
+                .modulation(&ts_grid(&ts, grid.0), self.settings.fps_class)?;
             for (br, pred_row) in preds.iter_mut().enumerate() {
-                if causal {
-                    let mut kvs: Vec<BlockKv> = Vec::new();
-                    for b in v0..v1 {
-                        check(cancel)?;
-                        let (x, ts) = model_input(
-                            seg,
-                            b,
-                            &row,
-                            &timesteps,
-                            &cond_noise,
-                            self.settings.addnoise_condition,
-                        )?;
-                        let refs: Vec<&BlockKv> = kvs.iter().collect();
-                        let prefix = BlockKv::concat(&refs)?;
-                        let mut kv = None;
-                        let (pred, _, _) = forward_block(
-                            &self.model,
-                            &self.contexts[br],
-                            &x,
-                            &self
-                                .model
-                                .modulation(&ts_grid(&ts, gf), self.settings.fps_class)?,
-                            &seg.tokens[b],
-                            prefix.as_ref(),
-                            &mut kv,
-                            None,
-                            seg.grid,
-                        )?;
-                        let keys = kvs.iter().map(|k| k.tokens()).sum::<usize>() + block_tokens;
-                        let tgt = attribution(seg, b);
-                        seg.stats[tgt].flops +=
-                            self.model.layer_flops(block_tokens, keys, self.text_len);
-                        if upd[b] {
-                            seg.stats[b].full_forwards += 1;
-                            seg.stats[b].tokens_recomputed += block_tokens;
-                            seg.stats[b].tokens_total += block_tokens;
-                        }
-                        if let Some(kv) = kv {
-                            kvs.push(kv);
-                        }
-                        pred_row[b] = Some(pred);
+                check(cancel)?;
+                let mut kv = None;
+                let (pred, _, _) = forward_block(
+                    &self.model,
+                    &self.contexts[br],
+                    &x,
+                    &modulation,
+                    &toks,
+                    None,
+                    &mut kv,
+                    None,
+                    grid,
+                )?;
+                for b in v0..v1 {
+                    let keys = if causal {
+                        (b - v0 + 1) * block_tokens
+                    } else {
+                        window_tokens
+                    };
+                    let tgt = attribution(seg, b);
+                    seg.stats[tgt].flops +=
+                        self.model.layer_flops(block_tokens, keys, self.text_len);
+                    if upd[b] {
+                        seg.stats[b].full_forwards += 1;
+                        seg.stats[b].tokens_recomputed += block_tokens;
+                        seg.stats[b].tokens_total += block_tokens;
                     }
-                } else {
-                    check(cancel)?;
-                    // Bidirectional window (causal_block_size 1): one attention group.
-                    let mut xs = Vec::new();
-                    let mut ts = Vec::new();
-                    for b in v0..v1 {
-                        let (x, t) = model_input(
-                            seg,
-                            b,
-                            &row,
-                            &timesteps,
-                            &cond_noise,
-                            self.settings.addnoise_condition,
-                        )?;
-                        xs.push(x);
-                        ts.extend(t);
-                    }
-                    let x = Tensor::cat(&xs, 1)?;
-                    let toks = self.model.all_tokens(v0 * gf, (v1 - v0) * gf, gh, gw)?;
-                    let mut kv = None;
-                    let grid = ((v1 - v0) * gf, gh, gw);
-                    let (pred, _, _) = forward_block(
-                        &self.model,
-                        &self.contexts[br],
-                        &x,
-                        &self
-                            .model
-                            .modulation(&ts_grid(&ts, grid.0), self.settings.fps_class)?,
-                        &toks,
-                        None,
-                        &mut kv,
-                        None,
-                        grid,
-                    )?;
-                    for b in v0..v1 {
-                        let tgt = attribution(seg, b);
-                        seg.stats[tgt].flops +=
-                            self.model
-                                .layer_flops(block_tokens, window_tokens, self.text_len);
-                        if upd[b] {
-                            seg.stats[b].full_forwards += 1;
-                            seg.stats[b].tokens_recomputed += block_tokens;
-                            seg.stats[b].tokens_total += block_tokens;
-                        }
-                        pred_row[b] = Some(pred.narrow(
-                            1,
-                            (b - v0) * seg.settings.causal_block_size,
-                            seg.settings.causal_block_size,
-                        )?);
-                    }
+                    pred_row[b] = Some(pred.narrow(
+                        1,
+                        (b - v0) * seg.settings.causal_block_size,
+                        seg.settings.causal_block_size,
+                    )?);
                 }
             }
         } else {

@@ -20,7 +20,38 @@ use rayon::prelude::*;
 
 /// `softmax(q k^T / sqrt(d)) v` for `q` `[1, heads, n, d]`, `k` and `v` `[1, heads, l, d]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, heads, _, hd) = q.dims4()?;
+    let (n, l) = (q.dim(2)?, k.dim(2)?);
+    sdpa_grouped(
+        q,
+        k,
+        v,
+        &[Group {
+            q_start: 0,
+            q_len: n,
+            keys: l,
+        }],
+    )
+}
+
+/// A run of query rows that attends to the first `keys` keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub keys: usize,
+}
+
+/// Attention where each group of query rows sees a prefix of the keys: block-causal
+/// attention over several blocks at once (block `b`'s queries see the keys up to the end of
+/// block `b`), without a mask and without computing the hidden scores. The groups must
+/// cover the query rows in order.
+pub fn sdpa_grouped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[Group],
+) -> candle_core::Result<Tensor> {
+    let (b, heads, n, hd) = q.dims4()?;
     let (kb, kh, l, khd) = k.dims4()?;
     if b != 1 || kb != 1 || kh != heads || khd != hd || v.dims4()? != (1, heads, l, hd) {
         candle_core::bail!(
@@ -30,13 +61,38 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
             v.shape()
         );
     }
+    let mut next = 0;
+    for g in groups {
+        if g.q_start != next || g.keys == 0 || g.keys > l {
+            candle_core::bail!("attention groups {groups:?} do not fit {n} queries and {l} keys");
+        }
+        next += g.q_len;
+    }
+    if next != n {
+        candle_core::bail!("attention groups {groups:?} do not cover {n} queries");
+    }
     if q.device().is_cpu() {
         let dt = q.dtype();
         let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-        let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &CpuAttention)?;
+        let op = CpuAttention {
+            groups: groups.to_vec(),
+        };
+        let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?;
         return out.to_dtype(dt);
     }
-    generic(q, k, v)
+    let mut outs = Vec::with_capacity(groups.len());
+    for g in groups.iter().filter(|g| g.q_len > 0) {
+        outs.push(generic(
+            &q.narrow(2, g.q_start, g.q_len)?,
+            &k.narrow(2, 0, g.keys)?,
+            &v.narrow(2, 0, g.keys)?,
+        )?);
+    }
+    match outs.len() {
+        0 => q.zeros_like(),
+        1 => Ok(outs.remove(0)),
+        _ => Tensor::cat(&outs, 2),
+    }
 }
 
 /// The same computation as candle ops (any device).
@@ -64,7 +120,9 @@ fn generic(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-struct CpuAttention;
+struct CpuAttention {
+    groups: Vec<Group>,
+}
 
 /// Score floats per task buffer (256 KB): rows of scores stay in L2.
 const TASK_SCORES: usize = 64 * 1024;
@@ -92,29 +150,41 @@ impl CustomOp3 for CpuAttention {
         if n == 0 || hd == 0 {
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }
-        if l == 0 {
-            candle_core::bail!("attention over zero keys");
-        }
-        let bq = (TASK_SCORES / l).clamp(1, n);
         let scale = 1.0 / (hd as f32).sqrt();
         let simd = Simd::detect();
-        // Tasks: (head, chunk of bq query rows); each owns its rows of the output.
-        let tasks: Vec<(usize, usize, &mut [f32])> = out
-            .chunks_mut(n * hd)
-            .enumerate()
-            .flat_map(|(h, oh)| {
-                oh.chunks_mut(bq * hd)
-                    .enumerate()
-                    .map(move |(c, o)| (h, c * bq, o))
-            })
-            .collect();
+        // Tasks: (head, first query row, keys seen, its rows of the output): chunks of query
+        // rows inside one group, sized so that their scores stay in L2.
+        let chunk_rows = |keys: usize| (TASK_SCORES / keys).max(1);
+        let mut tasks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+        for (h, oh) in out.chunks_mut(n * hd).enumerate() {
+            let mut rest = oh;
+            for g in &self.groups {
+                let (mut grp, tail) = rest.split_at_mut(g.q_len * hd);
+                rest = tail;
+                let mut q0 = g.q_start;
+                while !grp.is_empty() {
+                    let rows = chunk_rows(g.keys).min(grp.len() / hd);
+                    let (o, tail) = grp.split_at_mut(rows * hd);
+                    grp = tail;
+                    tasks.push((h, q0, g.keys, o));
+                    q0 += rows;
+                }
+            }
+        }
+        let max_scores = self
+            .groups
+            .iter()
+            .map(|g| chunk_rows(g.keys).min(g.q_len) * g.keys)
+            .max()
+            .unwrap_or(0);
         tasks.into_par_iter().for_each_init(
-            || vec![0f32; bq * l],
-            |scores, (h, q0, o)| {
+            || vec![0f32; max_scores],
+            |scores, (h, q0, l_g, o)| {
                 let rows = o.len() / hd;
                 let qh = &q[(h * n + q0) * hd..(h * n + q0 + rows) * hd];
-                let kh = &k[h * l * hd..(h + 1) * l * hd];
-                let vh = &v[h * l * hd..(h + 1) * l * hd];
+                let kh = &k[h * l * hd..(h * l + l_g) * hd];
+                let vh = &v[h * l * hd..(h * l + l_g) * hd];
+                let l = l_g;
                 let s = &mut scores[..rows * l];
                 // SAFETY: every pointer/stride pair below describes a buffer of exactly the
                 // stated rows x columns: qh is rows x hd, kh and vh are l x hd (row-major),
@@ -398,6 +468,53 @@ mod tests {
                 .unwrap();
             assert!(err < 1e-5, "{heads}x{n}x{l}x{hd}: max error {err}");
         }
+    }
+
+    #[test]
+    fn grouped_is_block_causal() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (3, 16);
+        // A prefix of 40 keys, then three blocks of 50 queries (the last one chunked).
+        let q = Tensor::randn(0f32, 1.0, (1, heads, 150, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, heads, 190, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, heads, 190, hd), &dev).unwrap();
+        let groups: Vec<Group> = (0..3)
+            .map(|b| Group {
+                q_start: 50 * b,
+                q_len: 50,
+                keys: 40 + 50 * (b + 1),
+            })
+            .collect();
+        let got = sdpa_grouped(&q, &k, &v, &groups).unwrap();
+        for g in &groups {
+            let want = generic(
+                &q.narrow(2, g.q_start, g.q_len).unwrap(),
+                &k.narrow(2, 0, g.keys).unwrap(),
+                &v.narrow(2, 0, g.keys).unwrap(),
+            )
+            .unwrap();
+            let err = (got.narrow(2, g.q_start, g.q_len).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "{g:?}: {err}");
+        }
+        let bad = [Group {
+            q_start: 0,
+            q_len: 150,
+            keys: 191,
+        }];
+        assert!(sdpa_grouped(&q, &k, &v, &bad).is_err());
+        let gap = [Group {
+            q_start: 0,
+            q_len: 100,
+            keys: 10,
+        }];
+        assert!(sdpa_grouped(&q, &k, &v, &gap).is_err());
     }
 
     #[test]

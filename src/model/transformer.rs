@@ -42,6 +42,10 @@ pub struct TokenSet {
     /// RoPE tables of the processed tokens, `[tokens, head_dim / 2]`.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// Block-causal attention inside the set: the token counts of consecutive attention
+    /// groups, each attending to the prefix and to the groups up to itself. `None`: one
+    /// group (every token sees every token of the set).
+    pub groups: Option<Vec<usize>>,
 }
 
 impl TokenSet {
@@ -406,7 +410,23 @@ impl Layer {
             None => (k_all.clone(), v_all.clone()),
         };
         *own = Some((k_all, v_all));
-        let a = merge_heads(&super::kernels::sdpa(&q, &keys, &values)?)?;
+        let a = match &toks.groups {
+            None => super::kernels::sdpa(&q, &keys, &values)?,
+            Some(sizes) => {
+                let mut groups = Vec::with_capacity(sizes.len());
+                let (mut start, prefix_len) = (0, prefix.map_or(Ok(0), |(pk, _)| pk.dim(2))?);
+                for &len in sizes {
+                    groups.push(super::kernels::Group {
+                        q_start: start,
+                        q_len: len,
+                        keys: prefix_len + start + len,
+                    });
+                    start += len;
+                }
+                super::kernels::sdpa_grouped(&q, &keys, &values, &groups)?
+            }
+        };
+        let a = merge_heads(&a)?;
         let a = self.attn1.to_out.forward(&a)?;
         let x = gated_add(x, &a, 2)?;
 
@@ -653,6 +673,7 @@ impl Transformer {
             frame_counts: vec![gh * gw; frames],
             cos,
             sin,
+            groups: None,
         })
     }
 
@@ -668,11 +689,15 @@ impl Transformer {
             counts[f] += 1;
         }
         let t = Tensor::new(idx, &self.device)?;
+        if all.groups.is_some() {
+            candle_core::bail!("a subset of a token set with several attention groups");
+        }
         Ok(TokenSet {
             cos: all.cos.index_select(&t, 0)?,
             sin: all.sin.index_select(&t, 0)?,
             idx: Some(t),
             frame_counts: counts,
+            groups: None,
         })
     }
 
