@@ -405,6 +405,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn exp_is_accurate() {
         let mut worst = 0f64;
@@ -433,14 +444,7 @@ mod tests {
         .unwrap();
         let want = x.gelu().unwrap();
         let got = gelu(&x).unwrap();
-        let err = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&got, &want);
         assert!(err < 2e-6, "max error {err}");
     }
 
@@ -458,14 +462,7 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (1, heads, l, hd), &dev).unwrap();
             let want = generic(&q, &k, &v).unwrap();
             let got = sdpa(&q, &k, &v).unwrap();
-            let err = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&got, &want);
             assert!(err < 1e-5, "{heads}x{n}x{l}x{hd}: max error {err}");
         }
     }
@@ -493,14 +490,7 @@ mod tests {
                 &v.narrow(2, 0, g.keys).unwrap(),
             )
             .unwrap();
-            let err = (got.narrow(2, g.q_start, g.q_len).unwrap() - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&got.narrow(2, g.q_start, g.q_len).unwrap(), &want);
             assert!(err < 1e-5, "{g:?}: {err}");
         }
         let bad = [Group {
@@ -528,14 +518,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 3, 9, 8), &dev).unwrap();
         let want = generic(&q, &k, &v).unwrap();
         let got = sdpa(&q, &k, &v).unwrap();
-        let err = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&got, &want);
         assert!(err < 1e-5, "{err}");
         let h = sdpa(
             &q.to_dtype(DType::BF16).unwrap(),
