@@ -280,12 +280,22 @@ fn torch_forward(
         .output();
     match out {
         Ok(out) if out.status.success() => {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v.get("seconds")?
-                .as_array()?
-                .iter()
-                .map(|s| s.as_f64())
-                .collect()
+            let secs = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| {
+                    v.get("seconds")?
+                        .as_array()?
+                        .iter()
+                        .map(|s| s.as_f64())
+                        .collect::<Option<Vec<f64>>>()
+                });
+            if secs.is_none() {
+                eprintln!(
+                    "forward: the PyTorch side printed no {{\"seconds\": [...]}}: {:?}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            secs
         }
         Ok(out) => {
             eprintln!(
