@@ -247,6 +247,14 @@ def main() -> None:
     ap.add_argument("--dit-batch", type=int, default=8)
     ap.add_argument("--dit-lr", type=float, default=4e-4)
     ap.add_argument("--cache-size", type=int, default=6000)
+    ap.add_argument(
+        "--init-from",
+        default="",
+        help="an exported pipeline directory (export.py) to continue DiT training from when CKPT_DIR "
+        "has no checkpoint: its weights become both the live and the EMA weights, its VAE latent "
+        "statistics are kept, the optimiser restarts with a fresh warm-up",
+    )
+    ap.add_argument("--init-step", type=int, default=0, help="the DiT step the --init-from export was made at")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -266,6 +274,9 @@ def main() -> None:
         vae.load_state_dict(state["vae"])
         dit.load_state_dict(state["dit"])
         te.load_state_dict(state["te"])
+    elif args.init_from:
+        vae, dit, te, state = init_from_export(args.init_from, args.init_step, args.seed)
+        print(f"{now_utc()} continuing from {args.init_from}: DiT step {state['step']}", flush=True)
     else:
         torch.manual_seed(args.seed)
         vae, dit, te = build_models()
@@ -311,6 +322,42 @@ def main() -> None:
         snapshot(state, vae, dit, te)
         save_ckpt(ckpt_path, state)
         print(f"{now_utc()} stage {stage} done", flush=True)
+
+
+def init_from_export(path: str, step: int, seed: int):
+    """Models and a DiT-stage state from an export.py directory, as if at DiT step `step`."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
+    from transformers import UMT5EncoderModel
+
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae")
+    dit = SkyReelsV2Transformer3DModel.from_pretrained(path, subfolder="transformer")
+    te = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"))
+    keep = lambda cfg: {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # noqa: E731
+    vae_cfg = keep(vae.config)
+    latents_mean, latents_std = vae_cfg.pop("latents_mean"), vae_cfg.pop("latents_std")
+    te_cfg = {k: getattr(te.config, k) for k in te_config()}
+    state = dict(
+        stage="dit",
+        step=step,
+        resumed_at=step,
+        stage_seconds=0.0,
+        total_seconds=0.0,
+        done_stages=["vae"],
+        vae_config=vae_cfg,
+        dit_config=keep(dit.config),
+        te_config=te_cfg,
+        latents_mean=list(latents_mean),
+        latents_std=list(latents_std),
+        text_len=TEXT_LEN,
+        block=BLOCK,
+        window=WINDOW,
+        fps=FPS,
+        res=RES,
+        seed=seed,
+    )
+    state["dit_ema"] = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    state["te_ema"] = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    return vae, dit, te, state
 
 
 def snapshot(state, vae, dit, te) -> None:
@@ -588,7 +635,7 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         err = (((pred - (noise - x0)) ** 2) * pix_w).mean(dim=(1, 3, 4)) / pix_w.mean(dim=(1, 3, 4))  # [B, F]
         loss = (err * w).sum() / w.sum().clamp(min=1.0)
         steps_done = state["step"]
-        lr = args.dit_lr * min(1.0, (steps_done + 1) / 300.0)
+        lr = args.dit_lr * min(1.0, (steps_done - state.get("resumed_at", 0) + 1) / 300.0)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
