@@ -12,28 +12,12 @@ use motioncache::model::Transformer;
 use motioncache::model::loader::load_transformer;
 use motioncache::schedule::SchedulerConfig;
 
+mod common;
+use common::rel_l2;
+
 fn model() -> Arc<Transformer> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/dit_b");
     Arc::new(load_transformer(&dir, DType::F32, &Device::Cpu).unwrap())
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    (d / n.max(1e-30)).sqrt()
 }
 
 /// An asynchronous run over two windows; returns the latents and per-block stats.
@@ -86,7 +70,7 @@ fn none_equals_vanilla() {
     let m = model();
     let (a, sa) = run(&m, CacheSettings::with_mode(CacheMode::None));
     let (b, sb) = run(&m, CacheSettings::with_mode(CacheMode::Vanilla));
-    assert!(rel(&a, &b) < 1e-5, "none vs vanilla {}", rel(&a, &b));
+    assert!(rel_l2(&a, &b) < 1e-5, "none vs vanilla {}", rel_l2(&a, &b));
     let fa: f64 = sa.iter().map(|s| s.flops).sum();
     let fb: f64 = sb.iter().map(|s| s.flops).sum();
     assert!(fa < fb * 0.8, "exact reuse does less work: {fa} vs {fb}");
@@ -101,14 +85,14 @@ fn threshold_zero_and_long_warmup_equal_none() {
         ..CacheSettings::with_mode(CacheMode::MotionCache)
     };
     let (a, sa) = run(&m, zero);
-    assert_eq!(rel(&a, &none), 0.0);
+    assert_eq!(rel_l2(&a, &none), 0.0);
     assert!(sa.iter().all(|s| s.recomputed_fraction() == 1.0));
     let warm = CacheSettings {
         warmup_steps: 12,
         ..CacheSettings::with_mode(CacheMode::MotionCache)
     };
     let (b, _) = run(&m, warm);
-    assert_eq!(rel(&b, &none), 0.0);
+    assert_eq!(rel_l2(&b, &none), 0.0);
 }
 
 #[test]
@@ -191,7 +175,7 @@ fn selective_forward_matches_full_forward() {
     let y = m
         .forward_layers(&x1, &md, &sub, &mut kv_all, Some(&prefix), &ctx)
         .unwrap();
-    assert!(rel(&y, &full) < 1e-5);
+    assert!(rel_l2(&y, &full) < 1e-5);
     // A subset with the other tokens' K/V current == full forward at those tokens.
     let idx: Vec<u32> = (0..n).filter(|i| i % 3 == 1).collect();
     let sub = m.subset(&t1, &idx).unwrap();
@@ -208,7 +192,11 @@ fn selective_forward_matches_full_forward() {
         )
         .unwrap();
     let want = full.index_select(&it, 0).unwrap();
-    assert!(rel(&ys, &want) < 1e-5, "subset error {}", rel(&ys, &want));
+    assert!(
+        rel_l2(&ys, &want) < 1e-5,
+        "subset error {}",
+        rel_l2(&ys, &want)
+    );
     // With stale K/V for the others the subset result differs (the test can fail).
     let lat_other = rng.randn((8, 3, 8, 6), &dev).unwrap();
     let mut kv_stale = None;
@@ -231,7 +219,7 @@ fn selective_forward_matches_full_forward() {
             &ctx,
         )
         .unwrap();
-    assert!(rel(&ys2, &want) > 1e-3);
+    assert!(rel_l2(&ys2, &want) > 1e-3);
 }
 
 /// Phase-2 recompute counts follow motion: feed the policy outputs in which the left half

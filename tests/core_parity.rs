@@ -12,6 +12,9 @@ use motioncache::model::loader::load_transformer;
 use motioncache::model::{Transformer, TransformerConfig};
 use motioncache::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
+mod common;
+use common::rel_l2;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
 }
@@ -22,29 +25,6 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 
 fn json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join(name)).unwrap()).unwrap()
-}
-
-/// Relative L2 error.
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (d / n.max(1e-30)).sqrt()
 }
 
 fn model(name: &str) -> Arc<Transformer> {
@@ -114,7 +94,7 @@ fn forward_matches_diffusers() {
         for d in dirs {
             let m = model(d);
             let y = blockwise_forward(&m, &x, &t, &fx["context"], group, fps);
-            let e = rel(&y, &expected);
+            let e = rel_l2(&y, &expected);
             assert!(e <= 1e-4, "{d}: forward relative error {e}");
         }
     }
@@ -144,7 +124,7 @@ fn unipc_matches_diffusers() {
             let v = fx[&format!("{key}_model_outputs")].i(i).unwrap();
             x = st.step(&s, &v, s.timesteps[i], &x).unwrap();
             let want = fx[&format!("{key}_samples")].i(i).unwrap();
-            let e = rel(&x, &want);
+            let e = rel_l2(&x, &want);
             assert!(e <= 1e-4, "{key} step {i}: relative error {e}");
         }
     }
@@ -253,7 +233,7 @@ fn df_runs_match_diffusers_exact_and_vanilla() {
     for name in ["sync", "async", "long", "noncausal"] {
         for mode in [CacheMode::None, CacheMode::Vanilla] {
             let (got, want) = run(name, mode);
-            let e = rel(&got, &want);
+            let e = rel_l2(&got, &want);
             assert!(e <= 1e-4, "{name} {mode:?}: relative error {e}");
         }
     }
@@ -307,11 +287,11 @@ fn sharded_weights_and_half_precision() {
     let want = fx["output"].i(0).unwrap();
     let sharded = load_transformer(&tmp, DType::F32, &Device::Cpu).unwrap();
     let y = blockwise_forward(&sharded, &x, &t, &fx["context"], 3, 0);
-    assert!(rel(&y, &want) <= 1e-4, "sharded: {}", rel(&y, &want));
+    assert!(rel_l2(&y, &want) <= 1e-4, "sharded: {}", rel_l2(&y, &want));
     for (dt, tol) in [(DType::BF16, 5e-2), (DType::F16, 1e-2)] {
         let m = load_transformer(&dir().join("dit_b"), dt, &Device::Cpu).unwrap();
         let y = blockwise_forward(&m, &x, &t, &fx["context"], 3, 0);
-        let e = rel(&y, &want);
+        let e = rel_l2(&y, &want);
         assert!(e <= tol, "{dt:?}: relative error {e}");
     }
     // A shard listed in the index but missing is an error naming it.

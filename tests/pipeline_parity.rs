@@ -11,27 +11,11 @@ use motioncache::cache::{CacheMode, CacheSettings};
 use motioncache::generate::{GeneratorSettings, NoiseSource};
 use motioncache::pipeline::Pipeline;
 
+mod common;
+use common::rel_l2;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    (d / n).sqrt()
 }
 
 #[test]
@@ -133,7 +117,7 @@ fn check_against_diffusers(p: Pipeline, fixtures: &Path, modes: &[CacheMode]) {
                 .unwrap();
             let want = &fx[&format!("{name}_frames")];
             assert_eq!(rgb, want.dim(0).unwrap());
-            let e = rel(&got, want);
+            let e = rel_l2(&got, want);
             assert!(
                 e <= 1e-3,
                 "{model} {name} {mode:?}: pixel relative error {e}"

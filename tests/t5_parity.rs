@@ -12,6 +12,9 @@ use motioncache::model::t5::{
 };
 use motioncache::model::tokenizer::{PromptTokenizer, html_unescape, prompt_clean};
 
+mod common;
+use common::rel_l2;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t5")
 }
@@ -39,17 +42,6 @@ fn hf_encoder(dtype: DType) -> UMT5Encoder {
 
 fn tokenizer() -> PromptTokenizer {
     PromptTokenizer::from_file(fixtures().join("tokenizer/tokenizer.json")).expect("tokenizer")
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    let err = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
-    eprintln!("rel L2 {err:.3e}");
-    err
 }
 
 #[test]

@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use motioncache::model::vae::{WanVae, WanVaeConfig, original_vae_name};
 
+mod common;
+use common::rel_l2;
+
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/vae")
@@ -36,18 +39,8 @@ fn load(case: &str, dtype: DType) -> WanVae {
     WanVae::new(&config(case), vb).expect("WanVae::new")
 }
 
-/// ||a - b|| / ||b|| in f32.
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt()
-}
-
 const CASES: [&str; 2] = ["no_tdown", "tdown"];
-const F32_TOL: f32 = 1e-4;
+const F32_TOL: f64 = 1e-4;
 
 #[test]
 fn encode_matches_diffusers() {
