@@ -52,9 +52,9 @@ def _on_signal(signum, frame):  # noqa: ARG001
     STOP["flag"] = True
 
 
-def vae_config() -> dict:
+def vae_config(base_dim: int = 16) -> dict:
     return dict(
-        base_dim=16,
+        base_dim=base_dim,
         z_dim=4,
         dim_mult=[1, 2, 2],
         num_res_blocks=1,
@@ -240,6 +240,7 @@ def main() -> None:
     ap.add_argument("--dec-minutes", type=float, default=8.0)
     ap.add_argument("--max-steps", type=int, default=0, help="per stage, for smoke tests")
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
+    ap.add_argument("--vae-base-dim", type=int, default=16, help="AutoencoderKLWan base_dim of a new run")
     ap.add_argument("--vae-batch", type=int, default=6)
     ap.add_argument("--vae-crop", type=int, default=32, help="spatial crop for VAE training steps")
     ap.add_argument("--object-weight", type=float, default=3.0, help="extra loss weight on object pixels")
@@ -253,6 +254,15 @@ def main() -> None:
         help="an exported pipeline directory (export.py) to continue DiT training from when CKPT_DIR "
         "has no checkpoint: its weights become both the live and the EMA weights, its VAE latent "
         "statistics are kept, the optimiser restarts with a fresh warm-up",
+    )
+    ap.add_argument(
+        "--rec-object-weight", type=float, default=4.0, help="extra reconstruction-loss weight on object pixels (VAE stage and every decoder step)"
+    )
+    ap.add_argument(
+        "--finetune-decoder-minutes",
+        type=float,
+        default=0.0,
+        help="first fine-tune the VAE decoder alone for this long (encoder frozen), then go on with the stages",
     )
     ap.add_argument("--init-step", type=int, default=0, help="the DiT step the --init-from export was made at")
     args = ap.parse_args()
@@ -279,14 +289,14 @@ def main() -> None:
         print(f"{now_utc()} continuing from {args.init_from}: DiT step {state['step']}", flush=True)
     else:
         torch.manual_seed(args.seed)
-        vae, dit, te = build_models()
+        vae, dit, te = build_models(cfg_vae=vae_config(args.vae_base_dim))
         state = dict(
             stage="vae",
             step=0,
             stage_seconds=0.0,
             total_seconds=0.0,
             done_stages=[],
-            vae_config=vae_config(),
+            vae_config=vae_config(args.vae_base_dim),
             dit_config=dit_config(),
             te_config=te_config(),
             text_len=TEXT_LEN,
@@ -299,6 +309,10 @@ def main() -> None:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"params: vae {n(vae)} dit {n(dit)} text_encoder {n(te)}", flush=True)
 
+    if args.finetune_decoder_minutes > 0 and "latents_mean" in state:
+        finetune_decoder(args, state, vae, log, ckpt_path, args.finetune_decoder_minutes)
+        if STOP["flag"]:
+            return
     stages = [s for s in args.stages.split(",") if s]
     for stage in stages:
         if stage in state["done_stages"]:
@@ -439,8 +453,11 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         rng = np.random.default_rng([args.seed, 1, state["step"]])
         gen = torch.Generator().manual_seed(args.seed * 1000003 + state["step"])
         frames = 5 if state["step"] % 4 else 9
-        v, _ = data.batch(rng, args.vae_batch if frames == 5 else max(args.vae_batch // 2, 1), frames, RES)
-        x = random_crop(torch.from_numpy(v), args.vae_crop, gen)
+        v, _, masks = data.batch(
+            rng, args.vae_batch if frames == 5 else max(args.vae_batch // 2, 1), frames, RES, with_masks=True
+        )
+        xm = random_crop(torch.cat([torch.from_numpy(v), torch.from_numpy(masks).unsqueeze(1)], dim=1), args.vae_crop, gen)
+        x, w = xm[:, :3], 1.0 + args.rec_object_weight * xm[:, 3:]
         # Deterministic autoencoder on the posterior mean (the DiT trains on means): sampling
         # with the initial unit std drowned the signal and the decoder learned a grey mean.
         # A little relative noise keeps the decoder tolerant of imperfect DiT latents.
@@ -449,7 +466,7 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         z = mean + 0.05 * scale * torch.randn(mean.shape, generator=gen)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x)
+        loss = (((rec - x) ** 2 + 0.5 * (rec - x).abs()) * w).mean() / w.mean()
         lr = lr_at(state["stage_seconds"] / budget, 2e-3, 2e-4) if minutes > 0 else 1e-3
         for g in opt.param_groups:
             g["lr"] = lr
@@ -485,17 +502,7 @@ def train_dec(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     def step():
         rng = np.random.default_rng([args.seed, 3, state["step"]])
         gen = torch.Generator().manual_seed(args.seed * 1000033 + state["step"])
-        v, _ = data.batch(rng, args.vae_batch, 5, RES)
-        x = torch.from_numpy(v)
-        with torch.no_grad():
-            z = vae_encode_mean(vae, x)
-            # A little latent noise: the decoder will see imperfect DiT samples.
-            z = z + 0.05 * torch.tensor(state["latents_std"]).view(1, -1, 1, 1, 1) * torch.randn(
-                z.shape, generator=gen
-            )
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x)
+        loss, mse = decoder_loss(args, state, vae, rng, gen, args.vae_batch, RES)
         lr = lr_at(state["stage_seconds"] / budget, 5e-4, 5e-5) if minutes > 0 else 2e-4
         for g in opt.param_groups:
             g["lr"] = lr
@@ -515,20 +522,30 @@ def train_dec(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     vae.eval()
 
 
+def decoder_loss(args, state, vae, rng, gen, batch: int, crop: int):
+    """Object-weighted reconstruction loss of the decoder on clips encoded by the frozen
+    encoder (plus a little latent noise: the decoder will see imperfect DiT samples).
+    Returns (loss, mse). The object is ~10% of a frame but carries the colour the prompt
+    names: unweighted, the decoder learnt to turn magenta objects red."""
+    v, _, masks = data.batch(rng, batch, 5, RES, with_masks=True)
+    xm = random_crop(torch.cat([torch.from_numpy(v), torch.from_numpy(masks).unsqueeze(1)], dim=1), crop, gen)
+    x, m = xm[:, :3], xm[:, 3:]
+    with torch.no_grad():
+        z = vae_encode_mean(vae, x)
+        z = z + 0.05 * torch.tensor(state["latents_std"]).view(1, -1, 1, 1, 1) * torch.randn(z.shape, generator=gen)
+    rec = vae.decode(z).sample
+    w = 1.0 + args.rec_object_weight * m
+    err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
+    return (err * w).mean() / w.mean(), F.mse_loss(rec, x)
+
+
 def decoder_step(args, state, vae, params, opt, lr: float) -> float:
     """One decoder fine-tune step on 5-frame clips (encoder frozen); returns PSNR."""
     for p in params:
         p.requires_grad_(True)
     rng = np.random.default_rng([args.seed, 4, state["step"]])
     gen = torch.Generator().manual_seed(args.seed * 1000081 + state["step"])
-    v, _ = data.batch(rng, 4, 5, RES)
-    x = random_crop(torch.from_numpy(v), args.vae_crop, gen)
-    with torch.no_grad():
-        z = vae_encode_mean(vae, x)
-        z = z + 0.05 * torch.tensor(state["latents_std"]).view(1, -1, 1, 1, 1) * torch.randn(z.shape, generator=gen)
-    rec = vae.decode(z).sample
-    mse = F.mse_loss(rec, x)
-    loss = mse + 0.5 * F.l1_loss(rec, x)
+    loss, mse = decoder_loss(args, state, vae, rng, gen, 4, args.vae_crop)
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -538,6 +555,46 @@ def decoder_step(args, state, vae, params, opt, lr: float) -> float:
     for p in params:
         p.requires_grad_(False)
     return 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+
+
+def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
+    """Decoder-only fine-tune (encoder frozen, so the DiT's latent space does not move) on
+    whole 64x64 frames, before or between DiT training; the DiT step counter is untouched."""
+    vae.eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
+    done = state.get("dec_ft_steps", 0)
+    t_end = time.time() + minutes * 60.0
+    acc = [0.0, 0.0, 0]
+    while time.time() < t_end and not STOP["flag"]:
+        k = state.get("dec_ft_steps", 0)
+        rng = np.random.default_rng([args.seed, 5, k])
+        gen = torch.Generator().manual_seed(args.seed * 1000099 + k)
+        for p in params:
+            p.requires_grad_(True)
+        loss, mse = decoder_loss(args, state, vae, rng, gen, 4, RES)
+        lr = 3e-4 * min(1.0, (k - done + 1) / 50.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["dec_ft_steps"] = k + 1
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        acc = [acc[0] + loss.item(), acc[1] + psnr, acc[2] + 1]
+        if acc[2] == 20:
+            log.row("dec-ft", k + 1, 0.0, acc[0] / 20, acc[1] / 20, lr)
+            print(f"{now_utc()} decoder fine-tune step {k + 1} loss {acc[0] / 20:.5f} psnr {acc[1] / 20:.2f}", flush=True)
+            acc = [0.0, 0.0, 0]
+    for p in params:
+        p.requires_grad_(False)
+    state["vae"] = vae.state_dict()
+    state.pop("dec_opt", None)
+    save_ckpt(ckpt_path, state)
+    print(f"{now_utc()} decoder fine-tune done at step {state['dec_ft_steps']}", flush=True)
 
 
 class LatentCache:
