@@ -222,6 +222,16 @@ def sample_sigmas(bsz: int, nblk: int, gen: torch.Generator):
     return sigma, weight
 
 
+def optimise(opt, params, loss: torch.Tensor, lr: float) -> None:
+    """One optimiser step at learning rate `lr`, gradients clipped to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def lr_at(frac: float, peak: float, floor: float, warm: float = 0.03) -> float:
     if frac < warm:
         return peak * frac / warm
@@ -468,12 +478,7 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         mse = F.mse_loss(rec, x)
         loss = (((rec - x) ** 2 + 0.5 * (rec - x).abs()) * w).mean() / w.mean()
         lr = lr_at(state["stage_seconds"] / budget, 2e-3, 2e-4) if minutes > 0 else 1e-3
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimise(opt, vae.parameters(), loss, lr)
         psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
         return loss.item(), psnr, lr
 
@@ -504,12 +509,7 @@ def train_dec(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         gen = torch.Generator().manual_seed(args.seed * 1000033 + state["step"])
         loss, mse = decoder_loss(args, state, vae, rng, gen, args.vae_batch, RES)
         lr = lr_at(state["stage_seconds"] / budget, 5e-4, 5e-5) if minutes > 0 else 2e-4
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimise(opt, params, loss, lr)
         return loss.item(), 10 * math.log10(4.0 / max(mse.item(), 1e-10)), lr
 
     def save():
@@ -546,12 +546,7 @@ def decoder_step(args, state, vae, params, opt, lr: float) -> float:
     rng = np.random.default_rng([args.seed, 4, state["step"]])
     gen = torch.Generator().manual_seed(args.seed * 1000081 + state["step"])
     loss, mse = decoder_loss(args, state, vae, rng, gen, 4, args.vae_crop)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    optimise(opt, params, loss, lr)
     for p in params:
         p.requires_grad_(False)
     return 10 * math.log10(4.0 / max(mse.item(), 1e-10))
@@ -576,12 +571,7 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
             p.requires_grad_(True)
         loss, mse = decoder_loss(args, state, vae, rng, gen, 4, RES)
         lr = 3e-4 * min(1.0, (k - done + 1) / 50.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimise(opt, params, loss, lr)
         state["dec_ft_steps"] = k + 1
         psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
         acc = [acc[0] + loss.item(), acc[1] + psnr, acc[2] + 1]
@@ -693,12 +683,7 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         loss = (err * w).sum() / w.sum().clamp(min=1.0)
         steps_done = state["step"]
         lr = args.dit_lr * min(1.0, (steps_done - state.get("resumed_at", 0) + 1) / 300.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimise(opt, params, loss, lr)
         decay = min(0.999, (1.0 + steps_done) / (10.0 + steps_done))
         ema_update(ema_dit, dit, decay)
         ema_update(ema_te, te, decay)
