@@ -277,13 +277,16 @@ impl candle_core::CustomOp1 for CpuGelu {
     }
 }
 
+/// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
+const GELU_K: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
 #[inline(always)]
 fn gelu_slice(x: &mut [f32]) {
     // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
-    const K: f32 = 0.797_884_6;
     for v in x {
         let a = *v;
-        let u2 = 2.0 * K * (a + 0.044_715 * a * a * a);
+        let u2 = 2.0 * GELU_K * (a + GELU_C * a * a * a);
         *v = a / (1.0 + exp(-u2));
     }
 }
@@ -387,25 +390,34 @@ fn softmax_row(row: &mut [f32]) -> f32 {
     sum + s.iter().sum::<f32>()
 }
 
+/// ln 2 split in two for an exact reduction `x - n ln 2`, and Cephes' expf polynomial
+/// (highest degree first) for `e^r` on the remainder.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` (saturating outside [-87, 88]), Cephes' expf polynomial after reduction by ln 2:
 /// relative error about 1e-7, and written so that the compiler vectorises it (no calls,
 /// no branches).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Round to nearest by the 1.5 * 2^23 trick (no SSE4.1 `round` needed).
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * r * r + r + 1.0;
     let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
     y * pow2
@@ -417,7 +429,7 @@ fn exp(x: f32) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    const LANES: usize = 16;
+    use super::{EXP_POLY, GELU_C, GELU_K, LANES, LN2_HI, LN2_LO};
 
     /// [`super::exp`] on 16 lanes: the same reduction and polynomial.
     #[inline]
@@ -430,17 +442,11 @@ mod avx512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         let y = _mm512_add_ps(
             _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
@@ -489,9 +495,9 @@ mod avx512 {
         let (body, tail) = x.split_at_mut(x.len() / LANES * LANES);
         let m = tail_mask(tail.len());
         let f = |a: __m512| {
-            let k = _mm512_set1_ps(2.0 * 0.797_884_6);
+            let k = _mm512_set1_ps(2.0 * GELU_K);
             let a3 = _mm512_mul_ps(_mm512_mul_ps(a, a), a);
-            let u2 = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_set1_ps(0.044_715), a3, a));
+            let u2 = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_set1_ps(GELU_C), a3, a));
             let d = _mm512_add_ps(
                 _mm512_set1_ps(1.0),
                 exp(_mm512_sub_ps(_mm512_setzero_ps(), u2)),
