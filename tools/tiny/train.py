@@ -466,8 +466,7 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         v, _, masks = data.batch(
             rng, args.vae_batch if frames == 5 else max(args.vae_batch // 2, 1), frames, RES, with_masks=True
         )
-        xm = random_crop(torch.cat([torch.from_numpy(v), torch.from_numpy(masks).unsqueeze(1)], dim=1), args.vae_crop, gen)
-        x, w = xm[:, :3], 1.0 + args.rec_object_weight * xm[:, 3:]
+        x, m = crop_with_masks(v, masks, args.vae_crop, gen)
         # Deterministic autoencoder on the posterior mean (the DiT trains on means): sampling
         # with the initial unit std drowned the signal and the decoder learned a grey mean.
         # A little relative noise keeps the decoder tolerant of imperfect DiT latents.
@@ -476,7 +475,7 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         z = mean + 0.05 * scale * torch.randn(mean.shape, generator=gen)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
-        loss = (((rec - x) ** 2 + 0.5 * (rec - x).abs()) * w).mean() / w.mean()
+        loss = reconstruction_loss(args, rec, x, m)
         lr = lr_at(state["stage_seconds"] / budget, 2e-3, 2e-4) if minutes > 0 else 1e-3
         optimise(opt, vae.parameters(), loss, lr)
         psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
@@ -522,21 +521,30 @@ def train_dec(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     vae.eval()
 
 
+def crop_with_masks(v: np.ndarray, masks: np.ndarray, size: int, gen: torch.Generator):
+    """The same random crop of clips [B, 3, T, H, W] and their object masks [B, T, H, W]."""
+    xm = random_crop(torch.cat([torch.from_numpy(v), torch.from_numpy(masks).unsqueeze(1)], dim=1), size, gen)
+    return xm[:, :3], xm[:, 3:]
+
+
+def reconstruction_loss(args, rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L2 + 0.5 L1, object pixels weighted by 1 + --rec-object-weight."""
+    w = 1.0 + args.rec_object_weight * mask
+    return (((rec - x) ** 2 + 0.5 * (rec - x).abs()) * w).mean() / w.mean()
+
+
 def decoder_loss(args, state, vae, rng, gen, batch: int, crop: int):
     """Object-weighted reconstruction loss of the decoder on clips encoded by the frozen
     encoder (plus a little latent noise: the decoder will see imperfect DiT samples).
     Returns (loss, mse). The object is ~10% of a frame but carries the colour the prompt
     names: unweighted, the decoder learnt to turn magenta objects red."""
     v, _, masks = data.batch(rng, batch, 5, RES, with_masks=True)
-    xm = random_crop(torch.cat([torch.from_numpy(v), torch.from_numpy(masks).unsqueeze(1)], dim=1), crop, gen)
-    x, m = xm[:, :3], xm[:, 3:]
+    x, m = crop_with_masks(v, masks, crop, gen)
     with torch.no_grad():
         z = vae_encode_mean(vae, x)
         z = z + 0.05 * torch.tensor(state["latents_std"]).view(1, -1, 1, 1, 1) * torch.randn(z.shape, generator=gen)
     rec = vae.decode(z).sample
-    w = 1.0 + args.rec_object_weight * m
-    err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
-    return (err * w).mean() / w.mean(), F.mse_loss(rec, x)
+    return reconstruction_loss(args, rec, x, m), F.mse_loss(rec, x)
 
 
 def decoder_step(args, state, vae, params, opt, lr: float) -> float:
@@ -559,6 +567,8 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
     for p in vae.parameters():
         p.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
     done = state.get("dec_ft_steps", 0)
     t_end = time.time() + minutes * 60.0
@@ -567,8 +577,6 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
         k = state.get("dec_ft_steps", 0)
         rng = np.random.default_rng([args.seed, 5, k])
         gen = torch.Generator().manual_seed(args.seed * 1000099 + k)
-        for p in params:
-            p.requires_grad_(True)
         loss, mse = decoder_loss(args, state, vae, rng, gen, 4, RES)
         lr = 3e-4 * min(1.0, (k - done + 1) / 50.0)
         optimise(opt, params, loss, lr)
