@@ -275,6 +275,13 @@ def main() -> None:
         help="first fine-tune the VAE decoder alone for this long (encoder frozen), then go on with the stages",
     )
     ap.add_argument("--init-step", type=int, default=0, help="the DiT step the --init-from export was made at")
+    ap.add_argument(
+        "--init-dit-from",
+        default="",
+        help="an exported pipeline directory whose transformer and text encoder start the DiT stage "
+        "(warm start on a new VAE's latents: only the patch embedding and the head meet a new latent "
+        "space); ignored once the DiT stage has begun",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -333,6 +340,8 @@ def main() -> None:
         minutes = {"vae": args.vae_minutes, "dit": args.dit_minutes, "dec": args.dec_minutes}[stage]
         if stage == "dit" and "latents_mean" not in state:
             measure_latent_stats(vae, state, args.seed)
+        if stage == "dit" and args.init_dit_from and state["step"] == 0 and "dit_ema" not in state:
+            warm_start_dit(args.init_dit_from, dit, te)
         fn = {"vae": train_vae, "dit": train_dit, "dec": train_dec}[stage]
         fn(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes)
         if STOP["flag"]:
@@ -382,6 +391,18 @@ def init_from_export(path: str, step: int, seed: int):
     state["dit_ema"] = {k: v.detach().clone() for k, v in dit.state_dict().items()}
     state["te_ema"] = {k: v.detach().clone() for k, v in te.state_dict().items()}
     return vae, dit, te, state
+
+
+def warm_start_dit(path: str, dit, te) -> None:
+    """Load an export's transformer and text encoder into the (same-config) models of this run."""
+    from diffusers import SkyReelsV2Transformer3DModel
+    from transformers import UMT5EncoderModel
+
+    src_dit = SkyReelsV2Transformer3DModel.from_pretrained(path, subfolder="transformer")
+    src_te = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"))
+    dit.load_state_dict(src_dit.state_dict())
+    te.load_state_dict(src_te.state_dict())
+    print(f"{now_utc()} DiT and text encoder start from {path}", flush=True)
 
 
 def snapshot(state, vae, dit, te) -> None:
