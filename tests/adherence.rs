@@ -134,7 +134,6 @@ fn dist(a: &[f64; 3], b: &[f64; 3]) -> f64 {
 }
 
 #[test]
-#[ignore = "the embedded model does not follow prompts well enough yet (see issue 6 and models/tiny/README.md); run with --ignored"]
 fn embedded_model_follows_prompts() {
     let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
     let d = p.info().defaults.clone();

@@ -81,7 +81,9 @@ fn check_against_diffusers(p: Pipeline, fixtures: &Path, modes: &[CacheMode]) {
         for &mode in modes {
             let settings = GeneratorSettings {
                 steps: g("steps"),
-                shift: 8.0,
+                // diffusers sampled with the directory's scheduler, whose flow_shift the
+                // loader reads (motioncache.json must agree with it).
+                shift: p.info().defaults.shift,
                 guidance_scale: r["guidance"].as_f64().unwrap(),
                 causal_block_size: g("block"),
                 ar_step: g("ar_step"),

@@ -43,13 +43,16 @@ def main():
     # diffusers turns num_frames into num_frames + 1, hence the -1 on num_frames.
     scenarios = {
         "paper": dict(frames=35, base=25, overlap=5, block=5, ar=5, steps=50, guidance=6.0,
-                      addnoise=20.0),
+                      addnoise=20.0, shift=8.0),
         "element-default": dict(frames=2 * d["window"] - d["overlap"], base=d["window"], overlap=d["overlap"],
                                 block=d["causal_block_size"], ar=d["ar_step"], steps=d["steps"],
-                                guidance=d["guidance_scale"], addnoise=d["addnoise_condition"]),
+                                guidance=d["guidance_scale"], addnoise=d["addnoise_condition"],
+                                shift=d["shift"]),
     }
     out = {}
+    base_scheduler = pipe.scheduler.config
     for name, s in scenarios.items():
+        pipe.scheduler = type(pipe.scheduler).from_config(base_scheduler, flow_shift=s["shift"])
         total = 0.0
         for i, p in enumerate(prompts):
             start = time.perf_counter()
