@@ -179,6 +179,11 @@ def evaluate(pipe, frames: int, steps: int, guidance: float, seeds=(0, 1)) -> di
     return res
 
 
+def clip_frames(clip: torch.Tensor) -> np.ndarray:
+    """A clip [3, T, H, W] in [-1, 1] as frames [T, H, W, 3] in [0, 1], as `analyse` takes them."""
+    return (clip.permute(1, 2, 3, 0).numpy() + 1.0) / 2.0
+
+
 def roundtrip(ckpt_path: str, clips: int, seed: int = 123) -> dict:
     """The VAE alone: encode and decode `clips` seeded 9-frame training clips and run `analyse` on
     the originals and on the reconstructions. The object colour a decoder gets wrong here, no
@@ -198,12 +203,11 @@ def roundtrip(ckpt_path: str, clips: int, seed: int = 123) -> dict:
             x = torch.from_numpy(video)
             rec = vae.decode(train.vae_encode_mean(vae, x)).sample.clamp(-1, 1)
             mse = ((rec - x) ** 2).mean(dim=(1, 2, 3, 4))
-            psnr += [float(10 * torch.log10(4.0 / m)) for m in mse]
+            psnr += [train.psnr_db(float(m)) for m in mse]
             for v, r, cap in zip(x, rec, caps):
                 want = next(w for w in cap.split() if w in data.OBJECT_COLORS)
-                to_frames = lambda t: ((t.permute(1, 2, 3, 0).numpy() + 1.0) / 2.0)  # noqa: E731
-                orig_ok += analyse(to_frames(v))[0] == want
-                rec_ok += analyse(to_frames(r))[0] == want
+                orig_ok += analyse(clip_frames(v))[0] == want
+                rec_ok += analyse(clip_frames(r))[0] == want
                 n += 1
     return {"clips": n, "colour_original": orig_ok, "colour_roundtrip": rec_ok, "psnr_db": float(np.mean(psnr))}
 

@@ -232,6 +232,11 @@ def optimise(opt, params, loss: torch.Tensor, lr: float) -> None:
     opt.step()
 
 
+def psnr_db(mse: float) -> float:
+    """PSNR of pixels in [-1, 1] (peak-to-peak 2, so peak^2 = 4)."""
+    return 10 * math.log10(4.0 / max(mse, 1e-10))
+
+
 def lr_at(frac: float, peak: float, floor: float, warm: float = 0.03) -> float:
     if frac < warm:
         return peak * frac / warm
@@ -359,12 +364,10 @@ def main() -> None:
 
 def init_from_export(path: str, step: int, seed: int):
     """Models and a DiT-stage state from an export.py directory, as if at DiT step `step`."""
-    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
-    from transformers import UMT5EncoderModel
+    from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae")
-    dit = SkyReelsV2Transformer3DModel.from_pretrained(path, subfolder="transformer")
-    te = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"))
+    dit, te = load_export_dit_te(path)
     keep = lambda cfg: {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # noqa: E731
     vae_cfg = keep(vae.config)
     latents_mean, latents_std = vae_cfg.pop("latents_mean"), vae_cfg.pop("latents_std")
@@ -393,13 +396,19 @@ def init_from_export(path: str, step: int, seed: int):
     return vae, dit, te, state
 
 
-def warm_start_dit(path: str, dit, te) -> None:
-    """Load an export's transformer and text encoder into the (same-config) models of this run."""
+def load_export_dit_te(path: str):
+    """The transformer and the text encoder of an export.py directory."""
     from diffusers import SkyReelsV2Transformer3DModel
     from transformers import UMT5EncoderModel
 
-    src_dit = SkyReelsV2Transformer3DModel.from_pretrained(path, subfolder="transformer")
-    src_te = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"))
+    dit = SkyReelsV2Transformer3DModel.from_pretrained(path, subfolder="transformer")
+    te = UMT5EncoderModel.from_pretrained(os.path.join(path, "text_encoder"))
+    return dit, te
+
+
+def warm_start_dit(path: str, dit, te) -> None:
+    """Load an export's transformer and text encoder into the (same-config) models of this run."""
+    src_dit, src_te = load_export_dit_te(path)
     dit.load_state_dict(src_dit.state_dict())
     te.load_state_dict(src_te.state_dict())
     print(f"{now_utc()} DiT and text encoder start from {path}", flush=True)
@@ -499,7 +508,7 @@ def train_vae(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         loss = reconstruction_loss(args, rec, x, m)
         lr = lr_at(state["stage_seconds"] / budget, 2e-3, 2e-4) if minutes > 0 else 1e-3
         optimise(opt, vae.parameters(), loss, lr)
-        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        psnr = psnr_db(mse.item())
         return loss.item(), psnr, lr
 
     def save():
@@ -530,7 +539,7 @@ def train_dec(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         loss, mse = decoder_loss(args, state, vae, rng, gen, args.vae_batch, RES)
         lr = lr_at(state["stage_seconds"] / budget, 5e-4, 5e-5) if minutes > 0 else 2e-4
         optimise(opt, params, loss, lr)
-        return loss.item(), 10 * math.log10(4.0 / max(mse.item(), 1e-10)), lr
+        return loss.item(), psnr_db(mse.item()), lr
 
     def save():
         state["vae"] = vae.state_dict()
@@ -578,7 +587,7 @@ def decoder_step(args, state, vae, params, opt, lr: float) -> float:
     optimise(opt, params, loss, lr)
     for p in params:
         p.requires_grad_(False)
-    return 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+    return psnr_db(mse.item())
 
 
 def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
@@ -602,7 +611,7 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
         lr = 3e-4 * min(1.0, (k - done + 1) / 50.0)
         optimise(opt, params, loss, lr)
         state["dec_ft_steps"] = k + 1
-        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        psnr = psnr_db(mse.item())
         acc = [acc[0] + loss.item(), acc[1] + psnr, acc[2] + 1]
         if acc[2] == 20:
             log.row("dec-ft", k + 1, 0.0, acc[0] / 20, acc[1] / 20, lr)
