@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod overlay;
 pub mod pipeline;
 pub mod schedule;
 

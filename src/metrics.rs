@@ -126,6 +126,64 @@ pub fn ssim(a: &Frames, b: &Frames) -> Result<f64> {
     Ok(total / count.max(1) as f64)
 }
 
+/// How selective a token-level cache was: the mean recompute count of tokens in moving
+/// regions and of static tokens, over decoded blocks (their statistics and RGB24 frames,
+/// `width x height`, in order). Every token of every frame (the first frame of the video is
+/// skipped) is ranked by how much its pixels changed since the previous frame: the top
+/// tenth, when it changed by more than 4/255 on average, is *moving*; the lower half is
+/// *static* (the rank, not a fixed level, so that a model whose background flickers a little
+/// is still measured). Returns `(moving, static)` means, or `None` when either kind is absent.
+pub fn motion_selectivity(
+    blocks: &[(crate::generate::BlockStats, Vec<Vec<u8>>)],
+    width: usize,
+    height: usize,
+) -> Option<(f64, f64)> {
+    // (pixel change, recompute count) of every token of every frame.
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let mut prev: Option<&Vec<u8>> = None;
+    for (stats, frames) in blocks {
+        let (gf, gh, gw) = stats.grid;
+        if gf * gh * gw == 0 || stats.token_recomputes.len() != gf * gh * gw {
+            continue;
+        }
+        let nf = frames.len();
+        for (i, f) in frames.iter().enumerate() {
+            let Some(p) = prev.replace(f) else { continue };
+            if f.len() < width * height * 3 || p.len() != f.len() {
+                continue;
+            }
+            let g = (i * gf / nf.max(1)).min(gf - 1);
+            let mut diff = vec![0f64; gh * gw];
+            let mut count = vec![0usize; gh * gw];
+            for y in 0..height {
+                let ty = (y * gh / height).min(gh - 1);
+                for x in 0..width {
+                    let t = ty * gw + (x * gw / width).min(gw - 1);
+                    let o = (y * width + x) * 3;
+                    for c in 0..3 {
+                        diff[t] += (f[o + c] as f64 - p[o + c] as f64).abs();
+                    }
+                    count[t] += 3;
+                }
+            }
+            for t in 0..gh * gw {
+                let d = diff[t] / count[t].max(1) as f64;
+                samples.push((d, stats.token_recomputes[g * gh * gw + t] as f64));
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = samples.len();
+    let mean = |s: &[(f64, f64)]| s.iter().map(|v| v.1).sum::<f64>() / s.len() as f64;
+    let moving: Vec<(f64, f64)> = samples[n - n / 10..]
+        .iter()
+        .copied()
+        .filter(|v| v.0 > 4.0)
+        .collect();
+    let fixed = &samples[..n / 2];
+    (!moving.is_empty() && !fixed.is_empty()).then(|| (mean(&moving), mean(fixed)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

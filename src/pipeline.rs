@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::generate::{BlockStats, Generator, GeneratorSettings, NoiseSource};
+use crate::generate::{BlockStats, FinishedBlock, Generator, GeneratorSettings, NoiseSource};
 use crate::model::config::{TransformerConfig, diffusers_to_original_name};
 use crate::model::t5::{UMT5Config, UMT5Encoder, encode_prompts};
 use crate::model::tokenizer::PromptTokenizer;
@@ -59,6 +59,55 @@ struct GenerationDefaults {
     /// first); Wan 2.1 1.3B's TeaCache fit when absent. `[1.0, 0.0]` = the raw distance,
     /// for models nobody fitted a polynomial to.
     cache_rescale: Option<Vec<f64>>,
+}
+
+impl GenerationDefaults {
+    /// Every value in range, or an error naming the file and the key: these sizes decide
+    /// allocations (a 100000-frame window would abort on memory instead of failing).
+    fn check(&self, file: &str) -> Result<()> {
+        fn within<T: PartialOrd + std::fmt::Display + Copy>(
+            file: &str,
+            key: &str,
+            v: Option<T>,
+            lo: T,
+            hi: T,
+        ) -> Result<()> {
+            match v {
+                Some(v) if !(v >= lo && v <= hi) => Err(Error::model(
+                    file,
+                    format!("{key} = {v} is outside {lo}..={hi}"),
+                )),
+                _ => Ok(()),
+            }
+        }
+        within(file, "width", self.width, 8, 8192)?;
+        within(file, "height", self.height, 8, 8192)?;
+        within(file, "fps", self.fps, 1, 240)?;
+        within(file, "steps", self.steps, 1, 1000)?;
+        within(file, "guidance_scale", self.guidance_scale, 0.0, 100.0)?;
+        within(file, "shift", self.shift, 1e-3, 100.0)?;
+        within(file, "causal_block_size", self.causal_block_size, 1, 64)?;
+        within(file, "ar_step", self.ar_step, 0, 1000)?;
+        within(file, "window", self.window, 1, 1024)?;
+        within(file, "overlap", self.overlap, 0, 1023)?;
+        within(
+            file,
+            "addnoise_condition",
+            self.addnoise_condition,
+            0.0,
+            999.0,
+        )?;
+        within(file, "text_len", self.text_len, 1, 4096)?;
+        if let Some(r) = &self.cache_rescale
+            && (r.is_empty() || r.len() > 16 || r.iter().any(|c| !c.is_finite()))
+        {
+            return Err(Error::model(
+                file,
+                format!("cache_rescale = {r:?}: 1 to 16 finite coefficients, highest power first"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A model directory on disk or the embedded default model.
@@ -363,6 +412,8 @@ impl Pipeline {
         gd: GenerationDefaults,
         dev: &Device,
     ) -> Result<Self> {
+        let defaults_file = format!("{name}/motioncache.json");
+        gd.check(&defaults_file)?;
         let tc = transformer.config().clone();
         let vc = vae.config().clone();
         if vc.z_dim != tc.in_channels {
@@ -393,7 +444,11 @@ impl Pipeline {
             } else {
                 5
             });
-        let window = gd.window.unwrap_or(25);
+        // What the file leaves out is made consistent with what it gives and with the
+        // model: a window of about 25 latent frames in whole blocks, one block of overlap
+        // (none when the window is one block).
+        let window = gd.window.unwrap_or_else(|| 25usize.div_ceil(bs) * bs);
+        let overlap = gd.overlap.unwrap_or(if window > bs { bs } else { 0 });
         let steps = gd.steps.unwrap_or(30);
         let defaults = GeneratorSettings {
             steps,
@@ -402,7 +457,7 @@ impl Pipeline {
             causal_block_size: bs,
             ar_step: gd.ar_step.unwrap_or(5),
             window,
-            overlap: gd.overlap.unwrap_or(bs),
+            overlap,
             addnoise_condition: gd.addnoise_condition.unwrap_or(20.0),
             fps_class: 1,
             total_frames: None,
@@ -411,10 +466,15 @@ impl Pipeline {
                     .cache_rescale
                     .clone()
                     .unwrap_or_else(|| crate::cache::WAN_1_3B_RESCALE.to_vec()),
-                ..crate::cache::CacheSettings::for_steps(steps)
+                ..crate::cache::CacheSettings::for_schedule(
+                    crate::cache::CacheMode::MotionCache,
+                    steps,
+                )
             },
         };
-        defaults.validate()?;
+        defaults
+            .validate()
+            .map_err(|e| Error::model(&defaults_file, format!("inconsistent defaults: {e}")))?;
         let fps = gd.fps.unwrap_or(24);
         let info = ModelInfo {
             name,
@@ -549,9 +609,15 @@ impl VideoStream {
     /// Runs until the next causal block is finished and decodes it; `None` when the
     /// requested length is reached. See [`Generator::next_block`] for `cancel`.
     pub fn next_block(&mut self, cancel: &AtomicBool) -> Result<Option<DecodedBlock>> {
-        let Some(block) = self.generator.next_block(cancel)? else {
-            return Ok(None);
-        };
+        match self.generator.next_block(cancel)? {
+            Some(block) => Ok(Some(self.decode(block)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Decodes a finished block into frames; blocks must be decoded in the order the
+    /// generator produced them (the decoder is causal and keeps a cache of the last ones).
+    pub fn decode(&mut self, block: FinishedBlock) -> Result<DecodedBlock> {
         let z = self
             .pipeline
             .vae
@@ -560,13 +626,13 @@ impl VideoStream {
         let video = video.squeeze(0)?;
         let frames = to_rgb24(&video)?;
         let (h, w) = (video.dim(2)?, video.dim(3)?);
-        Ok(Some(DecodedBlock {
+        Ok(DecodedBlock {
             frames,
             width: w,
             height: h,
             stats: block.stats,
             video,
-        }))
+        })
     }
 
     /// Latents of the next finished block without decoding (benchmarks, tests).

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
-use motioncache::cache::{BlockPolicy, CacheMode, CacheSettings, MotionCacheState, Plan, StepInfo};
+use motioncache::cache::{
+    BlockPolicy, CacheMode, CacheSettings, MotionCacheState, MotionSource, Observation, Plan,
+    StepInfo,
+};
 use motioncache::generate::{BlockStats, Generator, GeneratorSettings, NoiseSource};
 use motioncache::model::Transformer;
 use motioncache::model::loader::load_transformer;
@@ -105,6 +108,7 @@ fn motioncache_reuses_and_higher_threshold_never_recomputes_more() {
             motion_threshold: t,
             warmup_steps: 3,
             uniform_updates: 2,
+            refresh_interval: 0,
             ..CacheSettings::with_mode(CacheMode::MotionCache)
         };
         let (_, st) = run(&m, s);
@@ -233,6 +237,8 @@ fn moving_region_is_recomputed_more_often() {
         motion_threshold: 0.1,
         temporal_consistency: 0.0,
         min_update_ratio: 0.0,
+        refresh_interval: 0,
+        motion_source: MotionSource::Output,
         ..Default::default()
     };
     let (frames, tpf, dim) = (3usize, 8usize, 4usize);
@@ -249,7 +255,7 @@ fn moving_region_is_recomputed_more_often() {
             frames,
             tokens_per_frame: tpf,
             has_residual: true,
-            prev_last_frame: None,
+            sigma: 1.0 - step as f64 / 40.0,
         };
         let plan = st.plan(&s, &info).unwrap();
         if step >= 2 + 2 + 2 {
@@ -274,7 +280,17 @@ fn moving_region_is_recomputed_more_often() {
             }
         }
         let x = Tensor::from_vec(rows, (frames * tpf, dim), &dev).unwrap();
-        st.observe(&s, &info, &plan, &x, &x).unwrap();
+        let x0 = Tensor::zeros((2, frames, 2, tpf), DType::F32, &dev).unwrap();
+        let obs = Observation {
+            x_in: &x,
+            x_out: &x,
+            prev_last_out: None,
+            x0: &x0,
+            prev_x0_last: None,
+            patch: (1, 1),
+            rates: &[],
+        };
+        st.observe(&s, &info, &plan, &obs).unwrap();
     }
     let moving: usize = (0..frames * tpf)
         .filter(|i| i % tpf < tpf / 2)

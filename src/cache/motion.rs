@@ -1,106 +1,20 @@
-//! The reuse policies: chunk-level TeaCache / FlowCache and token-level MotionCache.
+//! Token-level MotionCache: the rescaled step distance of the block's modulation is
+//! accumulated per token, weighted by how much the token moves between frames; tokens whose
+//! sum reaches the threshold are recomputed, the others reused.
 //!
-//! All three measure how much a block's timestep modulation moved since its previous step
-//! (relative L1, rescaled by the model's polynomial) and accumulate it; MotionCache weights
-//! the accumulation per token by how much that token moves between frames.
+//! One state machine serves both variants; the settings choose the reference's behaviour
+//! (`motioncache-reference`: five full steps, six uniform refreshes, weights from the mixed
+//! transformer output rescaled to `[0.6, 1]` per frame, a 0.5 temporal vote and a 0.4
+//! minimum ratio) or this project's default (`motioncache`: a tenth of the steps in full,
+//! weights at once from the predicted clean latent with a low floor, no vote or minimum
+//! ratio, a staleness bound).
 
 use candle_core::{D, DType, Tensor};
 
-use super::{BlockPolicy, CacheSettings, DistanceMode, Plan, StepInfo, WeightNorm};
-
-/// Relative L1 distance `mean|a - b| / (mean|b| + 1e-8)` of two modulation tensors
-/// `[frames, 6, dim]`: one value per frame, or the global value repeated per frame.
-fn rel_l1(a: &Tensor, b: &Tensor, mode: DistanceMode) -> candle_core::Result<Vec<f64>> {
-    let frames = a.dim(0)?;
-    let a = a.to_dtype(DType::F32)?.flatten_from(1)?;
-    let b = b.to_dtype(DType::F32)?.flatten_from(1)?;
-    let num = (&a - &b)?.abs()?;
-    let den = b.abs()?;
-    Ok(match mode {
-        DistanceMode::Global => {
-            let n = num.mean_all()?.to_scalar::<f32>()? as f64;
-            let d = den.mean_all()?.to_scalar::<f32>()? as f64;
-            vec![n / (d + 1e-8); frames]
-        }
-        DistanceMode::Token => {
-            let n = num.mean(D::Minus1)?.to_vec1::<f32>()?;
-            let d = den.mean(D::Minus1)?.to_vec1::<f32>()?;
-            n.iter()
-                .zip(&d)
-                .map(|(n, d)| *n as f64 / (*d as f64 + 1e-8))
-                .collect()
-        }
-    })
-}
-
-/// Chunk-level reuse (TeaCache / FlowCache): the whole block is computed or reused.
-#[derive(Default)]
-pub struct ChunkState {
-    prev: Option<Tensor>,
-    acc: f64,
-    /// FlowCache forces the block's last step to be computed; TeaCache does not.
-    force_last: bool,
-}
-
-pub type TeaCacheState = ChunkState;
-
-/// FlowCache's per-block decision (the block's final step is always computed).
-pub struct FlowCacheState(ChunkState);
-
-impl Default for FlowCacheState {
-    fn default() -> Self {
-        Self(ChunkState {
-            force_last: true,
-            ..ChunkState::default()
-        })
-    }
-}
-
-impl ChunkState {
-    fn decide(
-        &mut self,
-        s: &CacheSettings,
-        info: &StepInfo,
-        threshold: f64,
-    ) -> candle_core::Result<Plan> {
-        let forced = info.step < s.warmup_steps
-            || !info.has_residual
-            || threshold <= 0.0
-            || (self.force_last && info.step + 1 >= info.steps);
-        let plan = match (&self.prev, forced) {
-            (Some(prev), false) => {
-                let d = rel_l1(info.modulation, prev, DistanceMode::Global)?[0];
-                self.acc += s.rescaled(d);
-                if self.acc >= threshold {
-                    self.acc = 0.0;
-                    Plan::Full
-                } else {
-                    Plan::Skip
-                }
-            }
-            _ => {
-                self.acc = 0.0;
-                Plan::Full
-            }
-        };
-        self.prev = Some(info.modulation.clone());
-        Ok(plan)
-    }
-}
-
-impl BlockPolicy for ChunkState {
-    fn plan(&mut self, s: &CacheSettings, info: &StepInfo) -> candle_core::Result<Plan> {
-        let t = s.teacache_threshold;
-        self.decide(s, info, t)
-    }
-}
-
-impl BlockPolicy for FlowCacheState {
-    fn plan(&mut self, s: &CacheSettings, info: &StepInfo) -> candle_core::Result<Plan> {
-        let t = s.flowcache_threshold;
-        self.0.decide(s, info, t)
-    }
-}
+use super::{
+    BlockPolicy, CacheSettings, DistanceMode, MotionSource, Observation, Plan, StepInfo,
+    WeightNorm, rel_l1,
+};
 
 /// MotionCache state of one block in one guidance branch.
 #[derive(Default)]
@@ -114,65 +28,152 @@ pub struct MotionCacheState {
     weights: Option<Vec<f64>>,
     refreshes: usize,
     phase2: bool,
+    /// Observed rate of change per token (`DistanceMode::Observed`).
+    rates: Vec<f64>,
+    prev_sigma: Option<f64>,
+}
+
+/// Raw per-token motion of the block's transformer output `[frames * tpf, dim]` (the
+/// reference): the channel-mean absolute change from the previous frame relative to that
+/// frame's channel-mean magnitude; frame 0 compares with the previous block's last frame
+/// (block 0: frame 0 copies frame 1; a missing previous frame gives a flat row).
+pub fn output_motion(
+    x_out: &Tensor,
+    frames: usize,
+    tpf: usize,
+    prev_last: Option<&Tensor>,
+) -> candle_core::Result<Vec<Vec<f64>>> {
+    let x = x_out.to_dtype(DType::F32)?;
+    let dim = x.dim(1)?;
+    let x = x.reshape((frames, tpf, dim))?;
+    let diff = |cur: &Tensor, prev: &Tensor| -> candle_core::Result<Vec<f64>> {
+        let num = (cur - prev)?.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
+        let den = prev.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
+        Ok(num
+            .iter()
+            .zip(&den)
+            .map(|(n, d)| *n as f64 / (*d as f64 + 1e-8))
+            .collect())
+    };
+    let mut d: Vec<Vec<f64>> = Vec::with_capacity(frames);
+    for f in 0..frames {
+        let cur = x.get(f)?;
+        let row = if f > 0 {
+            diff(&cur, &x.get(f - 1)?)?
+        } else if let Some(p) = prev_last.filter(|p| p.dims() == [tpf, dim]) {
+            diff(&cur, &p.to_dtype(DType::F32)?)?
+        } else {
+            Vec::new()
+        };
+        d.push(row);
+    }
+    if d[0].is_empty() {
+        d[0] = if frames > 1 {
+            d[1].clone()
+        } else {
+            vec![1.0; tpf]
+        };
+    }
+    Ok(d)
+}
+
+/// Raw per-token motion of the predicted clean latent `x0` `[C, F, H, W]`: the mean
+/// absolute change from the previous frame over the token's channels and patch pixels.
+/// Frame 0 compares with `prev_last` `[C, H, W]` (the previous block's clean latent),
+/// else copies frame 1.
+pub fn clean_latent_motion(
+    x0: &Tensor,
+    prev_last: Option<&Tensor>,
+    patch: (usize, usize),
+) -> candle_core::Result<Vec<Vec<f64>>> {
+    let x0 = x0.to_dtype(DType::F32)?;
+    let (c, f, h, w) = x0.dims4()?;
+    let (ph, pw) = patch;
+    if f == 0 || h % ph != 0 || w % pw != 0 {
+        candle_core::bail!("clean latent {:?} does not fit patch {patch:?}", x0.shape());
+    }
+    let prev = match prev_last.filter(|p| p.dims() == [c, h, w]) {
+        Some(p) => Some(p.to_dtype(DType::F32)?.unsqueeze(1)?),
+        None => None,
+    };
+    // [C, F, H, W] differences along time; frame 0 against the previous block.
+    let d = if f > 1 {
+        let later = (x0.narrow(1, 1, f - 1)? - x0.narrow(1, 0, f - 1)?)?;
+        let first = match &prev {
+            Some(p) => (x0.narrow(1, 0, 1)? - p)?,
+            None => later.narrow(1, 0, 1)?,
+        };
+        Tensor::cat(&[first, later], 1)?
+    } else {
+        match &prev {
+            Some(p) => (x0 - p)?,
+            None => x0.ones_like()?,
+        }
+    };
+    // Mean |d| over channels and each token's ph x pw pixels: [F, H/ph, W/pw].
+    let (gh, gw) = (h / ph, w / pw);
+    let m = d
+        .abs()?
+        .mean(0)?
+        .reshape((f, gh, ph, gw, pw))?
+        .mean(4)?
+        .mean(2)?;
+    let v = m.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.chunks(gh * gw)
+        .map(|r| r.iter().map(|&x| x as f64).collect())
+        .collect())
+}
+
+/// Normalises raw per-frame motion rows into weights, frame-major.
+pub(crate) fn normalise(s: &CacheSettings, rows: &[Vec<f64>]) -> Vec<f64> {
+    let mut w = Vec::with_capacity(rows.iter().map(Vec::len).sum());
+    for row in rows {
+        let max = row.iter().cloned().fold(f64::MIN, f64::max);
+        let min = row.iter().cloned().fold(f64::MAX, f64::min);
+        let mean = row.iter().sum::<f64>() / row.len().max(1) as f64;
+        w.extend(row.iter().map(|&v| match s.weight_norm {
+            WeightNorm::Mean => v / (mean + 1e-8),
+            WeightNorm::Max => v / (max + 1e-8),
+            WeightNorm::MaxRescale => {
+                s.weight_floor + (1.0 - s.weight_floor) * (v - min) / (max - min + 1e-8)
+            }
+            WeightNorm::MeanClamp => (v / (mean + 1e-12)).clamp(s.weight_floor, 1.0),
+            WeightNorm::AboveMean => {
+                s.weight_floor
+                    + (1.0 - s.weight_floor) * ((v - mean) / (max - mean + 1e-12)).clamp(0.0, 1.0)
+            }
+        }));
+    }
+    w
 }
 
 impl MotionCacheState {
-    /// Motion weights from the block's output tokens `[frames * tpf, dim]`: per spatial
-    /// token the channel-mean absolute change from the previous frame relative to that
-    /// frame's channel-mean magnitude; frame 0 compares with the previous block's last frame
-    /// (block 0 copies frame 1). Normalised per frame.
+    /// Motion weights for the block after a step, per the settings' source and
+    /// normalisation.
     pub fn motion_weights(
         s: &CacheSettings,
-        x_out: &Tensor,
-        frames: usize,
-        tpf: usize,
-        prev_last_frame: Option<&Tensor>,
+        info: &StepInfo,
+        obs: &Observation,
     ) -> candle_core::Result<Vec<f64>> {
-        let x = x_out.to_dtype(DType::F32)?;
-        let dim = x.dim(1)?;
-        let x = x.reshape((frames, tpf, dim))?;
-        let mut d: Vec<Vec<f64>> = Vec::with_capacity(frames);
-        let diff = |cur: &Tensor, prev: &Tensor| -> candle_core::Result<Vec<f64>> {
-            let num = (cur - prev)?.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
-            let den = prev.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
-            Ok(num
-                .iter()
-                .zip(&den)
-                .map(|(n, d)| *n as f64 / (*d as f64 + 1e-8))
-                .collect())
+        let rows = match s.motion_source {
+            MotionSource::Output => output_motion(
+                obs.x_out,
+                info.frames,
+                info.tokens_per_frame,
+                obs.prev_last_out,
+            )?,
+            MotionSource::CleanLatent => clean_latent_motion(obs.x0, obs.prev_x0_last, obs.patch)?,
         };
-        for f in 0..frames {
-            let cur = x.get(f)?;
-            let row = if f > 0 {
-                diff(&cur, &x.get(f - 1)?)?
-            } else if let Some(p) = prev_last_frame.filter(|p| p.dims() == [tpf, dim]) {
-                diff(&cur, &p.to_dtype(DType::F32)?)?
-            } else {
-                Vec::new() // filled from frame 1 below
-            };
-            d.push(row);
+        if rows.len() != info.frames || rows.iter().any(|r| r.len() != info.tokens_per_frame) {
+            candle_core::bail!(
+                "motion rows {}x{} for a block of {}x{} tokens",
+                rows.len(),
+                rows.first().map_or(0, Vec::len),
+                info.frames,
+                info.tokens_per_frame
+            );
         }
-        if d[0].is_empty() {
-            d[0] = if frames > 1 {
-                d[1].clone()
-            } else {
-                vec![1.0; tpf]
-            };
-        }
-        let mut w = Vec::with_capacity(frames * tpf);
-        for row in d {
-            let max = row.iter().cloned().fold(f64::MIN, f64::max);
-            let min = row.iter().cloned().fold(f64::MAX, f64::min);
-            let mean = row.iter().sum::<f64>() / row.len().max(1) as f64;
-            w.extend(row.iter().map(|&v| match s.weight_norm {
-                WeightNorm::Mean => v / (mean + 1e-8),
-                WeightNorm::Max => v / (max + 1e-8),
-                WeightNorm::MaxRescale => {
-                    s.weight_floor + (1.0 - s.weight_floor) * (v - min) / (max - min + 1e-8)
-                }
-            }));
-        }
-        Ok(w)
+        Ok(normalise(s, &rows))
     }
 }
 
@@ -184,23 +185,34 @@ impl BlockPolicy for MotionCacheState {
             self.age = vec![0; n];
             self.weights = None;
         }
+        if self.rates.len() != n {
+            self.rates = vec![0.0; n];
+        }
         let prev = self.prev.replace(info.modulation.clone());
+        let prev_sigma = self.prev_sigma.replace(info.sigma);
         let warm = info.step < s.warmup_steps || !info.has_residual || s.motion_threshold <= 0.0;
-        let Some(prev) = prev.filter(|_| !warm) else {
+        let last = s.full_last_step && info.step + 1 >= info.steps;
+        let Some(prev) = prev.filter(|_| !warm && !last) else {
             return Ok(Plan::Full);
         };
-        let dist: Vec<f64> = rel_l1(info.modulation, &prev, s.distance_mode)?
-            .into_iter()
-            .map(|d| s.rescaled(d))
-            .collect();
         let tpf = info.tokens_per_frame;
+        let dist: Vec<f64> = if s.distance_mode == DistanceMode::Observed {
+            let ds = prev_sigma.map_or(0.0, |p| (p - info.sigma).abs());
+            self.rates.iter().map(|r| r * ds).collect()
+        } else {
+            let per_frame: Vec<f64> = rel_l1(info.modulation, &prev, s.distance_mode)?
+                .into_iter()
+                .map(|d| s.rescaled(d))
+                .collect();
+            (0..n).map(|i| per_frame[i / tpf]).collect()
+        };
         let mut need = vec![false; n];
         for i in 0..n {
             let w = match (&self.weights, self.phase2) {
                 (Some(w), true) => w[i],
                 _ => 1.0,
             };
-            self.acc[i] += dist[i / tpf] * w;
+            self.acc[i] += dist[i] * w;
             self.age[i] += 1;
             need[i] = self.acc[i] >= s.motion_threshold;
         }
@@ -249,9 +261,15 @@ impl BlockPolicy for MotionCacheState {
         s: &CacheSettings,
         info: &StepInfo,
         plan: &Plan,
-        _x_in: &Tensor,
-        x_out: &Tensor,
+        obs: &Observation,
     ) -> candle_core::Result<()> {
+        if self.rates.len() == info.frames * info.tokens_per_frame {
+            for &(i, r) in obs.rates {
+                if let Some(x) = self.rates.get_mut(i as usize) {
+                    *x = r as f64;
+                }
+            }
+        }
         let warm = info.step < s.warmup_steps;
         if warm || matches!(plan, Plan::Full) {
             self.age.iter_mut().for_each(|a| *a = 0);
@@ -270,15 +288,13 @@ impl BlockPolicy for MotionCacheState {
             }
         }
         if self.phase2 {
-            self.weights = Some(Self::motion_weights(
-                s,
-                x_out,
-                info.frames,
-                info.tokens_per_frame,
-                info.prev_last_frame,
-            )?);
+            self.weights = Some(Self::motion_weights(s, info, obs)?);
         }
         Ok(())
+    }
+
+    fn weights(&self) -> Option<&[f64]> {
+        self.weights.as_deref().filter(|_| self.phase2)
     }
 }
 
@@ -287,18 +303,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn info<'a>(step: usize, m: &'a Tensor, frames: usize, tpf: usize) -> StepInfo<'a> {
-        StepInfo {
-            step,
-            steps: 50,
-            modulation: m,
-            frames,
-            tokens_per_frame: tpf,
-            has_residual: true,
-            prev_last_frame: None,
-        }
-    }
-
     #[test]
     fn moving_region_gets_higher_weights() {
         // Two frames of 4 tokens; only token 1 changes between frames.
@@ -306,8 +310,8 @@ mod tests {
         let f0 = Tensor::new(&[[1f32, 1.], [1., 1.], [1., 1.], [1., 1.]], &dev).unwrap();
         let f1 = Tensor::new(&[[1f32, 1.], [3., 3.], [1., 1.], [1., 1.]], &dev).unwrap();
         let x = Tensor::cat(&[f0, f1], 0).unwrap();
-        let s = CacheSettings::default();
-        let w = MotionCacheState::motion_weights(&s, &x, 2, 4, None).unwrap();
+        let s = CacheSettings::for_schedule(super::super::CacheMode::MotionCacheReference, 50);
+        let w = normalise(&s, &output_motion(&x, 2, 4, None).unwrap());
         assert!(
             (w[5] - 1.0).abs() < 1e-6,
             "moving token gets the top weight"
@@ -321,19 +325,66 @@ mod tests {
     }
 
     #[test]
+    fn clean_latent_motion_follows_the_moving_patch() {
+        // [C=2, F=2, H=4, W=4], patch 2x2: 4 tokens per frame; only the top-left patch
+        // changes from frame 0 to frame 1; the previous block's last frame equals frame 0.
+        let dev = Device::Cpu;
+        let mut v = vec![0f32; 2 * 2 * 4 * 4];
+        for c in 0..2 {
+            for y in 0..2 {
+                for x in 0..2 {
+                    v[((c * 2 + 1) * 4 + y) * 4 + x] = 1.0;
+                }
+            }
+        }
+        let x0 = Tensor::from_vec(v, (2, 2, 4, 4), &dev).unwrap();
+        let prev = x0.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        let rows = clean_latent_motion(&x0, Some(&prev), (2, 2)).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], vec![0.0; 4]);
+        assert_eq!(rows[1], vec![1.0, 0.0, 0.0, 0.0]);
+        let s = CacheSettings::default();
+        let w = normalise(&s, &rows);
+        assert!((w[4] - 1.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(w[5], s.weight_floor);
+    }
+
+    fn info<'a>(step: usize, m: &'a Tensor, frames: usize, tpf: usize) -> StepInfo<'a> {
+        StepInfo {
+            step,
+            steps: 50,
+            modulation: m,
+            frames,
+            tokens_per_frame: tpf,
+            has_residual: true,
+            sigma: 0.5,
+        }
+    }
+
+    #[test]
     fn warmup_is_full_and_min_ratio_skips() {
         let dev = Device::Cpu;
         let s = CacheSettings {
             warmup_steps: 2,
-            ..Default::default()
+            ..CacheSettings::for_schedule(super::super::CacheMode::MotionCacheReference, 50)
         };
         let mut st = MotionCacheState::default();
         let x = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
+        let x0 = Tensor::zeros((2, 2, 4, 2), DType::F32, &dev).unwrap();
+        let obs = Observation {
+            x_in: &x,
+            x_out: &x,
+            prev_last_out: None,
+            x0: &x0,
+            prev_x0_last: None,
+            patch: (2, 1),
+            rates: &[],
+        };
         for step in 0..2 {
             let m = Tensor::full(1.0f32 + step as f32, (2, 6, 2), &dev).unwrap();
             let i = info(step, &m, 2, 4);
             assert_eq!(st.plan(&s, &i).unwrap(), Plan::Full);
-            st.observe(&s, &i, &Plan::Full, &x, &x).unwrap();
+            st.observe(&s, &i, &Plan::Full, &obs).unwrap();
         }
         // A tiny modulation change: the polynomial is near zero, nothing crosses 0.1.
         let m = Tensor::full(2.0001f32, (2, 6, 2), &dev).unwrap();

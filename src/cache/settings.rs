@@ -1,4 +1,4 @@
-//! Cache settings: one plain struct with the reference defaults, validated.
+//! Cache settings: one plain struct, defaults per mode and schedule length, validated.
 
 use crate::error::{Error, Result};
 
@@ -12,20 +12,28 @@ pub enum CacheMode {
     /// Chunk level: skip a whole block-step while the accumulated rescaled modulation
     /// distance stays under `teacache_threshold`.
     TeaCache,
-    /// Chunk level with a motion-free per-block budget (FlowCache-style).
+    /// Chunk level with exact reuse of finished blocks and a forced last step
+    /// (FlowCache-style).
     FlowCache,
-    /// Token level, motion aware.
+    /// Token level, motion aware: this project's MotionCache (motion from the predicted
+    /// clean latent, phases scaled to the schedule, a low weight floor).
     #[default]
     MotionCache,
+    /// Token level as the public reference implementation computes it (ywlq/MotionCache,
+    /// the paper's settings): five full steps, six uniform refreshes, motion weights from
+    /// the mixed transformer output, stale residuals, no recompute of finished blocks at
+    /// t = 0.
+    MotionCacheReference,
 }
 
 impl CacheMode {
-    pub const ALL: [CacheMode; 5] = [
+    pub const ALL: [CacheMode; 6] = [
         CacheMode::Vanilla,
         CacheMode::None,
         CacheMode::TeaCache,
         CacheMode::FlowCache,
         CacheMode::MotionCache,
+        CacheMode::MotionCacheReference,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,20 +43,26 @@ impl CacheMode {
             CacheMode::TeaCache => "teacache",
             CacheMode::FlowCache => "flowcache",
             CacheMode::MotionCache => "motioncache",
+            CacheMode::MotionCacheReference => "motioncache-reference",
         }
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                Error::setting(
-                    "cache-mode",
-                    s,
-                    "expected vanilla, none, teacache, flowcache or motioncache",
-                )
-            })
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            Error::setting(
+                "cache-mode",
+                s,
+                "expected vanilla, none, teacache, flowcache, motioncache or motioncache-reference",
+            )
+        })
+    }
+
+    /// Whether the mode decides per token.
+    pub fn is_token_level(self) -> bool {
+        matches!(
+            self,
+            CacheMode::MotionCache | CacheMode::MotionCacheReference
+        )
     }
 }
 
@@ -56,19 +70,60 @@ impl CacheMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DistanceMode {
     /// One scalar per block-step.
-    Global,
-    /// One value per token.
     #[default]
+    Global,
+    /// One value per frame (every token of a frame shares its timestep).
     Token,
+    /// Per token: the token's own observed rate of change (relative change of its residual
+    /// per unit of sigma, measured whenever it is computed) times the sigma the step
+    /// advances. The accumulated value estimates how far the token's reused residual is
+    /// from a fresh one, without a fitted polynomial.
+    Observed,
 }
 
 /// Per-frame normalisation of the motion weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightNorm {
+    /// `d / mean(d)`.
     Mean,
+    /// `d / max(d)`.
     Max,
-    #[default]
+    /// `floor + (1 - floor) (d - min) / (max - min)`: the reference's; every frame spans
+    /// `[floor, 1]` whatever its motion.
     MaxRescale,
+    /// `clamp(d / mean(d), floor, 1)`: tokens that move more than the frame's average get
+    /// weight 1, still ones the floor; a frame without motion keeps weights near 1 (no
+    /// reason to prefer any token).
+    MeanClamp,
+    /// `floor + (1 - floor) clamp((d - mean) / (max - mean), 0, 1)`: tokens at or below
+    /// the frame's average motion (the background, whose clean-latent estimate still
+    /// flickers a little) get the floor, the most moving token 1.
+    #[default]
+    AboveMean,
+}
+
+/// Where the motion weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MotionSource {
+    /// Inter-frame differences of the block's transformer output (fresh and reused tokens
+    /// mixed), relative to the previous frame's magnitude: the reference.
+    Output,
+    /// Inter-frame differences of the predicted clean latent `x0 = x_t - sigma * v` (after
+    /// guidance), pooled per token: follows the content, not the noise.
+    #[default]
+    CleanLatent,
+}
+
+/// What a reused token's output is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reuse {
+    /// `input + last residual` (TeaCache, the reference).
+    #[default]
+    Residual,
+    /// `input + r1 + (r1 - r0) * (sigma - sigma1) / (sigma1 - sigma0)`: the residual
+    /// extrapolated to this step from the token's last two computed residuals (first
+    /// order, as TaylorSeer-style caches do), clamped to at most one interval ahead.
+    Forecast,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,16 +137,25 @@ pub struct CacheSettings {
     pub refresh_interval: usize,
     /// Phase-1 refreshes (uniform weights) before motion weights apply.
     pub uniform_updates: usize,
-    /// Floor of the max-rescale normalisation.
+    /// Floor of the weight normalisation.
     pub weight_floor: f64,
     /// Skip the forward when fewer than this fraction of tokens need it.
     pub min_update_ratio: f64,
     /// Threshold of the per-position vote across the block's frames (0 = off).
     pub temporal_consistency: f64,
+    /// Whether a block's last step is always computed in full.
+    pub full_last_step: bool,
     pub distance_mode: DistanceMode,
     pub weight_norm: WeightNorm,
+    pub motion_source: MotionSource,
+    pub reuse: Reuse,
+    /// Whether a finished block's K/V are recomputed once from its final latents at t = 0
+    /// (exact; what diffusers' every-row recompute gives). The reference keeps the K/V of
+    /// the block's last forward instead.
+    pub commit_finished: bool,
     /// Rescale polynomial of the relative modulation distance, highest power first
-    /// (TeaCache's fit for Wan 2.1 1.3B by default).
+    /// (TeaCache's fit for Wan 2.1 1.3B by default; `motioncache-bench calibrate` fits
+    /// one per model).
     pub rescale: Vec<f64>,
     /// TeaCache: accumulated distance below which a block-step is skipped.
     pub teacache_threshold: f64,
@@ -109,39 +173,107 @@ pub const WAN_1_3B_RESCALE: [f64; 5] = [
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        Self {
-            mode: CacheMode::MotionCache,
-            // The reference's `warmup_steps = 4` runs steps 0..=4 in full: five full steps.
-            warmup_steps: 5,
+        Self::for_schedule(CacheMode::MotionCache, 50)
+    }
+}
+
+/// The reference's warm-up: `warmup_steps = 4` runs steps 0..=4 in full, five full steps
+/// (fewer when the schedule is shorter).
+const REFERENCE_WARMUP: usize = 5;
+
+impl CacheSettings {
+    /// The defaults of `mode` for a schedule of `steps` denoising steps (Wan 2.1's rescale
+    /// polynomial; models replace it with their own).
+    ///
+    /// `motioncache`'s phases scale with the schedule, so that every schedule from 8 to 50
+    /// steps reaches the token-level phase: a tenth of the steps (at least 2) in full, then
+    /// motion weights at once (they come from the predicted clean latent, which is
+    /// meaningful from the first steps), and a staleness bound of a third of the steps.
+    /// Threshold 0.05 and weight floor 0.1 were chosen on the embedded model (10 steps):
+    /// they keep the vanilla run's prompt adherence while moving tokens are recomputed
+    /// about twice as often as static ones; reused tokens keep their last residual (the
+    /// first-order forecast, `Reuse::Forecast`, lost the prompt's colour in two of three
+    /// streams at the same settings).
+    /// The chunk-level modes and the reference keep the reference's five full steps.
+    pub fn for_schedule(mode: CacheMode, steps: usize) -> Self {
+        let steps = steps.max(1);
+        let reference = Self {
+            mode,
+            warmup_steps: REFERENCE_WARMUP.min(steps),
             motion_threshold: 0.1,
             refresh_interval: 0,
             uniform_updates: 6,
             weight_floor: 0.6,
             min_update_ratio: 0.4,
             temporal_consistency: 0.5,
-            distance_mode: DistanceMode::Token,
+            full_last_step: false,
+            distance_mode: DistanceMode::Global,
             weight_norm: WeightNorm::MaxRescale,
+            motion_source: MotionSource::Output,
+            reuse: Reuse::Residual,
+            commit_finished: false,
             rescale: WAN_1_3B_RESCALE.to_vec(),
             teacache_threshold: 0.1,
             flowcache_threshold: 0.1,
+        };
+        match mode {
+            CacheMode::MotionCacheReference => reference,
+            CacheMode::MotionCache => Self {
+                warmup_steps: Self::scaled_warmup(steps),
+                motion_threshold: 0.05,
+                refresh_interval: steps.div_ceil(3).max(2),
+                uniform_updates: 0,
+                weight_floor: 0.1,
+                min_update_ratio: 0.0,
+                temporal_consistency: 0.0,
+                full_last_step: false,
+                distance_mode: DistanceMode::Token,
+                weight_norm: WeightNorm::AboveMean,
+                motion_source: MotionSource::CleanLatent,
+                reuse: Reuse::Residual,
+                commit_finished: true,
+                ..reference
+            },
+            // Chunk-level baselines and the exact modes: finished blocks recomputed once at
+            // t = 0 (`none` is exact; FlowCache reuses finished chunks), FlowCache forces a
+            // block's last step.
+            CacheMode::FlowCache => Self {
+                commit_finished: true,
+                full_last_step: true,
+                ..reference
+            },
+            CacheMode::Vanilla | CacheMode::None | CacheMode::TeaCache => Self {
+                commit_finished: true,
+                ..reference
+            },
         }
     }
-}
 
-impl CacheSettings {
+    /// `motioncache`'s warm-up for `steps` steps: a tenth, at least 2 (so that a
+    /// forecast, when chosen, has two computed residuals), never more than the schedule.
+    pub fn scaled_warmup(steps: usize) -> usize {
+        ((steps as f64 * 0.1).round() as usize).max(2).min(steps)
+    }
+
     pub fn with_mode(mode: CacheMode) -> Self {
-        Self {
-            mode,
-            ..Self::default()
+        Self::for_schedule(mode, 50)
+    }
+
+    /// The threshold the mode compares its accumulated distance against.
+    pub fn threshold(&self) -> f64 {
+        match self.mode {
+            CacheMode::TeaCache => self.teacache_threshold,
+            CacheMode::FlowCache => self.flowcache_threshold,
+            _ => self.motion_threshold,
         }
     }
 
-    /// The reference defaults for a schedule of `steps` steps: five warm-up steps at 20
-    /// steps or more (the reference runs 50), a quarter of the steps for short schedules.
-    pub fn for_steps(steps: usize) -> Self {
-        Self {
-            warmup_steps: if steps >= 20 { 5 } else { (steps / 4).max(1) },
-            ..Self::default()
+    /// Sets the threshold of the current mode.
+    pub fn set_threshold(&mut self, t: f64) {
+        match self.mode {
+            CacheMode::TeaCache => self.teacache_threshold = t,
+            CacheMode::FlowCache => self.flowcache_threshold = t,
+            _ => self.motion_threshold = t,
         }
     }
 
@@ -217,6 +349,15 @@ mod tests {
     #[test]
     fn defaults_validate_and_bad_values_name_the_field() {
         assert!(CacheSettings::default().validate(50).is_ok());
+        for steps in [1, 2, 8, 10, 50] {
+            for mode in CacheMode::ALL {
+                assert!(
+                    CacheSettings::for_schedule(mode, steps)
+                        .validate(steps)
+                        .is_ok()
+                );
+            }
+        }
         let e = CacheSettings {
             motion_threshold: -1.0,
             ..Default::default()
@@ -242,12 +383,27 @@ mod tests {
         .to_string();
         assert!(e.contains("weight-floor"), "{e}");
         assert!(CacheMode::parse("motioncache").is_ok());
+        assert_eq!(
+            CacheMode::parse("motioncache-reference").unwrap(),
+            CacheMode::MotionCacheReference
+        );
         assert!(
             CacheMode::parse("fast")
                 .unwrap_err()
                 .to_string()
                 .contains("cache-mode")
         );
+    }
+
+    #[test]
+    fn phases_scale_with_the_schedule() {
+        assert_eq!(CacheSettings::scaled_warmup(8), 2);
+        assert_eq!(CacheSettings::scaled_warmup(10), 2);
+        assert_eq!(CacheSettings::scaled_warmup(50), 5);
+        let r = CacheSettings::for_schedule(CacheMode::MotionCacheReference, 50);
+        assert_eq!((r.warmup_steps, r.uniform_updates), (5, 6));
+        let r = CacheSettings::for_schedule(CacheMode::MotionCacheReference, 3);
+        assert_eq!(r.warmup_steps, 3);
     }
 
     #[test]

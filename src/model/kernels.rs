@@ -28,22 +28,25 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         &[Group {
             q_start: 0,
             q_len: n,
+            k_start: 0,
             keys: l,
         }],
     )
 }
 
-/// A run of query rows that attends to the first `keys` keys.
+/// A run of query rows that attends to the `keys` keys starting at key row `k_start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Group {
     pub q_start: usize,
     pub q_len: usize,
+    pub k_start: usize,
     pub keys: usize,
 }
 
-/// Attention where each group of query rows sees a prefix of the keys: block-causal
+/// Attention where each group of query rows sees its own range of the keys: block-causal
 /// attention over several blocks at once (block `b`'s queries see the keys up to the end of
-/// block `b`), without a mask and without computing the hidden scores. The groups must
+/// block `b`), or several guidance branches whose key caches sit one after the other in
+/// `k` / `v`, without a mask and without computing the hidden scores. The groups must
 /// cover the query rows in order.
 pub fn sdpa_grouped(
     q: &Tensor,
@@ -63,7 +66,7 @@ pub fn sdpa_grouped(
     }
     let mut next = 0;
     for g in groups {
-        if g.q_start != next || g.keys == 0 || g.keys > l {
+        if g.q_start != next || g.keys == 0 || g.k_start + g.keys > l {
             candle_core::bail!("attention groups {groups:?} do not fit {n} queries and {l} keys");
         }
         next += g.q_len;
@@ -84,8 +87,8 @@ pub fn sdpa_grouped(
     for g in groups.iter().filter(|g| g.q_len > 0) {
         outs.push(generic(
             &q.narrow(2, g.q_start, g.q_len)?,
-            &k.narrow(2, 0, g.keys)?,
-            &v.narrow(2, 0, g.keys)?,
+            &k.narrow(2, g.k_start, g.keys)?,
+            &v.narrow(2, g.k_start, g.keys)?,
         )?);
     }
     match outs.len() {
@@ -155,7 +158,7 @@ impl CustomOp3 for CpuAttention {
         // Tasks: (head, first query row, keys seen, its rows of the output): chunks of query
         // rows inside one group, sized so that their scores stay in L2.
         let chunk_rows = |keys: usize| (TASK_SCORES / keys).max(1);
-        let mut tasks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+        let mut tasks: Vec<(usize, usize, usize, usize, &mut [f32])> = Vec::new();
         for (h, oh) in out.chunks_mut(n * hd).enumerate() {
             let mut rest = oh;
             for g in &self.groups {
@@ -166,7 +169,7 @@ impl CustomOp3 for CpuAttention {
                     let rows = chunk_rows(g.keys).min(grp.len() / hd);
                     let (o, tail) = grp.split_at_mut(rows * hd);
                     grp = tail;
-                    tasks.push((h, q0, g.keys, o));
+                    tasks.push((h, q0, g.k_start, g.keys, o));
                     q0 += rows;
                 }
             }
@@ -179,11 +182,11 @@ impl CustomOp3 for CpuAttention {
             .unwrap_or(0);
         tasks.into_par_iter().for_each_init(
             || vec![0f32; max_scores],
-            |scores, (h, q0, l_g, o)| {
+            |scores, (h, q0, k0, l_g, o)| {
                 let rows = o.len() / hd;
                 let qh = &q[(h * n + q0) * hd..(h * n + q0 + rows) * hd];
-                let kh = &k[h * l * hd..(h * l + l_g) * hd];
-                let vh = &v[h * l * hd..(h * l + l_g) * hd];
+                let kh = &k[(h * l + k0) * hd..(h * l + k0 + l_g) * hd];
+                let vh = &v[(h * l + k0) * hd..(h * l + k0 + l_g) * hd];
                 let l = l_g;
                 let s = &mut scores[..rows * l];
                 // SAFETY: every pointer/stride pair below describes a buffer of exactly the
@@ -635,23 +638,31 @@ mod tests {
     fn grouped_is_block_causal() {
         let dev = Device::Cpu;
         let (heads, hd) = (3, 16);
-        // A prefix of 40 keys, then three blocks of 50 queries (the last one chunked).
-        let q = Tensor::randn(0f32, 1.0, (1, heads, 150, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, heads, 190, hd), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (1, heads, 190, hd), &dev).unwrap();
-        let groups: Vec<Group> = (0..3)
+        // A prefix of 40 keys, then three blocks of 50 queries (the last one chunked), then
+        // a second branch's cache (keys from 190 on) with a block of 20 queries.
+        let q = Tensor::randn(0f32, 1.0, (1, heads, 170, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, heads, 260, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, heads, 260, hd), &dev).unwrap();
+        let mut groups: Vec<Group> = (0..3)
             .map(|b| Group {
                 q_start: 50 * b,
                 q_len: 50,
+                k_start: 0,
                 keys: 40 + 50 * (b + 1),
             })
             .collect();
+        groups.push(Group {
+            q_start: 150,
+            q_len: 20,
+            k_start: 190,
+            keys: 70,
+        });
         let got = sdpa_grouped(&q, &k, &v, &groups).unwrap();
         for g in &groups {
             let want = generic(
                 &q.narrow(2, g.q_start, g.q_len).unwrap(),
-                &k.narrow(2, 0, g.keys).unwrap(),
-                &v.narrow(2, 0, g.keys).unwrap(),
+                &k.narrow(2, g.k_start, g.keys).unwrap(),
+                &v.narrow(2, g.k_start, g.keys).unwrap(),
             )
             .unwrap();
             let err = max_abs_diff(&got.narrow(2, g.q_start, g.q_len).unwrap(), &want);
@@ -659,13 +670,15 @@ mod tests {
         }
         let bad = [Group {
             q_start: 0,
-            q_len: 150,
-            keys: 191,
+            q_len: 170,
+            k_start: 200,
+            keys: 61,
         }];
         assert!(sdpa_grouped(&q, &k, &v, &bad).is_err());
         let gap = [Group {
             q_start: 0,
             q_len: 100,
+            k_start: 0,
             keys: 10,
         }];
         assert!(sdpa_grouped(&q, &k, &v, &gap).is_err());

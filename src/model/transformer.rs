@@ -9,6 +9,14 @@
 //!
 //! Tensors inside a forward carry no batch dimension: hidden states are `[tokens, dim]`,
 //! keys/values `[1, heads, tokens, head_dim]`.
+//!
+//! The generator runs one [`Batch`] per row of the step matrix: any tokens of any blocks of
+//! both guidance branches in one forward (every linear layer sees all of them at once), each
+//! block attending to its range of a preallocated [`KvCache`] into which the forward writes
+//! the processed tokens' keys/values in place. Under the block-causal mask this equals the
+//! block-by-block computation: a block's layer-`l` keys/values depend only on its own
+//! inputs, so computing every block of a row layer by layer gives the later blocks the same
+//! keys/values as computing the earlier blocks first.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -19,6 +27,269 @@ use super::config::TransformerConfig;
 #[derive(Clone)]
 pub struct Context {
     layers: Vec<(Tensor, Tensor)>,
+}
+
+impl Context {
+    /// Text positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Several contexts one after the other along the key axis, layer by layer: a batch
+    /// whose tokens come from several guidance branches attends to branch `i`'s context at
+    /// keys `i * len .. (i + 1) * len` (see [`Batch::cross_groups`]).
+    pub fn stack(contexts: &[&Context]) -> candle_core::Result<Context> {
+        let Some(first) = contexts.first() else {
+            candle_core::bail!("no context to stack");
+        };
+        if contexts.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let len = first.len();
+        if contexts.iter().any(|c| c.len() != len) {
+            candle_core::bail!("contexts of different lengths cannot be stacked");
+        }
+        let layers = (0..first.layers.len())
+            .map(|l| {
+                let ks: Vec<&Tensor> = contexts.iter().map(|c| &c.layers[l].0).collect();
+                let vs: Vec<&Tensor> = contexts.iter().map(|c| &c.layers[l].1).collect();
+                Ok((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Context { layers })
+    }
+}
+
+/// Keys and values of every layer for the attention blocks of a window, one region of
+/// `capacity` token rows per guidance branch, allocated once and written in place by
+/// [`Transformer::forward_batch`] (no concatenation per pass). Token `p` of branch `b`
+/// lives at row `b * capacity + p`.
+pub struct KvCache {
+    /// Per layer `(k, v)`, each `[1, heads, branches * capacity, head_dim]`, keys rotated.
+    layers: Vec<(Tensor, Tensor)>,
+    capacity: usize,
+    branches: usize,
+}
+
+impl KvCache {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn branches(&self) -> usize {
+        self.branches
+    }
+
+    /// Cache row of token `pos` of branch `branch`.
+    pub fn slot(&self, branch: usize, pos: usize) -> usize {
+        branch * self.capacity + pos
+    }
+
+    /// Copies `rows` rows of layer keys/values starting at `from` into a [`BlockKv`].
+    fn read(&self, from: usize, rows: usize) -> candle_core::Result<BlockKv> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(2, from, rows)?.contiguous()?,
+                    v.narrow(2, from, rows)?.contiguous()?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(BlockKv { layers })
+    }
+
+    /// Writes a [`BlockKv`] at rows `at..`.
+    fn write(&self, at: usize, kv: &BlockKv) -> candle_core::Result<()> {
+        for ((k, v), (sk, sv)) in self.layers.iter().zip(&kv.layers) {
+            k.slice_set(&sk.to_dtype(k.dtype())?.contiguous()?, 2, at)?;
+            v.slice_set(&sv.to_dtype(v.dtype())?.contiguous()?, 2, at)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tokens of one [`Transformer::forward_batch`]: any tokens of any attention blocks of
+/// any guidance branches, in the order of their attention groups. Built with
+/// [`BatchBuilder`].
+pub struct Batch {
+    /// `[n, dim]` patch embeddings.
+    pub x: Tensor,
+    /// `[runs, 6, dim]`, f32: the 6-way modulation of each run of tokens of one frame.
+    pub proj: Tensor,
+    /// Tokens of each frame run, in order (sum `n`).
+    pub frame_counts: Vec<usize>,
+    /// RoPE tables of the tokens, `[n, head_dim / 2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[n]` u32: the cache row each token's keys/values are written to.
+    pub slots: Tensor,
+    /// Self-attention: each group of query rows attends to a range of cache rows.
+    pub self_groups: Vec<super::kernels::Group>,
+    /// Cross-attention: each group of query rows attends to its branch's context in the
+    /// stacked contexts.
+    pub cross_groups: Vec<super::kernels::Group>,
+}
+
+/// One part of a [`Batch`]: tokens of one attention block (or of several consecutive blocks
+/// attending as one group) of one guidance branch.
+pub struct BatchItem<'a> {
+    /// `[m, dim]` patch embeddings of the processed tokens.
+    pub x: Tensor,
+    pub modulation: &'a FrameModulation,
+    /// Which tokens of the block(s) (rope tables, frame counts).
+    pub tokens: &'a TokenSet,
+    pub branch: usize,
+    /// Position (within the branch's cache region) of the block's first token; the
+    /// processed tokens are written at `first + their index in the block`.
+    pub first: usize,
+    /// The cache positions (within the branch's region) the item attends to, its own
+    /// tokens included. With block-causal groups inside the item, each group sees the
+    /// positions from `keys.start` to its own end.
+    pub keys: std::ops::Range<usize>,
+}
+
+/// Accumulates [`BatchItem`]s into a [`Batch`].
+#[derive(Default)]
+pub struct BatchBuilder {
+    x: Vec<Tensor>,
+    proj: Vec<Tensor>,
+    counts: Vec<usize>,
+    cos: Vec<Tensor>,
+    sin: Vec<Tensor>,
+    slots: Vec<u32>,
+    self_groups: Vec<super::kernels::Group>,
+    cross_groups: Vec<super::kernels::Group>,
+    n: usize,
+}
+
+impl BatchBuilder {
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Tokens pushed so far.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Adds an item; returns the row range of its tokens in the batch.
+    pub fn push(
+        &mut self,
+        item: BatchItem,
+        cache: &KvCache,
+        text_len: usize,
+    ) -> candle_core::Result<std::ops::Range<usize>> {
+        let m = item.tokens.len();
+        if item.x.dim(0)? != m {
+            candle_core::bail!(
+                "batch item of {:?} tokens with a token set of {m}",
+                item.x.shape()
+            );
+        }
+        if item.modulation.proj.dim(0)? != item.tokens.frame_counts.len() {
+            candle_core::bail!(
+                "modulation for {} frames, token set of {} frames",
+                item.modulation.proj.dim(0)?,
+                item.tokens.frame_counts.len()
+            );
+        }
+        if item.branch >= cache.branches || item.keys.end > cache.capacity || item.keys.is_empty() {
+            candle_core::bail!(
+                "batch item of branch {} attending to positions {:?} does not fit a cache of {} branches x {} rows",
+                item.branch,
+                item.keys,
+                cache.branches,
+                cache.capacity
+            );
+        }
+        let base = cache.slot(item.branch, item.first);
+        match &item.tokens.idx {
+            None => self.slots.extend((0..m).map(|i| (base + i) as u32)),
+            Some(idx) => self
+                .slots
+                .extend(idx.to_vec1::<u32>()?.iter().map(|&i| base as u32 + i)),
+        }
+        if let Some(&s) = self.slots.last()
+            && s as usize >= cache.slot(item.branch, cache.capacity)
+        {
+            candle_core::bail!("batch item tokens outside the cache region of its branch");
+        }
+        let start = self.n;
+        let k_start = cache.slot(item.branch, item.keys.start);
+        match &item.tokens.groups {
+            None => self.self_groups.push(super::kernels::Group {
+                q_start: start,
+                q_len: m,
+                k_start,
+                keys: item.keys.len(),
+            }),
+            // Block-causal groups inside the item (whole blocks): each sees the positions
+            // up to its own end.
+            Some(sizes) => {
+                let mut q = start;
+                for &len in sizes {
+                    let end = item.first + (q - start) + len;
+                    if end > item.keys.end || end <= item.keys.start {
+                        candle_core::bail!(
+                            "attention group ending at {end} outside {:?}",
+                            item.keys
+                        );
+                    }
+                    self.self_groups.push(super::kernels::Group {
+                        q_start: q,
+                        q_len: len,
+                        k_start,
+                        keys: end - item.keys.start,
+                    });
+                    q += len;
+                }
+            }
+        }
+        self.cross_groups.push(super::kernels::Group {
+            q_start: start,
+            q_len: m,
+            k_start: item.branch * text_len,
+            keys: text_len,
+        });
+        self.x.push(item.x);
+        self.proj.push(item.modulation.proj.clone());
+        self.counts.extend_from_slice(&item.tokens.frame_counts);
+        self.cos.push(item.tokens.cos.clone());
+        self.sin.push(item.tokens.sin.clone());
+        self.n += m;
+        Ok(start..self.n)
+    }
+
+    pub fn build(self, dev: &Device) -> candle_core::Result<Batch> {
+        if self.n == 0 {
+            candle_core::bail!("an empty batch");
+        }
+        let cat = |v: &[Tensor]| {
+            if v.len() == 1 {
+                Ok(v[0].clone())
+            } else {
+                Tensor::cat(v, 0)
+            }
+        };
+        Ok(Batch {
+            x: cat(&self.x)?,
+            proj: cat(&self.proj)?,
+            frame_counts: self.counts,
+            cos: cat(&self.cos)?,
+            sin: cat(&self.sin)?,
+            slots: Tensor::new(self.slots.as_slice(), dev)?,
+            self_groups: self.self_groups,
+            cross_groups: self.cross_groups,
+        })
+    }
 }
 
 /// Timestep conditioning of the frames of one attention block.
@@ -339,24 +610,23 @@ impl Layer {
         })
     }
 
-    /// One transformer block over the tokens `toks` of an attention block.
-    ///
-    /// `own` holds this layer's keys/values of *all* tokens of the attention block; the
-    /// processed tokens' new keys/values are written into it (all of it for a full
-    /// forward). `prefix` are the keys/values of the blocks this one attends to.
+    /// One transformer block over the tokens of a batch; their keys/values are written
+    /// into the cache layer `kv` at `slots` (`[1, heads, n, head_dim]` u32) first, then every
+    /// attention group reads its range of it.
     fn forward(
         &self,
         x: &Tensor,
-        proj: &Tensor,
-        toks: &TokenSet,
-        own: &mut Option<(Tensor, Tensor)>,
-        prefix: Option<&(Tensor, Tensor)>,
+        b: &Batch,
+        slots: &Tensor,
+        kv: &(Tensor, Tensor),
         ctx: &(Tensor, Tensor),
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        // [frames, 6, dim]: the layer's table plus the per-frame timestep projection.
-        let m = proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
-        let counts = &toks.frame_counts;
+        // [runs, 6, dim]: the layer's table plus the per-frame timestep projection.
+        let m = b
+            .proj
+            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
+        let counts = &b.frame_counts;
         let modulate = |h: &Tensor, shift: usize, scale: usize| {
             let sc = (m.i((.., scale))? + 1.0)?;
             per_frame_affine(h, counts, &sc, Some(&m.i((.., shift))?.contiguous()?))
@@ -376,58 +646,13 @@ impl Layer {
         let q = split_heads(&self.attn1.q(&h)?, self.heads)?;
         let k = split_heads(&self.attn1.k(&h)?, self.heads)?;
         let v = split_heads(&self.attn1.to_v.forward(&h)?, self.heads)?;
-        let q = candle_nn::rotary_emb::rope_i(
-            &q,
-            &toks.cos.to_dtype(dtype)?,
-            &toks.sin.to_dtype(dtype)?,
-        )?;
-        let k = candle_nn::rotary_emb::rope_i(
-            &k,
-            &toks.cos.to_dtype(dtype)?,
-            &toks.sin.to_dtype(dtype)?,
-        )?;
-        let (k_all, v_all) = match (&toks.idx, own.take()) {
-            (Some(idx), Some((k_old, v_old))) => {
-                let (_, heads, n, hd) = k.dims4()?;
-                let ix = idx
-                    .reshape((1, 1, n, 1))?
-                    .broadcast_as((1, heads, n, hd))?
-                    .contiguous()?;
-                (k_old.scatter(&ix, &k, 2)?, v_old.scatter(&ix, &v, 2)?)
-            }
-            (Some(_), None) => {
-                candle_core::bail!(
-                    "selective forward of a block whose keys/values were never computed"
-                )
-            }
-            (None, _) => (k, v),
-        };
-        let (keys, values) = match prefix {
-            Some((pk, pv)) => (
-                Tensor::cat(&[pk, &k_all], 2)?,
-                Tensor::cat(&[pv, &v_all], 2)?,
-            ),
-            None => (k_all.clone(), v_all.clone()),
-        };
-        *own = Some((k_all, v_all));
-        let a = match &toks.groups {
-            None => super::kernels::sdpa(&q, &keys, &values)?,
-            Some(sizes) => {
-                let mut groups = Vec::with_capacity(sizes.len());
-                let (mut start, prefix_len) = (0, prefix.map_or(Ok(0), |(pk, _)| pk.dim(2))?);
-                for &len in sizes {
-                    groups.push(super::kernels::Group {
-                        q_start: start,
-                        q_len: len,
-                        keys: prefix_len + start + len,
-                    });
-                    start += len;
-                }
-                super::kernels::sdpa_grouped(&q, &keys, &values, &groups)?
-            }
-        };
-        let a = merge_heads(&a)?;
-        let a = self.attn1.to_out.forward(&a)?;
+        let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
+        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
+        kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
+        let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
+        let a = self.attn1.to_out.forward(&merge_heads(&a)?)?;
         let x = gated_add(x, &a, 2)?;
 
         // Cross-attention on the text context (all positions, padding included).
@@ -436,8 +661,8 @@ impl Layer {
             None => x.clone(),
         };
         let q = split_heads(&self.attn2.q(&h)?, self.heads)?;
-        let a = merge_heads(&super::kernels::sdpa(&q, &ctx.0, &ctx.1)?)?;
-        let x = (&x + self.attn2.to_out.forward(&a)?)?;
+        let a = super::kernels::sdpa_grouped(&q, &ctx.0, &ctx.1, &b.cross_groups)?;
+        let x = (&x + self.attn2.to_out.forward(&merge_heads(&a)?)?)?;
 
         // Feed-forward.
         let h = modulate(&self.norm3.forward(&x)?, 3, 4)?.to_dtype(dtype)?;
@@ -642,15 +867,34 @@ impl Transformer {
         grid: (usize, usize, usize),
     ) -> candle_core::Result<Tensor> {
         let (gf, gh, gw) = grid;
-        let counts = vec![gh * gw; gf];
+        let out = self.head_tokens(x, temb, &vec![gh * gw; gf])?;
+        self.unpatchify(&out, grid)
+    }
+
+    /// The output head on tokens of several frames: `x` `[N, dim]`, `temb` `[frames, dim]`,
+    /// `counts` the tokens of each frame in order. Returns `[N, C_out * patch]` (f32).
+    pub fn head_tokens(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        counts: &[usize],
+    ) -> candle_core::Result<Tensor> {
         let xn = self.norm_out.forward(x)?;
         let shift = temb.broadcast_add(&self.head_table.i(0)?.unsqueeze(0)?)?;
         let scale = (temb.broadcast_add(&self.head_table.i(1)?.unsqueeze(0)?)? + 1.0)?;
-        let h = per_frame_affine(&xn, &counts, &scale, Some(&shift))?;
-        let out = self
-            .proj_out
+        let h = per_frame_affine(&xn, counts, &scale, Some(&shift))?;
+        self.proj_out
             .forward(&h.to_dtype(self.dtype)?)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(DType::F32)
+    }
+
+    /// Head outputs `[F'*H'*W', C_out * patch]` of a `(F', H', W')` grid -> `[C_out, F, H, W]`.
+    pub fn unpatchify(
+        &self,
+        out: &Tensor,
+        grid: (usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (gf, gh, gw) = grid;
         let [pt, ph, pw] = self.cfg.patch_size;
         let c = self.cfg.out_channels;
         out.reshape(vec![gf, gh, gw, pt, ph, pw, c])?
@@ -701,10 +945,63 @@ impl Transformer {
         })
     }
 
+    /// A zeroed key/value cache of `capacity` token rows per branch for `branches`
+    /// guidance branches, in the model's dtype.
+    pub fn kv_cache(&self, branches: usize, capacity: usize) -> candle_core::Result<KvCache> {
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.attention_head_dim;
+        let shape = (1, heads, branches * capacity, hd);
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            capacity,
+            branches,
+        })
+    }
+
+    /// Runs a batch through every layer: its tokens' keys/values are written into `cache`,
+    /// each attention group reads its range of it; `ctx` holds the stacked contexts of the
+    /// branches (see [`Context::stack`]). Returns the output tokens `[n, dim]`.
+    pub fn forward_batch(
+        &self,
+        b: &Batch,
+        cache: &KvCache,
+        ctx: &Context,
+    ) -> candle_core::Result<Tensor> {
+        let n = b.x.dim(0)?;
+        if b.frame_counts.iter().sum::<usize>() != n || b.slots.dim(0)? != n {
+            candle_core::bail!("inconsistent batch of {n} tokens");
+        }
+        if cache.layers.len() != self.layers.len() || ctx.layers.len() != self.layers.len() {
+            candle_core::bail!("cache or context built for another model");
+        }
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.attention_head_dim;
+        let slots = b
+            .slots
+            .reshape((1, 1, n, 1))?
+            .broadcast_as((1, heads, n, hd))?
+            .contiguous()?;
+        let mut x = b.x.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l])?;
+        }
+        Ok(x)
+    }
+
     /// Runs tokens `x` (`[n, dim]`, the patch embeddings of the tokens in `toks`) through
-    /// every layer. `kv` receives the block's keys/values (for a subset, it must hold the
-    /// block's earlier keys/values, which are updated at the processed tokens); `prefix`
-    /// are the keys/values of the blocks this one attends to.
+    /// every layer, one attention block against the keys/values of the blocks before it.
+    /// `kv` receives the block's keys/values (for a subset, it must hold the block's
+    /// earlier keys/values, which are updated at the processed tokens); `prefix` are the
+    /// keys/values of the blocks this one attends to. A convenience over
+    /// [`Transformer::forward_batch`] for tests and benchmarks (it copies the prefix).
     pub fn forward_layers(
         &self,
         x: &Tensor,
@@ -714,27 +1011,37 @@ impl Transformer {
         prefix: Option<&BlockKv>,
         ctx: &Context,
     ) -> candle_core::Result<Tensor> {
-        if x.dim(0)? != toks.len() {
-            candle_core::bail!(
-                "forward of {:?} tokens with a token set of {}",
-                x.shape(),
-                toks.len()
-            );
+        let pre = prefix.map_or(0, BlockKv::tokens);
+        let own = match (&toks.idx, kv.as_ref()) {
+            (None, _) => toks.len(),
+            (Some(_), Some(k)) => k.tokens(),
+            (Some(_), None) => candle_core::bail!(
+                "selective forward of a block whose keys/values were never computed"
+            ),
+        };
+        let cache = self.kv_cache(1, pre + own)?;
+        if let Some(p) = prefix {
+            cache.write(0, p)?;
         }
-        let mut old = kv.take().map(|b| b.layers.into_iter());
-        let mut new_layers = Vec::with_capacity(self.layers.len());
-        let mut x = x.clone();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut own = old.as_mut().and_then(|it| it.next());
-            let p = prefix.map(|p| &p.layers[l]);
-            x = layer.forward(&x, &modulation.proj, toks, &mut own, p, &ctx.layers[l])?;
-            match own {
-                Some(o) => new_layers.push(o),
-                None => candle_core::bail!("layer {l} produced no keys/values"),
-            }
+        if let (Some(_), Some(k)) = (&toks.idx, kv.as_ref()) {
+            cache.write(pre, k)?;
         }
-        *kv = Some(BlockKv { layers: new_layers });
-        Ok(x)
+        let mut bb = BatchBuilder::default();
+        bb.push(
+            BatchItem {
+                x: x.clone(),
+                modulation,
+                tokens: toks,
+                branch: 0,
+                first: pre,
+                keys: 0..pre + own,
+            },
+            &cache,
+            ctx.len(),
+        )?;
+        let y = self.forward_batch(&bb.build(&self.device)?, &cache, ctx)?;
+        *kv = Some(cache.read(pre, own)?);
+        Ok(y)
     }
 
     /// FLOPs (multiply-adds x 2) of the transformer layers for `n` query tokens attending

@@ -145,6 +145,11 @@ impl FlowSchedule {
         }
     }
 
+    /// The sigma the solver uses at model timestep `t`.
+    pub fn sigma_at(&self, t: i64) -> f64 {
+        self.sigmas[self.index_for(t)] as f64
+    }
+
     fn lambda(&self, i: usize) -> f64 {
         let s = self.sigmas[i] as f64;
         (1.0 - s).ln() - s.ln()

@@ -21,7 +21,7 @@ use super::convert::{I420Planes, Layout, rgb_to_i420, rgb_to_packed};
 use super::properties::{self, MAX_FPS};
 use super::settings::*;
 use super::worker::{Callbacks, Popped, Worker};
-use super::{CacheModeProp, DTypeProp};
+use super::{CacheModeProp, DTypeProp, OverlayProp};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -180,6 +180,12 @@ impl ObjectImpl for MotionCacheSrc {
                 s.is_live = value.get().expect("type checked upstream");
                 self.obj().set_live(s.is_live);
             }
+            "overlay" => {
+                s.overlay = value.get::<OverlayProp>().expect("type checked upstream");
+                if let Some((worker, _)) = &running {
+                    worker.set_overlay(s.overlay == OverlayProp::Recompute);
+                }
+            }
             _ => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "{name} set to {value:?}");
@@ -241,6 +247,7 @@ impl ObjectImpl for MotionCacheSrc {
             "min-update-ratio" => s.min_update_ratio.to_value(),
             "temporal-consistency" => s.temporal_consistency.to_value(),
             "is-live" => s.is_live.to_value(),
+            "overlay" => s.overlay.to_value(),
             "stats" => {
                 let r = lock(&self.report);
                 match &r.last {
@@ -535,6 +542,7 @@ impl BaseSrcImpl for MotionCacheSrc {
                     ["cannot start the generator thread: {}", e]
                 )
             })?;
+        worker.set_overlay(settings.overlay == OverlayProp::Recompute);
         gst::info!(
             CAT,
             imp = self,

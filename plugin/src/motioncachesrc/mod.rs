@@ -46,10 +46,31 @@ pub enum CacheModeProp {
     )]
     FlowCache = 3,
     #[enum_value(
-        name = "MotionCache: token-level, motion-aware reuse",
+        name = "MotionCache: token-level, motion-aware reuse (motion from the predicted clean \
+                latent, phases scaled to the schedule)",
         nick = "motioncache"
     )]
     MotionCache = 4,
+    #[enum_value(
+        name = "MotionCache as the reference implementation computes it (the paper's \
+                settings: 5 full steps, 6 uniform refreshes, stale residuals)",
+        nick = "motioncache-reference"
+    )]
+    MotionCacheReference = 5,
+}
+
+/// What the element draws over its output (property `overlay`).
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstMotionCacheOverlay")]
+pub enum OverlayProp {
+    #[enum_value(name = "None: the generated frames as they are", nick = "none")]
+    None = 0,
+    #[enum_value(
+        name = "Recompute: tint each token by how often the cache recomputed it in its block",
+        nick = "recompute"
+    )]
+    Recompute = 1,
 }
 
 /// Floating-point type the model runs in (property `dtype`).
@@ -68,6 +89,7 @@ pub enum DTypeProp {
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CacheModeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     DTypeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    OverlayProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "motioncachesrc",

@@ -153,16 +153,20 @@ pub fn specs() -> Vec<glib::ParamSpec> {
         int_prop(
             "warmup-steps",
             "Warmup steps",
-            "Full steps per block before any reuse (-1 = the model's default, at most \
-             steps)",
+            "Full steps per block before any reuse (-1 = the cache mode's default for \
+             this schedule: motioncache a tenth of the steps, at least 2; the reference \
+             and the chunk-level modes 5; at most steps)",
             1000,
             true,
         ),
         float_prop(
             "motion-threshold",
             "Motion threshold",
-            "MotionCache: accumulated motion-weighted distance that makes a token \
-             recompute; higher = more reuse, faster (negative = the model's default)",
+            "Reuse threshold of the cached modes: the accumulated (motion-weighted, for \
+             motioncache) rescaled modulation distance at which a token (or, for \
+             teacache and flowcache, a whole block) is recomputed; with a calibrated \
+             model it reads as the relative output change tolerated. Higher = more \
+             reuse, faster (negative = the mode's default: motioncache 0.05, the others 0.1)",
             1e6,
             true,
         ),
@@ -170,7 +174,7 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "refresh-interval",
             "Refresh interval",
             "A token is recomputed at least every N of its steps, 0 = no limit (-1 = \
-             the model's default)",
+             the mode's default: motioncache a third of the steps, the reference none)",
             1000,
             true,
         ),
@@ -178,15 +182,17 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "uniform-updates",
             "Uniform updates",
             "Refreshes with uniform weights before motion weights apply (-1 = the \
-             model's default)",
+             mode's default: motioncache 0, its motion comes from the predicted clean \
+             latent; the reference 6)",
             1000,
             true,
         ),
         float_prop(
             "weight-floor",
             "Weight floor",
-            "Floor of the motion-weight normalisation, in [0, 1] (negative = the \
-             model's default)",
+            "Floor of the motion weights, in [0, 1]: a static token accumulates at \
+             least this fraction of a moving one's distance (negative = the mode's \
+             default: motioncache 0.1, the reference 0.6)",
             1.0,
             true,
         ),
@@ -194,7 +200,7 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "min-update-ratio",
             "Minimum update ratio",
             "Skip the pass when fewer than this fraction of tokens need it, in [0, 1] \
-             (negative = the model's default)",
+             (negative = the mode's default: motioncache 0, the reference 0.4)",
             1.0,
             true,
         ),
@@ -202,10 +208,18 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "temporal-consistency",
             "Temporal consistency",
             "Threshold of the per-position vote across a block's frames, 0 = off, in \
-             [0, 1] (negative = the model's default)",
+             [0, 1] (negative = the mode's default: motioncache off, the reference 0.5)",
             1.0,
             true,
         ),
+        glib::ParamSpecEnum::builder_with_default("overlay", DEFAULT_OVERLAY)
+            .nick("Overlay")
+            .blurb(
+                "Draw the cache over the output: recompute = tint each token by how \
+                 often it went through the transformer in its block",
+            )
+            .mutable_playing()
+            .build(),
         glib::ParamSpecBoolean::builder("is-live")
             .nick("Is live")
             .blurb(

@@ -5,10 +5,10 @@
 //! actually set and gst-inspect shows an honest default.
 
 use candle_core::DType;
-use motioncache::cache::CacheMode;
+use motioncache::cache::{CacheMode, CacheSettings};
 use motioncache::generate::GeneratorSettings;
 
-use super::{CacheModeProp, DTypeProp};
+use super::{CacheModeProp, DTypeProp, OverlayProp};
 
 pub const DEFAULT_MODEL: &str = "";
 pub const DEFAULT_PROMPT: &str = "a red circle moving right on a striped blue background";
@@ -22,6 +22,7 @@ pub const DEFAULT_DEVICE: &str = "cpu";
 pub const DEFAULT_DTYPE: DTypeProp = DTypeProp::F32;
 pub const DEFAULT_CACHE_MODE: CacheModeProp = CacheModeProp::MotionCache;
 pub const DEFAULT_IS_LIVE: bool = false;
+pub const DEFAULT_OVERLAY: OverlayProp = OverlayProp::None;
 
 /// Property values as the user set them (Clone: copied under a short lock).
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +52,7 @@ pub struct Settings {
     pub min_update_ratio: f64,
     pub temporal_consistency: f64,
     pub is_live: bool,
+    pub overlay: OverlayProp,
 }
 
 impl Default for Settings {
@@ -79,6 +81,7 @@ impl Default for Settings {
             min_update_ratio: MODEL_DEFAULT_F,
             temporal_consistency: MODEL_DEFAULT_F,
             is_live: DEFAULT_IS_LIVE,
+            overlay: DEFAULT_OVERLAY,
         }
     }
 }
@@ -111,20 +114,23 @@ impl Settings {
         s.overlap = int_or(self.overlap, d.overlap);
         s.total_frames = None;
 
+        // -1 = the selected mode's default for this schedule (so a cache mode switched
+        // while playing brings its own defaults), with the model's rescale polynomial.
+        let mode = cache_mode(self.cache_mode);
+        let m = CacheSettings {
+            rescale: d.cache.rescale.clone(),
+            ..CacheSettings::for_schedule(mode, s.steps)
+        };
+        s.cache = m.clone();
         let c = &mut s.cache;
-        c.mode = cache_mode(self.cache_mode);
-        c.warmup_steps = int_or(self.warmup_steps, d.cache.warmup_steps);
-        c.motion_threshold = float_or(self.motion_threshold, d.cache.motion_threshold);
-        c.refresh_interval = int_or(self.refresh_interval, d.cache.refresh_interval);
-        c.uniform_updates = int_or(self.uniform_updates, d.cache.uniform_updates);
-        c.weight_floor = float_or(self.weight_floor, d.cache.weight_floor);
-        c.min_update_ratio = float_or(self.min_update_ratio, d.cache.min_update_ratio);
-        c.temporal_consistency = float_or(self.temporal_consistency, d.cache.temporal_consistency);
-        // A warmup longer than a lowered step count would be an error the user did not
-        // cause: clamp the model's default, keep an explicit value as given.
-        if self.warmup_steps < 0 {
-            c.warmup_steps = c.warmup_steps.min(s.steps);
-        }
+        c.warmup_steps = int_or(self.warmup_steps, m.warmup_steps);
+        let threshold = float_or(self.motion_threshold, m.threshold());
+        c.set_threshold(threshold);
+        c.refresh_interval = int_or(self.refresh_interval, m.refresh_interval);
+        c.uniform_updates = int_or(self.uniform_updates, m.uniform_updates);
+        c.weight_floor = float_or(self.weight_floor, m.weight_floor);
+        c.min_update_ratio = float_or(self.min_update_ratio, m.min_update_ratio);
+        c.temporal_consistency = float_or(self.temporal_consistency, m.temporal_consistency);
         s.validate()?;
         Ok(s)
     }
@@ -155,6 +161,7 @@ pub fn cache_mode(p: CacheModeProp) -> CacheMode {
         CacheModeProp::TeaCache => CacheMode::TeaCache,
         CacheModeProp::FlowCache => CacheMode::FlowCache,
         CacheModeProp::MotionCache => CacheMode::MotionCache,
+        CacheModeProp::MotionCacheReference => CacheMode::MotionCacheReference,
     }
 }
 
@@ -170,8 +177,18 @@ mod tests {
         };
         let s = Settings::default().generator_settings(&model).unwrap();
         assert_eq!(s.steps, 8);
-        assert_eq!(s.cache.warmup_steps, model.cache.warmup_steps);
+        // motioncache's warm-up scaled to 8 steps
+        assert_eq!(s.cache.warmup_steps, 2);
+        assert_eq!(s.cache.mode, CacheMode::MotionCache);
         assert_eq!(s.total_frames, None);
+        // The reference mode's own defaults, clamped to the schedule.
+        let r = Settings {
+            cache_mode: CacheModeProp::MotionCacheReference,
+            ..Default::default()
+        }
+        .generator_settings(&model)
+        .unwrap();
+        assert_eq!((r.cache.warmup_steps, r.cache.uniform_updates), (5, 6));
 
         let user = Settings {
             steps: 3,
@@ -181,9 +198,10 @@ mod tests {
         };
         let s = user.generator_settings(&model).unwrap();
         assert_eq!(s.steps, 3);
-        // the model's warmup (4) is clamped to the user's 3 steps
+        // TeaCache's warm-up (5 steps) is clamped to the user's 3 steps
         assert_eq!(s.cache.warmup_steps, 3);
-        assert_eq!(s.cache.motion_threshold, 0.5);
+        // motion-threshold is the threshold of whichever cached mode runs
+        assert_eq!(s.cache.threshold(), 0.5);
         assert_eq!(s.cache.mode, CacheMode::TeaCache);
     }
 

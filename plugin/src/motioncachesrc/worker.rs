@@ -51,6 +51,8 @@ struct Shared {
     changed: Condvar,
     /// Checked by the generator before every transformer pass.
     cancel: AtomicBool,
+    /// Tint recomputed tokens in the frames (property `overlay`).
+    overlay: AtomicBool,
     capacity: usize,
 }
 
@@ -79,6 +81,7 @@ impl Worker {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
+            overlay: AtomicBool::new(false),
             capacity: capacity.max(1),
         });
         let thread_shared = shared.clone();
@@ -127,6 +130,11 @@ impl Worker {
     /// block it starts.
     pub fn set_prompts(&self, prompt: String, negative: String) {
         self.shared.lock().pending_prompt = Some((prompt, negative));
+    }
+
+    /// Whether the frames of the next blocks show the cache's recomputation.
+    pub fn set_overlay(&self, on: bool) {
+        self.shared.overlay.store(on, Ordering::Relaxed);
     }
 
     /// New (validated) settings, applied from the next block the worker starts.
@@ -203,9 +211,13 @@ fn generate(
         if shared.cancel.load(Ordering::SeqCst) {
             return Err(motioncache::Error::Cancelled);
         }
-        let Some(block) = stream.next_block(&shared.cancel)? else {
+        let Some(mut block) = stream.next_block(&shared.cancel)? else {
             return Ok(());
         };
+        if shared.overlay.load(Ordering::Relaxed) {
+            let (w, h) = (block.width, block.height);
+            motioncache::overlay::tint_recomputed(&mut block.frames, w, h, &block.stats);
+        }
         (cb.on_block)(&block.stats, block.frames.len());
         let mut q = shared.lock();
         while q.blocks.len() >= shared.capacity && !shared.cancel.load(Ordering::SeqCst) {

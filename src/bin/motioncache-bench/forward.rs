@@ -23,7 +23,7 @@ use candle_nn::var_builder::SimpleBackend;
 use motioncache::model::config::TransformerConfig;
 use motioncache::model::transformer::Transformer;
 
-type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+use super::BoxResult;
 
 /// Random weights for any tensor the model asks for: normalisation weights 1, everything
 /// else N(0, 0.02) (the values do not change the work; they keep activations finite).
@@ -60,77 +60,51 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-struct Options {
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// 1.3b, tiny (the embedded model) or a transformer config.json.
+    #[arg(long, default_value = "1.3b")]
     config: String,
+    /// Latent frames, height and width (before patching).
+    #[arg(long, default_value_t = 3)]
     frames: usize,
+    #[arg(long, default_value_t = 16)]
     height: usize,
+    #[arg(long, default_value_t = 32)]
     width: usize,
+    /// Text positions (default: 512, the embedded model's own for tiny).
+    #[arg(long)]
     text_len: Option<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
     dtypes: Vec<DType>,
-    reps: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Python with torch and diffusers for the PyTorch side, or `none`
+    /// (default: $MOTIONCACHE_PYTHON, else python3).
+    #[arg(long)]
     python: Option<String>,
+    #[arg(long, default_value = "bench-out")]
     out: PathBuf,
 }
 
-fn parse(args: &mut dyn Iterator<Item = String>) -> BoxResult<Options> {
-    let mut o = Options {
-        config: "1.3b".into(),
-        frames: 3,
-        height: 16,
-        width: 32,
-        text_len: None,
-        dtypes: vec![DType::F32, DType::BF16],
-        reps: 2,
-        python: Some(std::env::var("MOTIONCACHE_PYTHON").unwrap_or_else(|_| "python3".into())),
-        out: PathBuf::from("bench-out"),
-    };
-    let num = |v: Option<String>, name: &str| -> BoxResult<usize> {
-        let v = v.ok_or_else(|| format!("{name} needs a value"))?;
-        v.parse()
-            .map_err(|_| format!("{name}: {v:?} is not a whole number").into())
-    };
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" => o.config = args.next().ok_or("--config needs a value")?,
-            "--frames" => o.frames = num(args.next(), "--frames")?,
-            "--height" => o.height = num(args.next(), "--height")?,
-            "--width" => o.width = num(args.next(), "--width")?,
-            "--text-len" => o.text_len = Some(num(args.next(), "--text-len")?),
-            "--reps" => o.reps = num(args.next(), "--reps")?.max(1),
-            "--python" => {
-                let p = args.next().ok_or("--python needs a value")?;
-                o.python = (p != "none").then_some(p);
-            }
-            "--out" => {
-                o.out = args
-                    .next()
-                    .map(PathBuf::from)
-                    .ok_or("--out needs a folder")?
-            }
-            "--dtypes" => {
-                let v = args.next().ok_or("--dtypes needs a value")?;
-                o.dtypes = v
-                    .split(',')
-                    .map(|d| match d {
-                        "f32" => Ok(DType::F32),
-                        "bf16" => Ok(DType::BF16),
-                        "f16" => Ok(DType::F16),
-                        other => Err(format!(
-                            "--dtypes: unknown dtype {other:?} (f32, bf16, f16)"
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            "-h" | "--help" => {
-                println!(
-                    "motioncache-bench forward [--config 1.3b|tiny|PATH] [--frames F] [--height H] [--width W] [--text-len L] [--dtypes f32,bf16] [--reps N] [--python EXE|none] [--out DIR]"
-                );
-                std::process::exit(0);
-            }
-            other => return Err(format!("forward: unknown argument {other:?}").into()),
-        }
+fn parse_dtype(d: &str) -> Result<DType, String> {
+    match d {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!("unknown dtype {other:?} (f32, bf16, f16)")),
     }
-    Ok(o)
+}
+
+impl Args {
+    fn python(&self) -> Option<String> {
+        let p = self
+            .python
+            .clone()
+            .or_else(|| std::env::var("MOTIONCACHE_PYTHON").ok())
+            .unwrap_or_else(|| "python3".into());
+        (p != "none").then_some(p)
+    }
 }
 
 fn config(name: &str) -> BoxResult<(TransformerConfig, usize)> {
@@ -210,7 +184,7 @@ fn forward_flops(m: &Transformer, tokens: usize, text_len: usize) -> f64 {
 fn candle_forward(
     cfg: &TransformerConfig,
     dtype: DType,
-    o: &Options,
+    o: &Args,
     text_len: usize,
 ) -> BoxResult<(Vec<f64>, f64)> {
     let dev = Device::Cpu;
@@ -262,7 +236,7 @@ fn torch_forward(
     python: &str,
     cfg_path: &Path,
     dtype: DType,
-    o: &Options,
+    o: &Args,
     text_len: usize,
     threads: usize,
 ) -> Option<Vec<f64>> {
@@ -321,8 +295,7 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-pub fn run(args: &mut dyn Iterator<Item = String>) -> BoxResult<()> {
-    let o = parse(args)?;
+pub fn run(o: Args) -> BoxResult<()> {
     let (cfg, default_text) = config(&o.config)?;
     let text_len = o.text_len.unwrap_or(default_text);
     std::fs::create_dir_all(&o.out)?;
@@ -352,9 +325,8 @@ pub fn run(args: &mut dyn Iterator<Item = String>) -> BoxResult<()> {
         let (secs, flops) = candle_forward(&cfg, dtype, &o, text_len)?;
         let c = median(&secs);
         let t = o
-            .python
-            .as_deref()
-            .and_then(|py| torch_forward(py, &cfg_path, dtype, &o, text_len, threads));
+            .python()
+            .and_then(|py| torch_forward(&py, &cfg_path, dtype, &o, text_len, threads));
         let tm = t.as_deref().map(median);
         let [pt, ph, pw] = cfg.patch_size;
         let tokens = (o.frames / pt) * (o.height / ph) * (o.width / pw);

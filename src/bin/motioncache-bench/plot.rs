@@ -1,0 +1,119 @@
+//! bench.png: speedup over vanilla against PSNR, one panel per schedule, one line per
+//! cache family (its points sorted by PSNR), exact modes as horizontal reference lines.
+
+use plotters::prelude::*;
+
+use super::BoxResult;
+use super::report::Row;
+
+const FAMILIES: [(&str, RGBColor); 4] = [
+    ("teacache", RGBColor(230, 120, 0)),
+    ("flowcache", RGBColor(0, 120, 200)),
+    ("motioncache", RGBColor(200, 0, 40)),
+    ("motioncache-reference", RGBColor(120, 60, 160)),
+];
+
+pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
+    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok());
+    let labels = match font {
+        Some(f) => plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            Box::leak(f.into_boxed_slice()),
+        )
+        .is_ok(),
+        None => false,
+    };
+    let mut schedules: Vec<&str> = rows.iter().map(|r| r.schedule.as_str()).collect();
+    schedules.dedup();
+    let root =
+        BitMapBackend::new(path, (700 * schedules.len().max(1) as u32, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, schedules.len().max(1)));
+    for (panel, s) in panels.iter().zip(&schedules) {
+        let rs: Vec<&Row> = rows.iter().filter(|r| r.schedule == *s).collect();
+        let finite: Vec<&&Row> = rs.iter().filter(|r| !r.exact).collect();
+        let xmin = finite
+            .iter()
+            .map(|r| r.psnr_db)
+            .fold(40.0, f64::min)
+            .min(20.0)
+            - 1.0;
+        let xmax = finite
+            .iter()
+            .map(|r| r.psnr_db)
+            .fold(20.0, f64::max)
+            .max(35.0)
+            + 1.0;
+        let ymax = rs.iter().map(|r| r.speedup_vs_vanilla).fold(1.0, f64::max) * 1.1;
+        let mut b = ChartBuilder::on(panel);
+        b.margin(20).x_label_area_size(45).y_label_area_size(55);
+        if labels {
+            b.caption(format!("{s}: speed vs quality"), ("sans-serif", 22));
+        }
+        let mut chart = b.build_cartesian_2d(xmin..xmax, 0.0..ymax)?;
+        {
+            let mut mesh = chart.configure_mesh();
+            if labels {
+                mesh.x_desc("PSNR against vanilla (dB)")
+                    .y_desc("speedup over our vanilla");
+            } else {
+                mesh.disable_x_mesh().disable_y_mesh();
+            }
+            mesh.draw()?;
+        }
+        // Exact modes: horizontal lines (identical frames have no finite PSNR).
+        for (name, colour) in [("vanilla", BLACK), ("none", RGBColor(0, 150, 60))] {
+            if let Some(r) = rs.iter().find(|r| r.mode == name) {
+                let y = r.speedup_vs_vanilla;
+                let style = ShapeStyle::from(&colour).stroke_width(1);
+                let series = chart.draw_series(DashedLineSeries::new(
+                    [(xmin, y), (xmax, y)],
+                    6,
+                    4,
+                    style,
+                ))?;
+                if labels {
+                    series
+                        .label(format!("{name} (exact, {y:.2}x)"))
+                        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour));
+                }
+            }
+        }
+        for (fam, colour) in FAMILIES {
+            let mut pts: Vec<(f64, f64)> = finite
+                .iter()
+                .filter(|r| r.policy == fam)
+                .map(|r| (r.psnr_db, r.speedup_vs_vanilla))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let style = ShapeStyle::from(&colour).stroke_width(2);
+            let series = chart.draw_series(LineSeries::new(pts.clone(), style))?;
+            if labels {
+                series
+                    .label(fam)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour));
+            }
+            chart.draw_series(
+                pts.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, colour.filled())),
+            )?;
+        }
+        if labels {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,429 @@
+//! `motioncache-bench run`: every mode on both schedules, same prompts and seeds.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use motioncache::cache::{CacheMode, CacheSettings, DistanceMode, MotionSource, Reuse, WeightNorm};
+use motioncache::generate::{GeneratorSettings, NoiseSource};
+use motioncache::metrics::{Frames, motion_selectivity, psnr, ssim};
+use motioncache::pipeline::Pipeline;
+
+use super::BoxResult;
+use super::report::{self, Row};
+
+pub const PROMPTS: [&str; 4] = [
+    "a red circle moving right on a striped blue background",
+    "a yellow square moving left on a checkered green background",
+    "a white triangle moving up on a plain black background",
+    "a static green circle on a striped red background",
+];
+
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// Model directory (default: the embedded model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output folder for bench.json, bench.md, bench.png.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Two prompts instead of four.
+    #[arg(long)]
+    pub quick: bool,
+    /// Schedules to run (paper, element-default).
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Option<Vec<String>>,
+    /// Modes to run (vanilla and none always run: they are the references). Names:
+    /// vanilla, none, teacache-slow, teacache-fast, flowcache-slow, flowcache-fast,
+    /// motioncache-slow, motioncache-fast, motioncache-reference.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Option<Vec<String>>,
+    /// Also run teacache, flowcache, motioncache and motioncache-reference at several
+    /// thresholds each (the speed/quality frontiers).
+    #[arg(long)]
+    pub sweep: bool,
+    /// Thresholds of the sweep (default 0.02,0.05,0.1,0.2,0.3,0.5).
+    #[arg(long, value_delimiter = ',')]
+    pub thresholds: Option<Vec<f64>>,
+    /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
+    /// uniform, min-ratio, vote, reuse=residual|forecast, source=output|latent,
+    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
+    #[arg(long)]
+    pub diffusers: Option<PathBuf>,
+    /// The reference implementation's results (tools/reference_motioncache.py's JSON).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+}
+
+/// One mode of a run: a label, the cache settings, the threshold swept (if any).
+#[derive(Clone)]
+pub struct ModeSpec {
+    pub label: String,
+    pub cache: CacheSettings,
+    pub threshold: Option<f64>,
+}
+
+/// The paper's setting on the model: 50 steps, guidance 6, asynchronous ar_step 5, blocks
+/// of 5 latent frames over a 25-frame window, 5 frames of overlap history with addnoise 20;
+/// 35 latent frames so that the window slides once. And the model's own defaults over two
+/// windows.
+pub fn scenarios(p: &Pipeline) -> Vec<(&'static str, GeneratorSettings)> {
+    let d = p.info().defaults.clone();
+    let paper = GeneratorSettings {
+        steps: 50,
+        shift: 8.0,
+        guidance_scale: 6.0,
+        causal_block_size: 5,
+        ar_step: 5,
+        window: 25,
+        overlap: 5,
+        addnoise_condition: 20.0,
+        fps_class: 1,
+        total_frames: Some(35),
+        cache: d.cache.clone(),
+    };
+    let element = GeneratorSettings {
+        total_frames: Some(d.window * 2 - d.overlap),
+        ..d
+    };
+    vec![("paper", paper), ("element-default", element)]
+}
+
+fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
+    for kv in set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        let num = || -> BoxResult<f64> {
+            v.parse::<f64>()
+                .map_err(|_| format!("--set {k}: {v:?} is not a number").into())
+        };
+        match k {
+            "warmup" => c.warmup_steps = num()? as usize,
+            "floor" => c.weight_floor = num()?,
+            "refresh" => c.refresh_interval = num()? as usize,
+            "uniform" => c.uniform_updates = num()? as usize,
+            "min-ratio" => c.min_update_ratio = num()?,
+            "vote" => c.temporal_consistency = num()?,
+            "full-last" => c.full_last_step = v == "true",
+            "distance" => {
+                c.distance_mode = match v {
+                    "global" => DistanceMode::Global,
+                    "token" => DistanceMode::Token,
+                    "observed" => DistanceMode::Observed,
+                    _ => {
+                        return Err(format!("--set distance={v}: global, token or observed").into());
+                    }
+                }
+            }
+            "reuse" => {
+                c.reuse = match v {
+                    "residual" => Reuse::Residual,
+                    "forecast" => Reuse::Forecast,
+                    _ => return Err(format!("--set reuse={v}: residual or forecast").into()),
+                }
+            }
+            "source" => {
+                c.motion_source = match v {
+                    "output" => MotionSource::Output,
+                    "latent" => MotionSource::CleanLatent,
+                    _ => return Err(format!("--set source={v}: output or latent").into()),
+                }
+            }
+            "norm" => {
+                c.weight_norm = match v {
+                    "max-rescale" => WeightNorm::MaxRescale,
+                    "mean-clamp" => WeightNorm::MeanClamp,
+                    "above-mean" => WeightNorm::AboveMean,
+                    "mean" => WeightNorm::Mean,
+                    "max" => WeightNorm::Max,
+                    _ => return Err(format!("--set norm={v}: unknown").into()),
+                }
+            }
+            _ => return Err(format!("--set: unknown key {k:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+/// The named modes and, with `--sweep`, the threshold sweeps, for a schedule of `steps`.
+fn modes(a: &Args, steps: usize, rescale: &[f64]) -> BoxResult<Vec<ModeSpec>> {
+    let base = |mode: CacheMode| -> BoxResult<CacheSettings> {
+        let mut c = CacheSettings {
+            rescale: rescale.to_vec(),
+            ..CacheSettings::for_schedule(mode, steps)
+        };
+        if mode == CacheMode::MotionCache {
+            apply_overrides(&mut c, &a.set)?;
+        }
+        Ok(c)
+    };
+    let at = |mode: CacheMode, label: &str, t: f64| -> BoxResult<ModeSpec> {
+        let mut cache = base(mode)?;
+        cache.set_threshold(t);
+        Ok(ModeSpec {
+            label: label.to_string(),
+            cache,
+            threshold: Some(t),
+        })
+    };
+    let exact = |mode: CacheMode| -> BoxResult<ModeSpec> {
+        Ok(ModeSpec {
+            label: mode.name().to_string(),
+            cache: base(mode)?,
+            threshold: None,
+        })
+    };
+    let mut named = vec![
+        exact(CacheMode::Vanilla)?,
+        exact(CacheMode::None)?,
+        at(CacheMode::TeaCache, "teacache-slow", 0.1)?,
+        at(CacheMode::TeaCache, "teacache-fast", 0.2)?,
+        at(CacheMode::FlowCache, "flowcache-slow", 0.1)?,
+        at(CacheMode::FlowCache, "flowcache-fast", 0.15)?,
+        at(CacheMode::MotionCache, "motioncache-slow", MOTIONCACHE_SLOW)?,
+        at(CacheMode::MotionCache, "motioncache-fast", MOTIONCACHE_FAST)?,
+        at(
+            CacheMode::MotionCacheReference,
+            "motioncache-reference",
+            0.1,
+        )?,
+    ];
+    if let Some(only) = &a.modes {
+        for m in only {
+            if !named.iter().any(|n| &n.label == m) {
+                return Err(format!("--modes: unknown mode {m:?}").into());
+            }
+        }
+        named.retain(|n| {
+            n.label == "vanilla" || n.label == "none" || only.iter().any(|m| m == &n.label)
+        });
+    }
+    if a.sweep {
+        let ts = a
+            .thresholds
+            .clone()
+            .unwrap_or_else(|| vec![0.02, 0.05, 0.1, 0.2, 0.3, 0.5]);
+        for mode in [
+            CacheMode::TeaCache,
+            CacheMode::FlowCache,
+            CacheMode::MotionCache,
+            CacheMode::MotionCacheReference,
+        ] {
+            if a.modes
+                .as_ref()
+                .is_some_and(|o| !o.iter().any(|m| m.starts_with(mode.name())))
+            {
+                continue;
+            }
+            for &t in &ts {
+                named.push(at(mode, mode.name(), t)?);
+            }
+        }
+    }
+    Ok(named)
+}
+
+/// The thresholds of the named motioncache points ("slow" and "fast", as the paper names
+/// two thresholds of one method).
+pub const MOTIONCACHE_SLOW: f64 = 0.1;
+pub const MOTIONCACHE_FAST: f64 = 0.2;
+
+/// One video in one mode.
+pub struct Outcome {
+    pub transformer_seconds: f64,
+    pub vae_seconds: f64,
+    pub frames: Vec<Vec<u8>>,
+    pub flops: f64,
+    pub vanilla_flops: f64,
+    pub recomputed: usize,
+    pub total: usize,
+    pub token_recomputes: Vec<(motioncache::generate::BlockStats, Vec<Vec<u8>>)>,
+}
+
+pub fn generate(
+    p: &Arc<Pipeline>,
+    prompt: &str,
+    s: &GeneratorSettings,
+    seed: u64,
+    keep_stats: bool,
+) -> motioncache::Result<Outcome> {
+    let cond = p.encode_prompt(prompt)?;
+    let neg = p.encode_prompt("")?;
+    let size = (p.info().width, p.info().height);
+    let cancel = AtomicBool::new(false);
+    let mut st = p.stream_with_contexts(&cond, &neg, s.clone(), NoiseSource::Seed(seed), size)?;
+    let mut o = Outcome {
+        transformer_seconds: 0.0,
+        vae_seconds: 0.0,
+        frames: Vec::new(),
+        flops: 0.0,
+        vanilla_flops: 0.0,
+        recomputed: 0,
+        total: 0,
+        token_recomputes: Vec::new(),
+    };
+    loop {
+        let t0 = Instant::now();
+        let Some(b) = st.generator().next_block(&cancel)? else {
+            break;
+        };
+        o.transformer_seconds += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let d = st.decode(b)?;
+        o.vae_seconds += t1.elapsed().as_secs_f64();
+        o.flops += d.stats.flops;
+        o.vanilla_flops += d.stats.vanilla_flops;
+        o.recomputed += d.stats.tokens_recomputed;
+        o.total += d.stats.tokens_total;
+        if keep_stats {
+            o.token_recomputes.push((d.stats.clone(), d.frames.clone()));
+        }
+        o.frames.extend(d.frames);
+    }
+    Ok(o)
+}
+
+pub fn run(a: Args) -> BoxResult<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let p = super::load_model(a.model.as_deref())?;
+    let prompts: &[&str] = if a.quick { &PROMPTS[..2] } else { &PROMPTS };
+    let scen: Vec<_> = scenarios(&p)
+        .into_iter()
+        .filter(|(n, _)| {
+            a.scenarios
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|x| x == n))
+        })
+        .collect();
+    if scen.is_empty() {
+        return Err("--scenarios: none of paper, element-default".into());
+    }
+    let diffusers: Option<serde_json::Value> = match &a.diffusers {
+        Some(f) => Some(serde_json::from_str(
+            &std::fs::read_to_string(f).map_err(|e| format!("--diffusers {}: {e}", f.display()))?,
+        )?),
+        None => None,
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "model: {} ({}x{} @ {} fps), {} prompts, {threads} threads",
+        p.info().name,
+        p.info().width,
+        p.info().height,
+        p.info().fps_num,
+        prompts.len(),
+    );
+    let mut rows = Vec::new();
+    for (sname, base) in &scen {
+        let specs = modes(&a, base.steps, &base.cache.rescale)?;
+        let mut results: Vec<(ModeSpec, Vec<Outcome>)> = Vec::new();
+        for m in specs {
+            let mut s = base.clone();
+            s.cache = m.cache.clone();
+            let mut outs = Vec::new();
+            for (i, prompt) in prompts.iter().enumerate() {
+                let o = generate(&p, prompt, &s, 1024 + i as u64, true)?;
+                eprintln!(
+                    "{sname} {:<22} {:>6} prompt {i}: transformer {:.2} s, vae {:.2} s",
+                    m.label,
+                    m.threshold.map(|t| format!("{t}")).unwrap_or_default(),
+                    o.transformer_seconds,
+                    o.vae_seconds
+                );
+                outs.push(o);
+            }
+            results.push((m, outs));
+        }
+        let diff_secs = diffusers
+            .as_ref()
+            .and_then(|v| v.get(*sname))
+            .and_then(|s| s.as_f64());
+        rows.extend(summarise(&p, sname, &results, diff_secs)?);
+    }
+    let reference = match &a.reference {
+        Some(f) => Some(report::Reference::load(f)?),
+        None => None,
+    };
+    report::write(&a.out, &rows, diffusers.as_ref(), reference.as_ref())?;
+    super::plot::draw(&rows, &a.out.join("bench.png"))?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Rows of one schedule: each mode against vanilla (index 0) and none (index 1).
+fn summarise(
+    p: &Pipeline,
+    schedule: &str,
+    results: &[(ModeSpec, Vec<Outcome>)],
+    diffusers_seconds: Option<f64>,
+) -> BoxResult<Vec<Row>> {
+    let sum = |i: usize, f: &dyn Fn(&Outcome) -> f64| results[i].1.iter().map(f).sum::<f64>();
+    let total = |o: &Outcome| o.transformer_seconds + o.vae_seconds;
+    let (van, non) = (sum(0, &total), sum(1, &total));
+    let van_tr = sum(0, &|o| o.transformer_seconds);
+    let van_flops = sum(0, &|o| o.flops);
+    let (w, h) = (p.info().width, p.info().height);
+    let mut rows = Vec::new();
+    for (i, (m, outs)) in results.iter().enumerate() {
+        let (mut ps, mut ss, mut exact) = (0.0, 0.0, true);
+        for (o, v) in outs.iter().zip(&results[0].1) {
+            let a = Frames {
+                frames: &o.frames,
+                width: w,
+                height: h,
+            };
+            let b = Frames {
+                frames: &v.frames,
+                width: w,
+                height: h,
+            };
+            let q = psnr(&a, &b)?;
+            exact &= !q.is_finite() || q >= 99.0;
+            ps += q.min(99.0);
+            ss += ssim(&a, &b)?;
+        }
+        let n = outs.len() as f64;
+        let secs = sum(i, &total);
+        let tr = sum(i, &|o| o.transformer_seconds);
+        let flops = sum(i, &|o| o.flops);
+        let vflops = sum(i, &|o| o.vanilla_flops);
+        let rec: usize = outs.iter().map(|o| o.recomputed).sum();
+        // Recompute counts of moving against static tokens, over the moving prompts.
+        let (mut mv, mut st, mut k) = (0.0, 0.0, 0);
+        for o in outs {
+            if let Some((a, b)) = motion_selectivity(&o.token_recomputes, w, h) {
+                mv += a;
+                st += b;
+                k += 1;
+            }
+        }
+        let tot: usize = outs.iter().map(|o| o.total).sum();
+        rows.push(Row {
+            mode: m.label.clone(),
+            policy: m.cache.mode.name().to_string(),
+            threshold: m.threshold,
+            schedule: schedule.to_string(),
+            seconds: secs,
+            transformer_seconds: tr,
+            vae_seconds: sum(i, &|o| o.vae_seconds),
+            speedup_vs_vanilla: van / secs,
+            speedup_vs_none: non / secs,
+            speedup_vs_diffusers: diffusers_seconds.map(|d| d / secs),
+            flops_ratio: flops / vflops,
+            transformer_time_over_flops: (tr / van_tr) / (flops / van_flops),
+            recomputed_fraction: rec as f64 / tot.max(1) as f64,
+            psnr_db: ps / n,
+            ssim: ss / n,
+            exact,
+            moving_over_static: (k > 0 && st > 0.0).then(|| mv / st),
+        });
+    }
+    Ok(rows)
+}
