@@ -6,6 +6,14 @@ for the whole clip, or standing still. Motion never reverses inside a clip: a ca
 says "left" must describe every frame of the clip, otherwise the model cannot learn to tie
 direction words to motion.
 
+The frame is a torus: an object that leaves one edge re-enters at the opposite one (drawn
+on both edges while it crosses), so a clip can continue forever without contradicting its
+caption and the object never leaves the picture. The element streams for hours; a model
+trained on objects that leave the frame learns to empty it.
+
+`TEST_SCENES` are never drawn for training: the adherence test (tests/adherence.rs)
+measures the exported model on exactly these prompts.
+
 Usage as a script writes a PNG contact sheet of a few clips:
     python tools/tiny/data.py --out /tmp/sheet.png
 """
@@ -47,6 +55,39 @@ DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0)
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
+# Held-out prompts (colour, shape, direction or "static", pattern, background colour): every
+# colour, shape, direction, pattern and background colour at least twice. `sample_scene`
+# redraws a scene whose caption is one of these, so the test prompts are unseen in training.
+TEST_SCENES: tuple[tuple[str, str, str, str, str], ...] = (
+    ("red", "triangle", "right", "checkered", "green"),
+    ("green", "triangle", "left", "striped", "blue"),
+    ("blue", "square", "down", "striped", "gray"),
+    ("yellow", "square", "up", "striped", "black"),
+    ("white", "triangle", "down", "plain", "blue"),
+    ("magenta", "circle", "left", "checkered", "black"),
+    ("red", "circle", "down", "checkered", "gray"),
+    ("green", "square", "up", "checkered", "red"),
+    ("blue", "triangle", "left", "plain", "red"),
+    ("yellow", "circle", "right", "striped", "green"),
+    ("white", "square", "right", "striped", "black"),
+    ("magenta", "triangle", "up", "plain", "green"),
+    ("green", "circle", "static", "checkered", "blue"),
+    ("white", "triangle", "static", "plain", "red"),
+    ("magenta", "square", "static", "striped", "gray"),
+    ("yellow", "circle", "static", "plain", "black"),
+)
+
+
+def scene_caption(color: str, shape: str, direction: str | None, pattern: str, bg_color: str, background: bool = True) -> str:
+    bg = f" on a {pattern} {bg_color} background" if background else ""
+    if direction is None or direction == "static":
+        return f"a static {color} {shape}{bg}"
+    return f"a {color} {shape} moving {direction}{bg}"
+
+
+TEST_CAPTIONS = frozenset(scene_caption(*t) for t in TEST_SCENES)
+
+
 def vocabulary() -> list[str]:
     """All words of the caption grammar after the special tokens (<pad>=0, </s>=1, <unk>=2)."""
     words = ["a", "static", "moving", "on", "background"]
@@ -73,18 +114,29 @@ class Scene:
     mention_background: bool
 
     def caption(self) -> str:
-        bg = f" on a {self.pattern} {self.bg_color} background" if self.mention_background else ""
-        if self.direction is None:
-            return f"a static {self.color} {self.shape}{bg}"
-        return f"a {self.color} {self.shape} moving {self.direction}{bg}"
+        return scene_caption(self.color, self.shape, self.direction, self.pattern, self.bg_color, self.mention_background)
+
+    def full_caption(self) -> str:
+        return scene_caption(self.color, self.shape, self.direction, self.pattern, self.bg_color)
 
 
 def sample_scene(rng: np.random.Generator, size: int = 64, static_prob: float = 0.15) -> Scene:
+    """A random training scene; never one of `TEST_SCENES` (redrawn until it is not)."""
+    while True:
+        s = _draw_scene(rng, size, static_prob)
+        if s.full_caption() not in TEST_CAPTIONS:
+            return s
+
+
+def _draw_scene(rng: np.random.Generator, size: int, static_prob: float) -> Scene:
     direction = None if rng.random() < static_prob else DIRECTIONS[rng.integers(len(DIRECTIONS))]
     half = float(rng.uniform(0.12, 0.19) * size)
-    # Centre at mid clip; for moving objects anywhere on the motion axis, so clips include
-    # objects entering and leaving the frame (long generations need that), but mostly visible.
-    lo, hi = half, size - half
+    # Centre at mid clip: anywhere for moving objects (the frame wraps around), fully inside
+    # the frame for static ones.
+    if direction is None:
+        lo, hi = half, size - half
+    else:
+        lo, hi = 0.0, float(size)
     cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
     return Scene(
         color=list(OBJECT_COLORS)[rng.integers(len(OBJECT_COLORS))],
@@ -134,6 +186,22 @@ def _coverage(shape: str, cx: float, cy: float, half: float, size: int) -> np.nd
     return np.clip(0.5 - sd, 0.0, 1.0)
 
 
+def _coverage_wrapped(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+    """Coverage on a torus: the centre taken modulo the frame, the shape drawn again one frame
+    width / height away wherever it crosses an edge."""
+    cx, cy = cx % size, cy % size
+    cov = _coverage(shape, cx, cy, half, size)
+    reach = 1.3 * half + 1.0  # the triangle reaches furthest (1.25 half + antialiasing)
+    for ox in (-size, 0, size):
+        for oy in (-size, 0, size):
+            if (ox, oy) == (0, 0):
+                continue
+            x, y = cx + ox, cy + oy
+            if -reach < x < size + reach and -reach < y < size + reach:
+                cov = np.maximum(cov, _coverage(shape, x, y, half, size))
+    return cov
+
+
 def render(scene: Scene, num_frames: int, size: int = 64, masks: list | None = None) -> np.ndarray:
     """Frames as float32 [T, H, W, 3] in [0, 1]; object coverage per frame appended to masks."""
     bg = _background(scene, size)
@@ -144,7 +212,7 @@ def render(scene: Scene, num_frames: int, size: int = 64, masks: list | None = N
     for t in range(num_frames):
         cx = scene.center[0] + vx * scene.speed * (t - mid)
         cy = scene.center[1] + vy * scene.speed * (t - mid)
-        cov = _coverage(scene.shape, cx, cy, scene.size, size)[..., None]
+        cov = _coverage_wrapped(scene.shape, cx, cy, scene.size, size)[..., None]
         if masks is not None:
             masks.append(cov[..., 0])
         frames[t] = bg * (1.0 - cov) + color * cov
@@ -176,7 +244,7 @@ def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/work/tiny-ckpt/data_sheet.png")
     ap.add_argument("--clips", type=int, default=6)
-    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     from PIL import Image

@@ -41,7 +41,7 @@ FPS = 8
 # diffusers' pipeline maps fps 16 -> embedding 0 and everything else -> 1.
 FPS_INDEX = 0 if FPS == 16 else 1
 BLOCK = 3  # latent frames per causal block
-WINDOW = 9  # latent frames per training clip (= pixel frames: no temporal compression)
+WINDOW = 9  # latent frames per training window (= pixel frames: no temporal compression)
 TEXT_LEN = 32  # max_sequence_length used in training; pass the same to the pipeline
 CAPTION_DROPOUT = 0.1
 
@@ -199,8 +199,12 @@ def save_ckpt(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def sample_sigmas(bsz: int, nblk: int, gen: torch.Generator):
-    """Per-block noise levels, plus a per-block loss weight (0 for clean context blocks)."""
+def sample_sigmas(bsz: int, nblk: int, gen: torch.Generator, ctx_prob: float = 0.2):
+    """Per-block noise levels, plus a per-block loss weight (0 for clean context blocks).
+
+    With probability `ctx_prob` the leading blocks are finished (clean) context, mostly one
+    block: what the streaming generator gives every window after the first (its overlap
+    history, 3 latent frames = 1 block at the element's defaults)."""
     u = torch.rand(bsz, nblk, generator=gen)
     mode = torch.rand(bsz, generator=gen)
     # Synchronous generation: one level for the whole window.
@@ -214,9 +218,10 @@ def sample_sigmas(bsz: int, nblk: int, gen: torch.Generator):
     sigma = s * u / (1.0 + (s - 1.0) * u)
     weight = torch.ones(bsz, nblk)
     # Extension / streaming: some leading blocks are finished (clean) context.
-    ctx = torch.rand(bsz, generator=gen) < 0.2
+    ctx = torch.rand(bsz, generator=gen) < ctx_prob
     for b in torch.nonzero(ctx).flatten().tolist():
-        k = int(torch.randint(1, nblk, (1,), generator=gen))
+        one = float(torch.rand(1, generator=gen)) < 0.75
+        k = 1 if one else int(torch.randint(1, nblk, (1,), generator=gen))
         sigma[b, :k] = 0.0
         weight[b, :k] = 0.0
     return sigma, weight
@@ -262,6 +267,25 @@ def main() -> None:
     ap.add_argument("--dec-every", type=int, default=3, help="decoder step every N DiT steps (0 = never)")
     ap.add_argument("--dit-batch", type=int, default=8)
     ap.add_argument("--dit-lr", type=float, default=4e-4)
+    ap.add_argument(
+        "--dit-lr-floor",
+        type=float,
+        default=0.0,
+        help="with --dit-minutes > 0 and a floor > 0: cosine decay from --dit-lr to this over the budget",
+    )
+    ap.add_argument(
+        "--clip-frames",
+        type=int,
+        default=WINDOW,
+        help="frames per encoded training clip (1 + 4k); each DiT sample is a random window of 9 from it, so "
+        "windows start mid-motion as the streaming generator's later windows do",
+    )
+    ap.add_argument(
+        "--context-prob",
+        type=float,
+        default=0.2,
+        help="fraction of DiT samples whose leading block(s) are clean context (the overlap history)",
+    )
     ap.add_argument("--cache-size", type=int, default=6000)
     ap.add_argument(
         "--init-from",
@@ -628,8 +652,8 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
 class LatentCache:
     """Encoded clips reused for several steps: encoding costs about as much as a DiT step."""
 
-    def __init__(self, vae, mean, std, size: int, seed: int):
-        self.vae, self.size, self.seed = vae, size, seed
+    def __init__(self, vae, mean, std, size: int, seed: int, clip_frames: int = WINDOW):
+        self.vae, self.size, self.seed, self.clip_frames = vae, size, seed, clip_frames
         self.mean = torch.tensor(mean).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1, 1)
         self.z: list[torch.Tensor] = []
@@ -641,7 +665,7 @@ class LatentCache:
     def add(self, k: int) -> None:
         rng = np.random.default_rng([self.seed, 2, self.made])
         self.made += 1
-        v, caps, masks = data.batch(rng, k, WINDOW, RES, with_masks=True)
+        v, caps, masks = data.batch(rng, k, self.clip_frames, RES, with_masks=True)
         with torch.no_grad():
             z = (vae_encode_mean(self.vae, torch.from_numpy(v)) - self.mean) / self.std
         # Object coverage at latent resolution (max-pooled so edges count as object).
@@ -658,10 +682,13 @@ class LatentCache:
                 self.next = (self.next + 1) % self.size
 
     def sample(self, bsz: int, gen: torch.Generator):
+        """`bsz` windows of WINDOW latent frames, each at a random offset in its clip."""
         idx = torch.randint(0, len(self.z), (bsz,), generator=gen).tolist()
+        span = self.clip_frames - WINDOW + 1
+        offs = torch.randint(0, span, (bsz,), generator=gen).tolist()
         return (
-            torch.stack([self.z[i] for i in idx]),
-            torch.stack([self.m[i] for i in idx]),
+            torch.stack([self.z[i][:, o : o + WINDOW] for i, o in zip(idx, offs)]),
+            torch.stack([self.m[i][o : o + WINDOW] for i, o in zip(idx, offs)]),
             [self.caps[i] for i in idx],
         )
 
@@ -685,7 +712,9 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     if "dec_opt" in state:
         dec_opt.load_state_dict(state["dec_opt"])
     dec_acc = [0.0, 0]
-    cache = LatentCache(vae, state["latents_mean"], state["latents_std"], args.cache_size, args.seed)
+    if (args.clip_frames - 1) % 4 or args.clip_frames < WINDOW:
+        raise SystemExit(f"--clip-frames {args.clip_frames}: must be 1 + 4k and at least {WINDOW}")
+    cache = LatentCache(vae, state["latents_mean"], state["latents_std"], args.cache_size, args.seed, args.clip_frames)
     cache.made = state["step"] + 1000  # fresh clips after a resume
     t0 = time.time()
     while len(cache.z) < min(256, args.cache_size):
@@ -699,7 +728,7 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         x0, mask, caps = cache.sample(args.dit_batch, gen)
         caps = ["" if torch.rand(1, generator=gen).item() < CAPTION_DROPOUT else c for c in caps]
         bsz = x0.shape[0]
-        sigma_b, w_b = sample_sigmas(bsz, nblk, gen)
+        sigma_b, w_b = sample_sigmas(bsz, nblk, gen, args.context_prob)
         sigma = sigma_b.repeat_interleave(BLOCK, dim=1)  # [B, F]
         w = w_b.repeat_interleave(BLOCK, dim=1)
         noise = torch.randn(x0.shape, generator=gen)
@@ -721,6 +750,8 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         loss = (err * w).sum() / w.sum().clamp(min=1.0)
         steps_done = state["step"]
         lr = args.dit_lr * min(1.0, (steps_done - state.get("resumed_at", 0) + 1) / 300.0)
+        if minutes > 0 and args.dit_lr_floor > 0:
+            lr = min(lr, lr_at(state["stage_seconds"] / (minutes * 60.0), args.dit_lr, args.dit_lr_floor, warm=0.0))
         optimise(opt, params, loss, lr)
         decay = min(0.999, (1.0 + steps_done) / (10.0 + steps_done))
         ema_update(ema_dit, dit, decay)
