@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo test --workspace --all-targets 2>&1
+# `bench` adds the benchmark binary's own tests (calibration fit, frontier, report) in the
+# same build.
+cargo test --workspace --all-targets --features motioncache/bench 2>&1
 if [ "${MOTIONCACHE_SKIP_CUDA_CHECK:-0}" != "1" ]; then
     ./tools/check-cuda.sh
 fi
