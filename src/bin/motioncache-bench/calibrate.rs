@@ -40,7 +40,7 @@ pub fn fit(samples: &[(f64, f64)], degree: usize) -> Option<Vec<f64>> {
     }
     // Fit in x / xmax for conditioning, then scale the coefficients back.
     let xmax = samples.iter().map(|s| s.0.abs()).fold(0.0, f64::max);
-    if !(xmax > 0.0) {
+    if xmax.is_nan() || xmax <= 0.0 {
         return None;
     }
     let mut a = vec![vec![0.0f64; n + 1]; n];
@@ -61,11 +61,12 @@ pub fn fit(samples: &[(f64, f64)], degree: usize) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(c, p);
-        for r in 0..n {
+        let pivot = a[c].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != c {
-                let f = a[r][c] / a[c][c];
-                for k in c..=n {
-                    a[r][k] -= f * a[c][k];
+                let f = row[c] / pivot[c];
+                for (x, p) in row[c..].iter_mut().zip(&pivot[c..]) {
+                    *x -= f * p;
                 }
             }
         }

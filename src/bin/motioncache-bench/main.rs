@@ -4,6 +4,7 @@
 //!     motioncache-bench [run] [--model DIR] [--out DIR] [--sweep] [--diffusers FILE]
 //!         [--reference FILE] [--scenarios paper,element-default] [--modes a,b] ...
 //!     motioncache-bench calibrate [--model DIR] [--write]
+//!     motioncache-bench report [--out DIR] [--diffusers FILE] [--reference FILE]
 //!     motioncache-bench forward [--config 1.3b|tiny|PATH] ...
 //!
 //! `run` generates the same videos (same prompts and seeds) in every mode on two schedules
@@ -45,6 +46,8 @@ enum Command {
     Run(run::Args),
     /// Fit a model's rescale polynomial from its own uncached runs.
     Calibrate(calibrate::Args),
+    /// The report of an earlier run again, with new diffusers or reference timings.
+    Report(report::Args),
     /// One transformer forward in candle and in PyTorch.
     Forward(forward::Args),
 }
@@ -57,6 +60,7 @@ fn main() {
         None => run::run(cli.run),
         Some(Command::Run(a)) => run::run(a),
         Some(Command::Calibrate(a)) => calibrate::run(a),
+        Some(Command::Report(a)) => report::run(a),
         Some(Command::Forward(a)) => forward::run(a),
     };
     if let Err(e) = r {

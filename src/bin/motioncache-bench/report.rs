@@ -1,8 +1,15 @@
 //! bench.json and bench.md: the rows, the speed/quality frontiers, and the targets.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::BoxResult;
+
+/// A JSON file given to option `flag`; errors name the option and the file.
+pub fn load_json(flag: &str, path: &Path) -> BoxResult<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| format!("{flag} {}: {e}", path.display()))?)
+}
 
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -41,11 +48,9 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(path: &Path) -> BoxResult<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--reference {}: {e}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("--reference {}: {e}", path.display()))?;
-        Ok(Self { v })
+        Ok(Self {
+            v: load_json("--reference", path)?,
+        })
     }
 
     fn get(&self, key: &str) -> Option<f64> {
@@ -91,29 +96,114 @@ fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
+/// `motioncache-bench report`: the report of an earlier run again, from its bench.json,
+/// with new diffusers or reference timings (measured separately, e.g. when the first ones
+/// were disturbed), without generating anything.
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// Folder with the run's bench.json; bench.md and bench.png are rewritten there.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
+    #[arg(long)]
+    pub diffusers: Option<PathBuf>,
+    /// The reference implementation's results (tools/reference_motioncache.py's JSON).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+}
+
+impl Row {
+    /// The row as bench.json holds it.
+    fn to_json(&self) -> serde_json::Value {
+        let r = self;
+        serde_json::json!({
+            "mode": r.mode, "policy": r.policy, "threshold": r.threshold,
+            "schedule": r.schedule, "seconds": r.seconds,
+            "transformer_seconds": r.transformer_seconds, "vae_seconds": r.vae_seconds,
+            "speedup_vs_vanilla": r.speedup_vs_vanilla, "speedup_vs_none": r.speedup_vs_none,
+            "speedup_vs_diffusers": r.speedup_vs_diffusers,
+            "flops_ratio": r.flops_ratio,
+            "transformer_time_over_flops": r.transformer_time_over_flops,
+            "recomputed_fraction": r.recomputed_fraction,
+            "psnr_db": r.psnr_db, "ssim": r.ssim, "exact": r.exact,
+            "moving_over_static": r.moving_over_static,
+        })
+    }
+
+    /// A row of bench.json as `write` wrote it.
+    fn from_json(v: &serde_json::Value) -> BoxResult<Self> {
+        let f = |k: &str| -> BoxResult<f64> {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| format!("bench.json: row without a number {k:?}: {v}").into())
+        };
+        let s = |k: &str| -> BoxResult<String> {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("bench.json: row without a string {k:?}: {v}").into())
+        };
+        let opt = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        Ok(Self {
+            mode: s("mode")?,
+            policy: s("policy")?,
+            threshold: opt("threshold"),
+            schedule: s("schedule")?,
+            seconds: f("seconds")?,
+            transformer_seconds: f("transformer_seconds")?,
+            vae_seconds: f("vae_seconds")?,
+            speedup_vs_vanilla: f("speedup_vs_vanilla")?,
+            speedup_vs_none: f("speedup_vs_none")?,
+            speedup_vs_diffusers: opt("speedup_vs_diffusers"),
+            flops_ratio: f("flops_ratio")?,
+            transformer_time_over_flops: f("transformer_time_over_flops")?,
+            recomputed_fraction: f("recomputed_fraction")?,
+            psnr_db: f("psnr_db")?,
+            ssim: f("ssim")?,
+            exact: v.get("exact").and_then(|x| x.as_bool()).unwrap_or(false),
+            moving_over_static: opt("moving_over_static"),
+        })
+    }
+}
+
+pub fn run(a: Args) -> BoxResult<()> {
+    let path = a.out.join("bench.json");
+    let v = load_json("--out", &path)?;
+    let mut rows = v
+        .as_array()
+        .ok_or_else(|| format!("{}: not a list of rows", path.display()))?
+        .iter()
+        .map(Row::from_json)
+        .collect::<BoxResult<Vec<_>>>()?;
+    let diffusers = match &a.diffusers {
+        Some(f) => Some(load_json("--diffusers", f)?),
+        None => None,
+    };
+    if let Some(d) = &diffusers {
+        for r in &mut rows {
+            r.speedup_vs_diffusers = d
+                .get(&r.schedule)
+                .and_then(|x| x.as_f64())
+                .map(|d| d / r.seconds);
+        }
+    }
+    let reference = match &a.reference {
+        Some(f) => Some(Reference::load(f)?),
+        None => None,
+    };
+    write(&a.out, &rows, diffusers.as_ref(), reference.as_ref())?;
+    super::plot::draw(&rows, &a.out.join("bench.png"))?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
 pub fn write(
     out: &Path,
     rows: &[Row],
     diffusers: Option<&serde_json::Value>,
     reference: Option<&Reference>,
 ) -> BoxResult<()> {
-    let json: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "mode": r.mode, "policy": r.policy, "threshold": r.threshold,
-                "schedule": r.schedule, "seconds": r.seconds,
-                "transformer_seconds": r.transformer_seconds, "vae_seconds": r.vae_seconds,
-                "speedup_vs_vanilla": r.speedup_vs_vanilla, "speedup_vs_none": r.speedup_vs_none,
-                "speedup_vs_diffusers": r.speedup_vs_diffusers,
-                "flops_ratio": r.flops_ratio,
-                "transformer_time_over_flops": r.transformer_time_over_flops,
-                "recomputed_fraction": r.recomputed_fraction,
-                "psnr_db": r.psnr_db, "ssim": r.ssim, "exact": r.exact,
-                "moving_over_static": r.moving_over_static,
-            })
-        })
-        .collect();
+    let json: Vec<serde_json::Value> = rows.iter().map(Row::to_json).collect();
     std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
 
     let mut md = String::from(
@@ -369,5 +459,18 @@ mod tests {
         assert_eq!(frontier_at(&r, 1.2, 30.0), 2.0);
         assert_eq!(frontier_at(&r, 1.2, 31.0), 1.2);
         assert_eq!(frontier_at(&r, 1.2, 10.0), 3.0);
+    }
+
+    #[test]
+    fn rows_read_back_from_bench_json() {
+        let mut r = row(27.5, 2.5);
+        r.moving_over_static = Some(2.1);
+        r.exact = true;
+        let back = Row::from_json(&r.to_json()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        let mut v = r.to_json();
+        v.as_object_mut().unwrap().remove("seconds");
+        let e = Row::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("\"seconds\""), "{e}");
     }
 }

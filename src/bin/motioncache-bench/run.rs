@@ -303,10 +303,8 @@ pub fn run(a: Args) -> BoxResult<()> {
     if scen.is_empty() {
         return Err("--scenarios: none of paper, element-default".into());
     }
-    let diffusers: Option<serde_json::Value> = match &a.diffusers {
-        Some(f) => Some(serde_json::from_str(
-            &std::fs::read_to_string(f).map_err(|e| format!("--diffusers {}: {e}", f.display()))?,
-        )?),
+    let diffusers = match &a.diffusers {
+        Some(f) => Some(report::load_json("--diffusers", f)?),
         None => None,
     };
     let threads = std::thread::available_parallelism()
