@@ -60,3 +60,45 @@ fn token_level_at_the_element_defaults_and_follows_motion() {
         "moving tokens recomputed {moving:.2} times, static {fixed:.2}: less than twice"
     );
 }
+
+/// Issue 13's "every schedule": at 8 to 50 steps, with the element's other defaults, every
+/// block after the first is mostly decided per token (more partial passes than full ones).
+#[test]
+fn token_level_at_every_step_count() {
+    let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
+    for steps in [8, 12, 25, 50] {
+        let mut s = p.info().defaults.clone();
+        s.steps = steps;
+        s.cache = motioncache::cache::CacheSettings {
+            rescale: s.cache.rescale.clone(),
+            ..motioncache::cache::CacheSettings::for_schedule(CacheMode::MotionCache, steps)
+        };
+        s.total_frames = Some(2 * s.window - s.overlap);
+        let mut stream = p
+            .stream(
+                "a yellow square moving left on a checkered green background",
+                "",
+                s,
+                3,
+            )
+            .unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut i = 0;
+        while let Some(b) = stream.next_block(&cancel).unwrap() {
+            let st = &b.stats;
+            println!(
+                "{steps} steps, block {}: full {} partial {} skipped {}",
+                st.index, st.full_forwards, st.partial_forwards, st.skipped_forwards
+            );
+            if i > 0 {
+                assert!(
+                    st.partial_forwards > st.full_forwards,
+                    "{steps} steps, block {}: not mostly token level: {st:?}",
+                    st.index
+                );
+            }
+            i += 1;
+        }
+        assert!(i > 1, "{steps} steps: only {i} block(s)");
+    }
+}
