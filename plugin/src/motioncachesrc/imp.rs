@@ -430,6 +430,7 @@ impl MotionCacheSrc {
                     .src(&obj)
                     .build();
                 let _ = obj.post_message(msg);
+                obj.notify("stats");
                 if grown && obj.is_live() {
                     let _ = obj.post_message(gst::message::Latency::builder().src(&obj).build());
                 }

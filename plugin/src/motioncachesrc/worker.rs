@@ -165,13 +165,25 @@ impl Drop for Worker {
 }
 
 fn run(pipeline: Arc<Pipeline>, mut stream: VideoStream, shared: &Shared, cb: Callbacks) {
-    let outcome = generate(&pipeline, &mut stream, shared, &cb);
+    // A panic (a bug, or a callback's) becomes the stream's error instead of a thread that
+    // silently ends while the streaming thread waits for it.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        generate(&pipeline, &mut stream, shared, &cb)
+    }));
     // Drop the stream (and with it the K/V caches) before telling anyone we are done.
     drop(stream);
     let mut q = shared.lock();
     match outcome {
-        Ok(()) | Err(motioncache::Error::Cancelled) => {}
-        Err(e) => q.failure = Some(e.to_string()),
+        Ok(Ok(()) | Err(motioncache::Error::Cancelled)) => {}
+        Ok(Err(e)) => q.failure = Some(e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            q.failure = Some(format!("the generator thread panicked: {what}"));
+        }
     }
     q.ended = true;
     drop(q);
@@ -229,5 +241,36 @@ fn generate(
         q.blocks.push_back(block);
         drop(q);
         shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use candle_core::{DType, Device};
+
+    /// A fault injected on the worker thread (a panicking block callback) ends the stream
+    /// with an error that says so, instead of leaving `pop` waiting forever.
+    #[test]
+    fn a_panic_on_the_worker_becomes_the_stream_error() {
+        let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
+        let mut s = p.info().defaults.clone();
+        s.total_frames = Some(s.window);
+        let stream = p.stream("a red circle moving right", "", s, 1).unwrap();
+        let cb = Callbacks {
+            on_block: Box::new(|_, _| panic!("injected fault")),
+            on_warning: Box::new(|_| {}),
+        };
+        let w = Worker::spawn(p, stream, 2, cb).unwrap();
+        match w.pop() {
+            Popped::Failed(m) => {
+                assert!(
+                    m.contains("panicked") && m.contains("injected fault"),
+                    "{m}"
+                )
+            }
+            _ => panic!("expected the injected panic as a failure"),
+        }
     }
 }
