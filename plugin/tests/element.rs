@@ -122,6 +122,32 @@ fn frames_are_not_constant_and_stats_are_posted() {
     });
 }
 
+/// With num-buffers the generator makes the blocks those frames need and no more, even
+/// while the pipeline stays in PLAYING after EOS (the embedded model: 7 frames = 7 latent
+/// frames = 3 blocks of 3).
+#[test]
+fn generation_stops_at_num_buffers() {
+    with_timeout(240, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc num-buffers=7 {} ! fakesink",
+            fast_launch()
+        ));
+        let bus = pipeline.bus().unwrap();
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let mut out = Outcome::default();
+        while let Some(msg) = bus.timed_pop(gst::ClockTime::from_seconds(120)) {
+            if record(&mut out, &msg) {
+                break;
+            }
+        }
+        assert!(out.eos && out.errors.is_empty(), "{:?}", out.errors);
+        // Time for a generator that did not stop to make more blocks.
+        drain(&bus, &mut out, Duration::from_millis(1500));
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert_eq!(out.stats.len(), 3, "blocks generated: {:?}", out.stats);
+    });
+}
+
 #[test]
 fn live_mode_paces_and_answers_latency() {
     with_timeout(300, || {
@@ -148,9 +174,12 @@ fn live_mode_paces_and_answers_latency() {
         pipeline.set_state(gst::State::Null).unwrap();
         assert!(out.errors.is_empty(), "{:?}", out.errors);
         assert!(out.eos);
-        let (live, min, _max) = latency.expect("latency queried");
+        let (live, min, max) = latency.expect("latency queried");
         assert!(live);
         assert!(min > gst::ClockTime::ZERO, "block latency {min}");
+        // Bounded: the queue of finished blocks on top of the block latency.
+        let max = max.expect("a bounded max latency");
+        assert!(max > min, "max latency {max} <= min {min}");
         // 12 frames at the model's rate (24 fps or less) cannot leave faster than real time
         assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
     });

@@ -196,8 +196,10 @@ impl ObjectImpl for MotionCacheSrc {
                 return None;
             }
             match settings.generator_settings(&defaults) {
-                Ok(g) => {
+                Ok(mut g) => {
                     if let Some(state) = lock(&self.state).as_mut() {
+                        // The stream's length (from num-buffers) is not a property here.
+                        g.total_frames = state.generator.total_frames;
                         state.generator = g.clone();
                     }
                     worker.set_settings(g);
@@ -258,6 +260,14 @@ impl ObjectImpl for MotionCacheSrc {
             name => unimplemented!("property {name}"),
         }
     }
+}
+
+/// Latent frames to generate for `pixel_frames` output frames: the first latent frame
+/// decodes to one frame, each further one to `per_latent`; rounded up to whole causal
+/// blocks of `block` latent frames.
+fn stream_latent_frames(pixel_frames: usize, per_latent: usize, block: usize) -> usize {
+    let latent = 1 + pixel_frames.saturating_sub(1).div_ceil(per_latent.max(1));
+    latent.div_ceil(block.max(1)) * block.max(1)
 }
 
 /// The `motioncache-stats` structure of a block (element message and `stats` property).
@@ -443,9 +453,11 @@ impl MotionCacheSrc {
         }
     }
 
-    /// Live latency: a frame can leave only when its whole block is finished, so the
-    /// slowest block's generation time (before the first block: the block's duration).
-    fn latency(&self) -> Option<gst::ClockTime> {
+    /// Live latency, (min, max): a frame can leave only when its whole block is finished,
+    /// so min is the slowest block's generation time (before the first block: the block's
+    /// duration); the queue holds `QUEUE_BLOCKS` finished blocks on top of that, so max
+    /// adds their duration.
+    fn latency(&self) -> Option<(gst::ClockTime, gst::ClockTime)> {
         let (fps, block) = {
             let state = lock(&self.state);
             let s = state.as_ref()?;
@@ -467,7 +479,7 @@ impl MotionCacheSrc {
         };
         let latency = if r.last.is_some() { measured } else { estimate };
         r.reported = Some(latency);
-        Some(latency)
+        Some((latency, latency + estimate * QUEUE_BLOCKS as u64))
     }
 
     /// Live mode: warns (rate-limited) when frames leave later than real time allows.
@@ -513,12 +525,23 @@ impl BaseSrcImpl for MotionCacheSrc {
         let settings = lock(&self.settings).clone();
         let pipeline = Arc::new(self.load(&settings)?);
         let info = pipeline.info().clone();
-        let generator = settings.generator_settings(&info.defaults).map_err(|e| {
+        let mut generator = settings.generator_settings(&info.defaults).map_err(|e| {
             gst::error_msg!(
                 gst::LibraryError::Settings,
                 ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
             )
         })?;
+        // With num-buffers the generator stops once it has made that many frames (whole
+        // causal blocks) instead of filling its queue after EOS.
+        let num_buffers = self.obj().property::<i32>("num-buffers");
+        if num_buffers > 0 {
+            let per_latent = pipeline.vae().config().temporal_compression().max(1);
+            generator.total_frames = Some(stream_latent_frames(
+                num_buffers as usize,
+                per_latent,
+                generator.causal_block_size,
+            ));
+        }
         if settings.prompt.trim().is_empty() {
             self.warn("property 'prompt' is empty: the video follows no text".into());
         }
@@ -668,9 +691,9 @@ impl BaseSrcImpl for MotionCacheSrc {
             gst::QueryViewMut::Latency(q) => {
                 let live = self.obj().is_live();
                 match self.latency() {
-                    Some(latency) if live => {
-                        gst::debug!(CAT, imp = self, "latency {latency}");
-                        q.set(true, latency, gst::ClockTime::NONE);
+                    Some((min, max)) if live => {
+                        gst::debug!(CAT, imp = self, "latency {min}, max {max}");
+                        q.set(true, min, max);
                         true
                     }
                     Some(_) => {
@@ -814,5 +837,21 @@ impl PushSrcImpl for MotionCacheSrc {
         }
         gst::trace!(CAT, imp = self, "frame {index} at {pts}");
         Ok(CreateSuccess::NewBuffer(buffer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_latent_frames;
+
+    #[test]
+    fn num_buffers_become_whole_blocks_of_latent_frames() {
+        // No temporal compression (the tiny model), blocks of 3.
+        assert_eq!(stream_latent_frames(48, 1, 3), 48);
+        assert_eq!(stream_latent_frames(49, 1, 3), 51);
+        assert_eq!(stream_latent_frames(1, 1, 3), 3);
+        // Wan: 4 frames per latent frame after the first, blocks of 5.
+        assert_eq!(stream_latent_frames(97, 4, 5), 25);
+        assert_eq!(stream_latent_frames(98, 4, 5), 30);
     }
 }
