@@ -618,6 +618,8 @@ impl VideoStream {
     /// Decodes a finished block into frames; blocks must be decoded in the order the
     /// generator produced them (the decoder is causal and keeps a cache of the last ones).
     pub fn decode(&mut self, block: FinishedBlock) -> Result<DecodedBlock> {
+        let started = std::time::Instant::now();
+        let mut stats = block.stats;
         let z = self
             .pipeline
             .vae
@@ -626,11 +628,12 @@ impl VideoStream {
         let video = video.squeeze(0)?;
         let frames = to_rgb24(&video)?;
         let (h, w) = (video.dim(2)?, video.dim(3)?);
+        stats.compute += started.elapsed();
         Ok(DecodedBlock {
             frames,
             width: w,
             height: h,
-            stats: block.stats,
+            stats,
             video,
         })
     }

@@ -185,6 +185,53 @@ fn live_mode_paces_and_answers_latency() {
     });
 }
 
+/// A live pause stops the generator on its full queue; the latency it answers afterwards
+/// is still the blocks' compute time, not the pause.
+#[test]
+fn latency_after_a_live_pause_is_compute_time() {
+    with_timeout(300, || {
+        let pipeline = launch(&format!(
+            "motioncachesrc is-live=true {} ! fakesink sync=true",
+            fast_launch()
+        ));
+        let bus = pipeline.bus().unwrap();
+        let mut out = Outcome::default();
+        let wait_blocks = |out: &mut Outcome, n: usize| {
+            let end = Instant::now() + Duration::from_secs(120);
+            while out.stats.len() < n && Instant::now() < end {
+                if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) {
+                    record(out, &msg);
+                }
+            }
+            assert!(out.stats.len() >= n, "{} blocks", out.stats.len());
+        };
+        pipeline.set_state(gst::State::Playing).unwrap();
+        wait_blocks(&mut out, 2);
+        pipeline.set_state(gst::State::Paused).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let seen = out.stats.len();
+        wait_blocks(&mut out, seen + 3);
+        let mut q = gst::query::Latency::new();
+        assert!(pipeline.query(&mut q), "latency query answered");
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let (live, min, _) = q.result();
+        assert!(live);
+        // A block of the embedded model at 4 steps computes in well under a second here;
+        // counting the pause would make it more than two.
+        assert!(
+            min < gst::ClockTime::from_seconds(1),
+            "latency {min} after a 2 s pause"
+        );
+        assert!(
+            out.stats.iter().any(|s| s.wall_time >= 1.5),
+            "the pause shows in some block's wall time: {:?}",
+            out.stats
+        );
+    });
+}
+
 /// Runs until `until` blocks were posted, calling `at` once when block `change_at` is seen.
 fn run_blocks(
     pipeline: &gst::Pipeline,

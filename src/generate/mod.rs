@@ -57,9 +57,10 @@ pub struct BlockStats {
     /// recompute would have done for it.
     pub flops: f64,
     pub vanilla_flops: f64,
-    /// Wall time since the previous block was emitted, and the part of it spent in the
-    /// generator (transformer, cache policy, solver): the rest is the caller's (decoding,
-    /// waiting on a full queue).
+    /// Wall time since the previous block was emitted, and the part of it spent making
+    /// this block: the generator (transformer, cache policy, solver) and, once
+    /// `VideoStream::decode` has run, the VAE decode. The rest is the caller's (waiting on
+    /// a full queue, a paused pipeline).
     pub wall: Duration,
     pub compute: Duration,
 }

@@ -44,8 +44,9 @@ struct BlockReport {
     last: Option<BlockStats>,
     /// Pixel frames per block, known after the first block.
     frames_per_block: Option<usize>,
-    /// Slowest block so far: what a live pipeline must budget as latency.
-    max_wall: Duration,
+    /// Compute time (generation and decode, not waiting) of the slowest block so far: what
+    /// a live pipeline must budget as latency.
+    max_compute: Duration,
     /// The latency last answered to a query, to notice when it must grow.
     reported: Option<gst::ClockTime>,
 }
@@ -276,6 +277,7 @@ fn stats_structure(b: &BlockStats) -> gst::Structure {
         .field("block-index", b.index as u64)
         .field("frames", b.frames as u32)
         .field("wall-time", b.wall.as_secs_f64())
+        .field("compute-time", b.compute.as_secs_f64())
         .field("recomputed-fraction", b.recomputed_fraction())
         .field("flops-ratio", b.flops_ratio())
         .field("steps", b.steps as u32)
@@ -430,8 +432,8 @@ impl MotionCacheSrc {
                     let mut r = lock(&report);
                     r.last = Some(stats.clone());
                     r.frames_per_block = Some(frames);
-                    r.max_wall = r.max_wall.max(stats.wall);
-                    let need = gst::ClockTime::from_nseconds(r.max_wall.as_nanos() as u64);
+                    r.max_compute = r.max_compute.max(stats.compute);
+                    let need = gst::ClockTime::from_nseconds(r.max_compute.as_nanos() as u64);
                     r.reported.is_some_and(|rep| need > rep + rep / 10)
                 };
                 let Some(obj) = weak.upgrade() else { return };
@@ -468,7 +470,7 @@ impl MotionCacheSrc {
             (fps, s.generator.causal_block_size)
         };
         let mut r = lock(&self.report);
-        let measured = gst::ClockTime::from_nseconds(r.max_wall.as_nanos() as u64);
+        let measured = gst::ClockTime::from_nseconds(r.max_compute.as_nanos() as u64);
         let frames = r.frames_per_block.unwrap_or(block) as u64;
         let estimate = if fps.numer() > 0 {
             gst::ClockTime::SECOND
@@ -501,7 +503,7 @@ impl MotionCacheSrc {
         {
             state.last_behind_warning = Some(Instant::now());
             let r = lock(&self.report);
-            let gen_fps = match (r.frames_per_block, r.max_wall.as_secs_f64()) {
+            let gen_fps = match (r.frames_per_block, r.max_compute.as_secs_f64()) {
                 (Some(f), w) if w > 0.0 => format!("{:.1}", f as f64 / w),
                 _ => "?".into(),
             };
