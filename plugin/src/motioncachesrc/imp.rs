@@ -484,12 +484,12 @@ impl MotionCacheSrc {
         Some((latency, latency + estimate * QUEUE_BLOCKS as u64))
     }
 
-    /// Live mode: warns (rate-limited) when frames leave later than real time allows.
-    fn check_real_time(&self, state: &mut State, pts: gst::ClockTime) {
+    /// Live mode: the warning (rate-limited) to post when frames leave later than real
+    /// time allows. The caller posts it after releasing the state lock (a bus sync handler
+    /// may call back into the element).
+    fn check_real_time(&self, state: &mut State, pts: gst::ClockTime) -> Option<String> {
         let obj = self.obj();
-        let Some(now) = obj.current_running_time() else {
-            return;
-        };
+        let now = obj.current_running_time()?;
         let (rt0, pts0) = *state.live_origin.get_or_insert((now, pts));
         let elapsed = now.saturating_sub(rt0);
         let produced = pts.saturating_sub(pts0);
@@ -513,12 +513,13 @@ impl MotionCacheSrc {
                 .as_ref()
                 .map(|(v, _)| v.fps())
                 .unwrap_or(gst::Fraction::new(0, 1));
-            self.warn(format!(
+            return Some(format!(
                 "generation falls behind real time: {late} late (about {gen_fps} fps generated, \
                  {want} fps requested); lower steps, use a faster cache-mode or raise \
                  motion-threshold"
             ));
         }
+        None
     }
 }
 
@@ -832,10 +833,13 @@ impl PushSrcImpl for MotionCacheSrc {
         }
         let buffer = frame.into_buffer();
 
-        if self.obj().is_live()
-            && let Some(s) = lock(&self.state).as_mut()
-        {
-            self.check_real_time(s, pts);
+        if self.obj().is_live() {
+            let behind = lock(&self.state)
+                .as_mut()
+                .and_then(|s| self.check_real_time(s, pts));
+            if let Some(msg) = behind {
+                self.warn(msg);
+            }
         }
         gst::trace!(CAT, imp = self, "frame {index} at {pts}");
         Ok(CreateSuccess::NewBuffer(buffer))
