@@ -451,3 +451,37 @@ fn flushing_seek_is_refused_and_playback_continues() {
         assert!(out.eos, "playback went on to EOS after the refused seek");
     });
 }
+
+/// The model is loaded once and kept across READY <-> PAUSED (no Progress "load-model"
+/// on the second start), and loaded again after NULL.
+#[test]
+fn model_is_kept_across_ready_paused_and_released_in_null() {
+    with_timeout(240, || {
+        let pipeline = launch(&format!("motioncachesrc {} ! fakesink", fast_launch()));
+        let bus = pipeline.bus().unwrap();
+        let to = |state: gst::State| {
+            pipeline.set_state(state).unwrap();
+            let (r, now, _) = pipeline.state(gst::ClockTime::from_seconds(60));
+            assert!(r.is_ok() && now == state, "{r:?} {now:?}");
+        };
+        let loads = || {
+            let mut n = 0;
+            while let Some(m) = bus.pop() {
+                if let gst::MessageView::Progress(p) = m.view()
+                    && p.get().0 == gst::ProgressType::Start
+                {
+                    n += 1;
+                }
+            }
+            n
+        };
+        to(gst::State::Paused);
+        to(gst::State::Ready);
+        to(gst::State::Paused);
+        assert_eq!(loads(), 1, "one load for two starts");
+        to(gst::State::Null);
+        to(gst::State::Paused);
+        assert_eq!(loads(), 1, "loaded again after NULL");
+        to(gst::State::Null);
+    });
+}

@@ -66,11 +66,17 @@ struct State {
     last_behind_warning: Option<Instant>,
 }
 
+/// What a loaded model depends on: the `model`, `device` and `dtype` properties.
+type ModelKey = (String, String, DTypeProp);
+
 #[derive(Default)]
 pub struct MotionCacheSrc {
     settings: Mutex<Settings>,
     state: Mutex<Option<State>>,
     report: Arc<Mutex<BlockReport>>,
+    /// The loaded model, kept across READY <-> PAUSED while its key is unchanged and
+    /// dropped in NULL.
+    model: Mutex<Option<(ModelKey, Arc<Pipeline>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -322,6 +328,18 @@ impl ElementImpl for MotionCacheSrc {
         });
         TEMPLATES.as_ref()
     }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        let r = self.parent_change_state(transition);
+        if transition == gst::StateChange::ReadyToNull {
+            // NULL releases everything, the model included.
+            lock(&self.model).take();
+        }
+        r
+    }
 }
 
 const FORMATS: [gst_video::VideoFormat; 4] = [
@@ -526,7 +544,28 @@ impl MotionCacheSrc {
 impl BaseSrcImpl for MotionCacheSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = lock(&self.settings).clone();
-        let pipeline = Arc::new(self.load(&settings)?);
+        let key: ModelKey = (
+            settings.model.clone(),
+            settings.device.clone(),
+            settings.dtype,
+        );
+        let cached = lock(&self.model)
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, p)| p.clone());
+        let pipeline = match cached {
+            Some(p) => {
+                gst::debug!(CAT, imp = self, "model kept from the previous start");
+                p
+            }
+            None => {
+                // Drop a model of other properties before loading the new one.
+                lock(&self.model).take();
+                let p = Arc::new(self.load(&settings)?);
+                *lock(&self.model) = Some((key, p.clone()));
+                p
+            }
+        };
         let info = pipeline.info().clone();
         let mut generator = settings.generator_settings(&info.defaults).map_err(|e| {
             gst::error_msg!(
