@@ -305,3 +305,50 @@ fn moving_region_is_recomputed_more_often() {
         "moving {moving} vs static {fixed}: {counts:?}"
     );
 }
+
+/// Cancellation reaches into a transformer pass: with the flag set, the layer loop stops
+/// (no output); without it, the same batch gives the plain forward's output.
+#[test]
+fn a_pass_stops_at_the_next_layer_when_cancelled() {
+    use motioncache::model::transformer::{BatchBuilder, BatchItem};
+    let m = model();
+    let dev = Device::Cpu;
+    let mut rng = motioncache::generate::NoiseRng::new(9);
+    let ctx = m.context(&rng.randn((1, 8, 16), &dev).unwrap()).unwrap();
+    let (gf, gh, gw) = m.grid(3, 8, 6).unwrap();
+    let x = m.patchify(&rng.randn((8, 3, 8, 6), &dev).unwrap()).unwrap();
+    let md = m.modulation(&[500.0; 3], 1).unwrap();
+    let toks = m.all_tokens(0, gf, gh, gw).unwrap();
+    let n = toks.len();
+    let cache = m.kv_cache(1, n).unwrap();
+    let mut bb = BatchBuilder::default();
+    bb.push(
+        BatchItem {
+            x: x.clone(),
+            modulation: &md,
+            tokens: &toks,
+            branch: 0,
+            first: 0,
+            keys: 0..n,
+        },
+        &cache,
+        ctx.len(),
+    )
+    .unwrap();
+    let batch = bb.build(&dev).unwrap();
+    let stop = AtomicBool::new(true);
+    let stopped = m
+        .forward_batch_until(&batch, &cache, &ctx, Some(&stop))
+        .unwrap();
+    assert!(stopped.is_none(), "a cancelled pass returned an output");
+    let go = AtomicBool::new(false);
+    let y = m
+        .forward_batch_until(&batch, &cache, &ctx, Some(&go))
+        .unwrap()
+        .expect("an output");
+    let mut kv = None;
+    let reference = m
+        .forward_layers(&x, &md, &toks, &mut kv, None, &ctx)
+        .unwrap();
+    assert!(rel_l2(&y, &reference) < 1e-6);
+}

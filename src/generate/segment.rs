@@ -580,7 +580,10 @@ impl Segment {
             return Ok((None, ranges));
         }
         let batch = bb.build(env.model.device())?;
-        let y = env.model.forward_batch(&batch, &self.kv, env.stacked)?;
+        let y = env
+            .model
+            .forward_batch_until(&batch, &self.kv, env.stacked, Some(env.cancel))?
+            .ok_or(Error::Cancelled)?;
         Ok((Some(y), ranges))
     }
 

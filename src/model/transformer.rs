@@ -975,6 +975,22 @@ impl Transformer {
         cache: &KvCache,
         ctx: &Context,
     ) -> candle_core::Result<Tensor> {
+        self.forward_batch_until(b, cache, ctx, None)?
+            .ok_or_else(|| {
+                candle_core::Error::Msg("a forward without a cancel flag stopped".into())
+            })
+    }
+
+    /// [`Self::forward_batch`] that checks `cancel` before every layer and returns `None`
+    /// as soon as it is set (the keys/values of the layers run so far are written: the
+    /// caller drops the pass), so a stop reaches into a pass of a large model.
+    pub fn forward_batch_until(
+        &self,
+        b: &Batch,
+        cache: &KvCache,
+        ctx: &Context,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> candle_core::Result<Option<Tensor>> {
         let n = b.x.dim(0)?;
         if b.frame_counts.iter().sum::<usize>() != n || b.slots.dim(0)? != n {
             candle_core::bail!("inconsistent batch of {n} tokens");
@@ -991,9 +1007,12 @@ impl Transformer {
             .contiguous()?;
         let mut x = b.x.clone();
         for (l, layer) in self.layers.iter().enumerate() {
+            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Ok(None);
+            }
             x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l])?;
         }
-        Ok(x)
+        Ok(Some(x))
     }
 
     /// Runs tokens `x` (`[n, dim]`, the patch embeddings of the tokens in `toks`) through
