@@ -236,7 +236,7 @@ impl Generator {
     }
 
     /// Runs until the next causal block is finished and returns it; `None` when
-    /// `total_frames` were produced. `cancel` is checked before every transformer pass;
+    /// `total_frames` were produced. `cancel` is checked before every transformer layer;
     /// after [`Error::Cancelled`] (or any error) the generator must be dropped.
     pub fn next_block(&mut self, cancel: &AtomicBool) -> Result<Option<FinishedBlock>> {
         if self.poisoned {

@@ -49,7 +49,7 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     changed: Condvar,
-    /// Checked by the generator before every transformer pass.
+    /// Checked by the generator before every transformer layer.
     cancel: AtomicBool,
     /// Tint recomputed tokens in the frames (property `overlay`).
     overlay: AtomicBool,
@@ -142,7 +142,7 @@ impl Worker {
         self.shared.lock().pending_settings = Some(settings);
     }
 
-    /// Stops the generator within one transformer pass and joins the thread.
+    /// Stops the generator within one transformer layer and joins the thread.
     pub fn shutdown(&self) {
         self.shared.cancel.store(true, Ordering::SeqCst);
         {
