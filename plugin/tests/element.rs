@@ -485,3 +485,38 @@ fn model_is_kept_across_ready_paused_and_released_in_null() {
         to(gst::State::Null);
     });
 }
+
+/// A property set while `start()` loads the model (here from a bus sync handler on the
+/// load's Progress message) is not lost: the stream follows it as if it had been set first.
+#[test]
+fn a_prompt_set_while_the_model_loads_is_used() {
+    with_timeout(300, || {
+        const PROMPT: &str = "a white triangle moving down on a plain green background";
+        let first_frames = |during_load: bool| {
+            let mut h = harness(&[("seed", "7")]);
+            let el = h.element().unwrap();
+            if during_load {
+                let bus = gst::Bus::new();
+                let weak = el.downgrade();
+                bus.set_sync_handler(move |_, m| {
+                    if let gst::MessageView::Progress(p) = m.view()
+                        && p.get().0 == gst::ProgressType::Start
+                        && let Some(e) = weak.upgrade()
+                    {
+                        e.set_property("prompt", PROMPT);
+                    }
+                    gst::BusSyncReply::Drop
+                });
+                el.set_bus(Some(&bus));
+            } else {
+                el.set_property("prompt", PROMPT);
+            }
+            h.play();
+            pull_frames(&mut h, 3)
+        };
+        let from_start = first_frames(false);
+        let during = first_frames(true);
+        let d = mean_abs_diff(&from_start[2], &during[2]);
+        assert!(d < 0.01, "the prompt set during loading was not used ({d})");
+    });
+}

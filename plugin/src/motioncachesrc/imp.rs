@@ -122,10 +122,14 @@ impl ObjectImpl for MotionCacheSrc {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let name = pspec.name();
+        // Settings before state, as in start(): a change either lands before start() takes
+        // its final look at the settings, or sees the running worker.
+        let mut settings = lock(&self.settings);
         let running = lock(&self.state)
             .as_ref()
             .map(|s| (s.worker.clone(), s.info.defaults.clone()));
         if running.is_some() && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
+            drop(settings);
             self.warn(format!(
                 "property '{name}' cannot change while the element is running (set it in the \
                  READY or NULL state); the change is refused"
@@ -133,7 +137,6 @@ impl ObjectImpl for MotionCacheSrc {
             return;
         }
 
-        let mut settings = lock(&self.settings);
         let old = settings.clone();
         let s = &mut *settings;
         match name {
@@ -620,6 +623,29 @@ impl BaseSrcImpl for MotionCacheSrc {
             info.fps_den,
             generator
         );
+        // Properties set while the model loaded are in `self.settings` but not in the
+        // snapshot started with: hand them to the worker, under the settings lock so that no
+        // change falls between this look and the running state.
+        let now = lock(&self.settings);
+        if now.prompt != settings.prompt || now.negative_prompt != settings.negative_prompt {
+            worker.set_prompts(now.prompt.clone(), now.negative_prompt.clone());
+        }
+        worker.set_overlay(now.overlay == OverlayProp::Recompute);
+        let mut generator = generator;
+        match now.generator_settings(&info.defaults) {
+            Ok(mut g) => {
+                g.total_frames = generator.total_frames;
+                if g != generator {
+                    worker.set_settings(g.clone());
+                    generator = g;
+                }
+            }
+            Err(e) => gst::warning!(
+                CAT,
+                imp = self,
+                "settings changed while loading are invalid, kept the ones started with: {e}"
+            ),
+        }
         *lock(&self.state) = Some(State {
             info,
             generator,
@@ -630,6 +656,7 @@ impl BaseSrcImpl for MotionCacheSrc {
             live_origin: None,
             last_behind_warning: None,
         });
+        drop(now);
         Ok(())
     }
 
