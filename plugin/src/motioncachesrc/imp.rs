@@ -476,6 +476,77 @@ impl MotionCacheSrc {
         }
     }
 
+    /// Starts generating with `settings` on a loaded model: the stream, the worker, the
+    /// running state.
+    fn start_worker(
+        &self,
+        settings: &Settings,
+        pipeline: Arc<Pipeline>,
+    ) -> Result<(), gst::ErrorMessage> {
+        let info = pipeline.info().clone();
+        let mut generator = settings.generator_settings(&info.defaults).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
+            )
+        })?;
+        // With num-buffers the generator stops once it has made that many frames (whole
+        // causal blocks) instead of filling its queue after EOS.
+        let num_buffers = self.obj().property::<i32>("num-buffers");
+        if num_buffers > 0 {
+            let per_latent = pipeline.vae().config().temporal_compression().max(1);
+            generator.total_frames = Some(stream_latent_frames(
+                num_buffers as usize,
+                per_latent,
+                generator.causal_block_size,
+            ));
+        }
+        let stream = pipeline
+            .stream(
+                &settings.prompt,
+                &settings.negative_prompt,
+                generator.clone(),
+                settings.seed,
+            )
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::LibraryError::Settings,
+                    ["cannot start generating: {}", e]
+                )
+            })?;
+        *lock(&self.report) = BlockReport::default();
+        let worker =
+            Worker::spawn(pipeline, stream, QUEUE_BLOCKS, self.callbacks()).map_err(|e| {
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ["cannot start the generator thread: {}", e]
+                )
+            })?;
+        worker.set_overlay(settings.overlay == OverlayProp::Recompute);
+        gst::info!(
+            CAT,
+            imp = self,
+            "started: model {} {}x{} @ {}/{}, {:?}",
+            info.name,
+            info.width,
+            info.height,
+            info.fps_num,
+            info.fps_den,
+            generator
+        );
+        *lock(&self.state) = Some(State {
+            info,
+            generator,
+            worker: Arc::new(worker),
+            video: None,
+            pending: VecDeque::new(),
+            frame: 0,
+            live_origin: None,
+            last_behind_warning: None,
+        });
+        Ok(())
+    }
+
     /// Live latency, (min, max): a frame can leave only when its whole block is finished,
     /// so min is the slowest block's generation time (before the first block: the block's
     /// duration); the queue holds `QUEUE_BLOCKS` finished blocks on top of that, so max
@@ -569,95 +640,18 @@ impl BaseSrcImpl for MotionCacheSrc {
                 p
             }
         };
-        let info = pipeline.info().clone();
-        let mut generator = settings.generator_settings(&info.defaults).map_err(|e| {
-            gst::error_msg!(
-                gst::LibraryError::Settings,
-                ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
-            )
-        })?;
-        // With num-buffers the generator stops once it has made that many frames (whole
-        // causal blocks) instead of filling its queue after EOS.
-        let num_buffers = self.obj().property::<i32>("num-buffers");
-        if num_buffers > 0 {
-            let per_latent = pipeline.vae().config().temporal_compression().max(1);
-            generator.total_frames = Some(stream_latent_frames(
-                num_buffers as usize,
-                per_latent,
-                generator.causal_block_size,
-            ));
-        }
-        if settings.prompt.trim().is_empty() {
+        // From here to the running state the settings lock is held: properties set while
+        // the model loaded are in `self.settings` (not in the snapshot the load used), and
+        // set_property, which takes the settings lock first, either lands before this look
+        // or sees the running worker. Nothing is posted while the lock is held.
+        let now = lock(&self.settings);
+        let started = self.start_worker(&now, pipeline);
+        let empty_prompt = now.prompt.trim().is_empty();
+        drop(now);
+        if started.is_ok() && empty_prompt {
             self.warn("property 'prompt' is empty: the video follows no text".into());
         }
-        let stream = pipeline
-            .stream(
-                &settings.prompt,
-                &settings.negative_prompt,
-                generator.clone(),
-                settings.seed,
-            )
-            .map_err(|e| {
-                gst::error_msg!(
-                    gst::LibraryError::Settings,
-                    ["cannot start generating: {}", e]
-                )
-            })?;
-        *lock(&self.report) = BlockReport::default();
-        let worker =
-            Worker::spawn(pipeline, stream, QUEUE_BLOCKS, self.callbacks()).map_err(|e| {
-                gst::error_msg!(
-                    gst::CoreError::Thread,
-                    ["cannot start the generator thread: {}", e]
-                )
-            })?;
-        worker.set_overlay(settings.overlay == OverlayProp::Recompute);
-        gst::info!(
-            CAT,
-            imp = self,
-            "started: model {} {}x{} @ {}/{}, {:?}",
-            info.name,
-            info.width,
-            info.height,
-            info.fps_num,
-            info.fps_den,
-            generator
-        );
-        // Properties set while the model loaded are in `self.settings` but not in the
-        // snapshot started with: hand them to the worker, under the settings lock so that no
-        // change falls between this look and the running state.
-        let now = lock(&self.settings);
-        if now.prompt != settings.prompt || now.negative_prompt != settings.negative_prompt {
-            worker.set_prompts(now.prompt.clone(), now.negative_prompt.clone());
-        }
-        worker.set_overlay(now.overlay == OverlayProp::Recompute);
-        let mut generator = generator;
-        match now.generator_settings(&info.defaults) {
-            Ok(mut g) => {
-                g.total_frames = generator.total_frames;
-                if g != generator {
-                    worker.set_settings(g.clone());
-                    generator = g;
-                }
-            }
-            Err(e) => gst::warning!(
-                CAT,
-                imp = self,
-                "settings changed while loading are invalid, kept the ones started with: {e}"
-            ),
-        }
-        *lock(&self.state) = Some(State {
-            info,
-            generator,
-            worker: Arc::new(worker),
-            video: None,
-            pending: VecDeque::new(),
-            frame: 0,
-            live_origin: None,
-            last_behind_warning: None,
-        });
-        drop(now);
-        Ok(())
+        started
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
