@@ -237,3 +237,40 @@ fn embedded_model_generates() {
     }
     assert!(n >= 6, "{n} frames");
 }
+
+/// A valid directory without a motioncache.json whose transformer makes causal blocks of 2
+/// latent frames gets defaults consistent with it (the window in whole blocks, the overlap
+/// whole blocks below it) and streams with them.
+#[test]
+fn a_directory_without_motioncache_json_gets_consistent_defaults() {
+    let tmp = std::env::temp_dir().join(format!("mc-nojson-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    std::fs::remove_file(tmp.join("motioncache.json")).unwrap();
+    let cfg = tmp.join("transformer/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["num_frame_per_block"] = serde_json::json!(2);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+
+    let p = Arc::new(Pipeline::load(&tmp, &Device::Cpu, DType::F32).unwrap());
+    let d = p.info().defaults.clone();
+    assert_eq!(d.causal_block_size, 2, "{d:?}");
+    assert_eq!(d.window % 2, 0, "{d:?}");
+    assert!(d.overlap < d.window && d.overlap.is_multiple_of(2), "{d:?}");
+    // Two blocks of the default schedule at a small size, to keep the test short.
+    let mut s = d.clone();
+    s.total_frames = Some(2 * d.causal_block_size);
+    let cond = p.encode_prompt("a red circle").unwrap();
+    let neg = p.encode_prompt("").unwrap();
+    let mut st = p
+        .stream_with_contexts(&cond, &neg, s, NoiseSource::Seed(1), (32, 32))
+        .unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut blocks = 0;
+    while st.next_block(&cancel).unwrap().is_some() {
+        blocks += 1;
+    }
+    assert_eq!(blocks, 2);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
