@@ -1,8 +1,9 @@
 //! What a reused token's output is: its transformer input plus a residual `out - in` from
-//! its last computation, or that residual extrapolated to the current noise level from the
-//! token's last two computations (first order in sigma, TaylorSeer-style). The forecast
-//! costs three element-wise ops per block-step and recovers much of the error of a stale
-//! residual, which lets the cache reuse tokens for longer at the same quality.
+//! its last computation (the default), or that residual extrapolated to the current noise
+//! level from the token's last two computations (first order in sigma, TaylorSeer-style,
+//! `Reuse::Forecast`: three element-wise ops per block-step). On the embedded model the
+//! forecast lost prompt adherence (colour right in 4 of 12 streams against 10 with the
+//! last residual), so it is an option, not the default.
 
 use candle_core::{Device, Tensor};
 

@@ -646,6 +646,9 @@ impl Segment {
                     let x_in = inputs.tokens[b].clone().ok_or_else(|| missing(b))?;
                     let sigma = self.sigma(row, b);
                     let br = &mut self.branches[*branch];
+                    // Residual change rates feed only the observed distance; they cost
+                    // two reads back to the host per block-step.
+                    let want_rates = row.cache.distance_mode == DistanceMode::Observed;
                     let mut rates = Vec::new();
                     let x_out = match plan {
                         Plan::Skip => {
@@ -657,12 +660,14 @@ impl Segment {
                             let res = (&y - &x_in)?;
                             match br.residual[b].as_mut() {
                                 Some(s) => {
-                                    rates = s
-                                        .rates(None, &res, sigma)?
-                                        .into_iter()
-                                        .enumerate()
-                                        .map(|(i, r)| (i as u32, r))
-                                        .collect();
+                                    if want_rates {
+                                        rates = s
+                                            .rates(None, &res, sigma)?
+                                            .into_iter()
+                                            .enumerate()
+                                            .map(|(i, r)| (i as u32, r))
+                                            .collect();
+                                    }
                                     s.update_all(res, sigma)
                                 }
                                 None => br.residual[b] = Some(ResidualStore::new(res, sigma)?),
@@ -680,11 +685,13 @@ impl Segment {
                             let used = store
                                 .predict(sigma, row.cache.reuse)?
                                 .scatter(&ixb, &fresh, 0)?;
-                            rates = idx
-                                .iter()
-                                .copied()
-                                .zip(store.rates(Some((&ix, idx)), &fresh, sigma)?)
-                                .collect();
+                            if want_rates {
+                                rates = idx
+                                    .iter()
+                                    .copied()
+                                    .zip(store.rates(Some((&ix, idx)), &fresh, sigma)?)
+                                    .collect();
+                            }
                             store.update_tokens(&ix, idx, &fresh, sigma)?;
                             (&x_in + used)?
                         }
