@@ -69,10 +69,7 @@ fn token_level_at_every_step_count() {
     for steps in [8, 12, 25, 50] {
         let mut s = p.info().defaults.clone();
         s.steps = steps;
-        s.cache = motioncache::cache::CacheSettings {
-            rescale: s.cache.rescale.clone(),
-            ..motioncache::cache::CacheSettings::for_schedule(CacheMode::MotionCache, steps)
-        };
+        s.cache = s.cache.defaults_for(CacheMode::MotionCache, steps);
         s.total_frames = Some(2 * s.window - s.overlap);
         let mut stream = p
             .stream(

@@ -88,10 +88,6 @@ pub trait BlockPolicy: Send {
     ) -> candle_core::Result<()> {
         Ok(())
     }
-    /// Per-token motion weights in use (token-level policies), for overlays and reports.
-    fn weights(&self) -> Option<&[f64]> {
-        None
-    }
 }
 
 /// Computes everything, always.

@@ -9,7 +9,7 @@
 //! weights at once from the predicted clean latent with a low floor, no vote or minimum
 //! ratio, a staleness bound).
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::{
     BlockPolicy, CacheSettings, DistanceMode, MotionSource, Observation, Plan, StepInfo,
@@ -46,15 +46,8 @@ pub fn output_motion(
     let x = x_out.to_dtype(DType::F32)?;
     let dim = x.dim(1)?;
     let x = x.reshape((frames, tpf, dim))?;
-    let diff = |cur: &Tensor, prev: &Tensor| -> candle_core::Result<Vec<f64>> {
-        let num = (cur - prev)?.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
-        let den = prev.abs()?.mean(D::Minus1)?.to_vec1::<f32>()?;
-        Ok(num
-            .iter()
-            .zip(&den)
-            .map(|(n, d)| *n as f64 / (*d as f64 + 1e-8))
-            .collect())
-    };
+    // Per token (row): mean|cur - prev| / mean|prev|.
+    let diff = |cur: &Tensor, prev: &Tensor| rel_l1(cur, prev, DistanceMode::Token);
     let mut d: Vec<Vec<f64>> = Vec::with_capacity(frames);
     for f in 0..frames {
         let cur = x.get(f)?;
@@ -291,10 +284,6 @@ impl BlockPolicy for MotionCacheState {
             self.weights = Some(Self::motion_weights(s, info, obs)?);
         }
         Ok(())
-    }
-
-    fn weights(&self) -> Option<&[f64]> {
-        self.weights.as_deref().filter(|_| self.phase2)
     }
 }
 

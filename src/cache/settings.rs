@@ -56,14 +56,6 @@ impl CacheMode {
             )
         })
     }
-
-    /// Whether the mode decides per token.
-    pub fn is_token_level(self) -> bool {
-        matches!(
-            self,
-            CacheMode::MotionCache | CacheMode::MotionCacheReference
-        )
-    }
 }
 
 /// How the step distance is measured.
@@ -253,6 +245,15 @@ impl CacheSettings {
     /// forecast, when chosen, has two computed residuals), never more than the schedule.
     pub fn scaled_warmup(steps: usize) -> usize {
         ((steps as f64 * 0.1).round() as usize).max(2).min(steps)
+    }
+
+    /// `mode`'s defaults for `steps` steps with this model's rescale polynomial (the rest
+    /// of `self` is not kept): what "the mode's default" means for a model.
+    pub fn defaults_for(&self, mode: CacheMode, steps: usize) -> Self {
+        Self {
+            rescale: self.rescale.clone(),
+            ..Self::for_schedule(mode, steps)
+        }
     }
 
     pub fn with_mode(mode: CacheMode) -> Self {

@@ -5,7 +5,7 @@
 //! actually set and gst-inspect shows an honest default.
 
 use candle_core::DType;
-use motioncache::cache::{CacheMode, CacheSettings};
+use motioncache::cache::CacheMode;
 use motioncache::generate::GeneratorSettings;
 
 use super::{CacheModeProp, DTypeProp, OverlayProp};
@@ -117,10 +117,7 @@ impl Settings {
         // -1 = the selected mode's default for this schedule (so a cache mode switched
         // while playing brings its own defaults), with the model's rescale polynomial.
         let mode = cache_mode(self.cache_mode);
-        let m = CacheSettings {
-            rescale: d.cache.rescale.clone(),
-            ..CacheSettings::for_schedule(mode, s.steps)
-        };
+        let m = d.cache.defaults_for(mode, s.steps);
         s.cache = m.clone();
         let c = &mut s.cache;
         c.warmup_steps = int_or(self.warmup_steps, m.warmup_steps);

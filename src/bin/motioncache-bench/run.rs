@@ -151,12 +151,9 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
 }
 
 /// The named modes and, with `--sweep`, the threshold sweeps, for a schedule of `steps`.
-fn modes(a: &Args, steps: usize, rescale: &[f64]) -> BoxResult<Vec<ModeSpec>> {
+fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpec>> {
     let base = |mode: CacheMode| -> BoxResult<CacheSettings> {
-        let mut c = CacheSettings {
-            rescale: rescale.to_vec(),
-            ..CacheSettings::for_schedule(mode, steps)
-        };
+        let mut c = model.defaults_for(mode, steps);
         if mode == CacheMode::MotionCache {
             apply_overrides(&mut c, &a.set)?;
         }
@@ -320,7 +317,7 @@ pub fn run(a: Args) -> BoxResult<()> {
     );
     let mut rows = Vec::new();
     for (sname, base) in &scen {
-        let specs = modes(&a, base.steps, &base.cache.rescale)?;
+        let specs = modes(&a, base.steps, &base.cache)?;
         let mut results: Vec<(ModeSpec, Vec<Outcome>)> = Vec::new();
         for m in specs {
             let mut s = base.clone();
