@@ -110,6 +110,68 @@ impl GenerationDefaults {
     }
 }
 
+/// Largest frame width or height the pipeline makes (as `motioncache.json` allows).
+pub const MAX_FRAME_SIDE: usize = 8192;
+
+/// The frame sizes a model makes: `multiple..=max` in steps of `multiple`, per side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRange {
+    pub multiple: usize,
+    pub max_width: usize,
+    pub max_height: usize,
+}
+
+impl SizeRange {
+    pub fn contains(&self, width: usize, height: usize) -> bool {
+        let side = |v: usize, max: usize| v > 0 && v <= max && v.is_multiple_of(self.multiple);
+        side(width, self.max_width) && side(height, self.max_height)
+    }
+
+    /// The constraint in words, for errors.
+    pub fn describe(&self) -> String {
+        format!(
+            "width and height must be multiples of {m}, width {m}..={}, height {m}..={}",
+            self.max_width,
+            self.max_height,
+            m = self.multiple
+        )
+    }
+}
+
+/// Memory a stream needs beyond the weights, in bytes, estimated from its sizes: the
+/// preallocated K/V cache (exact), the activations of a pass over the whole window and the
+/// VAE decoder's feature maps (upper bounds of what is live at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    pub kv_cache: u64,
+    pub activations: u64,
+    pub vae: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.kv_cache + self.activations + self.vae
+    }
+}
+
+/// Memory a new allocation on `device` can use, where it is known: the system's available
+/// memory for the CPU (`MemAvailable`); `None` for other devices.
+pub fn available_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// A model directory on disk or the embedded default model.
 enum Files {
     Dir(PathBuf),
@@ -518,20 +580,107 @@ impl Pipeline {
         &self.scheduler
     }
 
-    /// Latent grid `(channels, height, width)` of frames of `width x height` pixels; the
-    /// size must be a multiple of the VAE compression times the patch size.
-    pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
+    /// The frame sizes this model can make: multiples of its spatial stride (the VAE's
+    /// compression times the patch size) up to the range of its position embedding (and
+    /// at most [`MAX_FRAME_SIDE`]).
+    pub fn size_range(&self) -> SizeRange {
         let s = self.vae.config().spatial_compression();
-        let m = s * self.transformer.config().patch_size[1]
-            .max(self.transformer.config().patch_size[2]);
-        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+        let patch = self.transformer.config().patch_size;
+        let m = s * patch[1].max(patch[2]);
+        let rope = self.transformer.config().rope_max_seq_len;
+        let max = |p: usize| (rope.saturating_mul(p * s)).min(MAX_FRAME_SIDE) / m * m;
+        SizeRange {
+            multiple: m,
+            max_width: max(patch[2]).max(m),
+            max_height: max(patch[1]).max(m),
+        }
+    }
+
+    /// Latent grid `(channels, height, width)` of frames of `width x height` pixels; the
+    /// size must be in [`Pipeline::size_range`].
+    pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
+        let r = self.size_range();
+        if !r.contains(width, height) {
             return Err(Error::setting(
                 "size",
                 format!("{width}x{height}"),
-                format!("width and height must be positive multiples of {m}"),
+                r.describe(),
             ));
         }
+        let s = self.vae.config().spatial_compression();
         Ok((self.vae.config().z_dim, height / s, width / s))
+    }
+
+    /// Memory that generating `width x height` frames with `settings` needs on top of the
+    /// loaded weights (an estimate from the sizes; see [`MemoryEstimate`]).
+    pub fn memory_estimate(
+        &self,
+        settings: &GeneratorSettings,
+        (width, height): (usize, usize),
+    ) -> Result<MemoryEstimate> {
+        let (_, h, w) = self.latent_shape(width, height)?;
+        let tc = self.transformer.config();
+        let dim = (tc.num_attention_heads * tc.attention_head_dim) as u64;
+        let per_frame = ((h / tc.patch_size[1]) * (w / tc.patch_size[2])) as u64;
+        let window_tokens = (settings.window.div_ceil(tc.patch_size[0])) as u64 * per_frame;
+        let el = self.transformer.dtype().size_in_bytes() as u64;
+        // Two guidance branches' keys and values per layer, preallocated for the window.
+        let kv_cache = 2 * 2 * tc.num_layers as u64 * window_tokens * dim * el;
+        // A pass over the whole window: its hidden states, the feed-forward's inner
+        // activations, the cache's per-token residuals and attention tiles, in f32.
+        let activations = 2 * window_tokens * (tc.ffn_dim as u64 + 12 * dim) * 4;
+        // The VAE decodes one latent frame at a time: a few live feature maps of up to
+        // `temporal_compression` frames at each resolution level.
+        let v = self.vae.config();
+        let base = v.decoder_base_dim.unwrap_or(v.base_dim) as u64;
+        let pixels = (width * height) as u64;
+        let peak = v
+            .dim_mult
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| (base * m as u64 * pixels) >> (2 * i))
+            .max()
+            .unwrap_or(0);
+        let vae = 4 * v.temporal_compression() as u64 * peak * 4;
+        Ok(MemoryEstimate {
+            kv_cache,
+            activations,
+            vae,
+        })
+    }
+
+    /// Fails with an error that names the sizes when [`Pipeline::memory_estimate`] exceeds
+    /// the memory available to this device (known for the CPU: the system's available
+    /// memory); returns the estimate otherwise.
+    pub fn check_memory(
+        &self,
+        settings: &GeneratorSettings,
+        size: (usize, usize),
+    ) -> Result<MemoryEstimate> {
+        let e = self.memory_estimate(settings, size)?;
+        if let Some(avail) = available_memory(&self.device)
+            && e.total() > avail
+        {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::setting(
+                "size",
+                format!("{}x{}", size.0, size.1),
+                format!(
+                    "generating {}x{} frames with a window of {} latent frames needs about \
+                     {:.1} GiB (K/V cache {:.1}, activations {:.1}, VAE decode {:.1}) but \
+                     {:.1} GiB are available; choose a smaller size or window",
+                    size.0,
+                    size.1,
+                    settings.window,
+                    gib(e.total()),
+                    gib(e.kv_cache),
+                    gib(e.activations),
+                    gib(e.vae),
+                    gib(avail)
+                ),
+            ));
+        }
+        Ok(e)
     }
 
     /// The text context of a prompt, `[1, text_len, d_model]` (cleaned, tokenized,
@@ -545,7 +694,8 @@ impl Pipeline {
         )?)
     }
 
-    /// A new endless (or `settings.total_frames` long) video for a prompt.
+    /// A new endless (or `settings.total_frames` long) video for a prompt, at the model's
+    /// native size.
     pub fn stream(
         self: &Arc<Self>,
         prompt: &str,
@@ -553,9 +703,23 @@ impl Pipeline {
         settings: GeneratorSettings,
         seed: u64,
     ) -> Result<VideoStream> {
+        let size = (self.info.width, self.info.height);
+        self.stream_at(prompt, negative, settings, seed, size)
+    }
+
+    /// Like [`Pipeline::stream`] at a frame size `(width, height)` in
+    /// [`Pipeline::size_range`].
+    pub fn stream_at(
+        self: &Arc<Self>,
+        prompt: &str,
+        negative: &str,
+        settings: GeneratorSettings,
+        seed: u64,
+        size: (usize, usize),
+    ) -> Result<VideoStream> {
+        self.latent_shape(size.0, size.1)?;
         let cond = self.encode_prompt(prompt)?;
         let neg = self.encode_prompt(negative)?;
-        let size = (self.info.width, self.info.height);
         self.stream_with_contexts(&cond, &neg, settings, NoiseSource::Seed(seed), size)
     }
 

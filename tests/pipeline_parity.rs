@@ -274,3 +274,75 @@ fn a_directory_without_motioncache_json_gets_consistent_defaults() {
     assert_eq!(blocks, 2);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Every value read from a model file that decides an allocation is range checked at load:
+/// an out-of-range value is an error that names the file and the key, never an
+/// out-of-memory abort or a panic (issue 17, item 3).
+#[test]
+fn out_of_range_values_in_model_files_name_the_file_and_key() {
+    let base = std::env::temp_dir().join(format!("mc-ranges-{}", std::process::id()));
+    let cases: &[(&str, &str, serde_json::Value)] = &[
+        ("motioncache.json", "width", serde_json::json!(1_000_000)),
+        ("motioncache.json", "window", serde_json::json!(100_000)),
+        (
+            "motioncache.json",
+            "text_len",
+            serde_json::json!(1u64 << 40),
+        ),
+        (
+            "transformer/config.json",
+            "rope_max_seq_len",
+            serde_json::json!(1u64 << 40),
+        ),
+        (
+            "transformer/config.json",
+            "num_frame_per_block",
+            serde_json::json!(0),
+        ),
+        ("vae/config.json", "base_dim", serde_json::json!(1u64 << 30)),
+        ("vae/config.json", "latents_mean", serde_json::json!([0.0])),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            serde_json::json!(1u64 << 40),
+        ),
+    ];
+    for (i, (file, key, value)) in cases.iter().enumerate() {
+        let tmp = base.join(i.to_string());
+        copy_dir(&dir().join("tiny_random"), &tmp);
+        let path = tmp.join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v[*key] = value.clone();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = match Pipeline::load(&tmp, &Device::Cpu, DType::F32) {
+            Ok(_) => panic!("{file}: {key} = {value} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(file) && err.contains(key),
+            "{file}: {key} = {value}: the error does not name both: {err}"
+        );
+    }
+
+    // A safetensors header whose offsets would overflow the size arithmetic.
+    let tmp = base.join("offsets");
+    copy_dir(&dir().join("tiny_random"), &tmp);
+    let header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[1],"data_offsets":[0,{}]}}}}"#,
+        u64::MAX
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let weights = tmp.join("vae/diffusion_pytorch_model.safetensors");
+    std::fs::write(&weights, bytes).unwrap();
+    let err = match Pipeline::load(&tmp, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("an overflowing safetensors header was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -85,6 +85,34 @@ impl TransformerConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        // Every size decides an allocation (the RoPE tables hold rope_max_seq_len rows, the
+        // weights dim x ffn_dim...): out of range is an error, not an out-of-memory abort.
+        let dim = self
+            .num_attention_heads
+            .saturating_mul(self.attention_head_dim);
+        for (key, v, hi) in [
+            ("rope_max_seq_len", self.rope_max_seq_len, 1 << 16),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("attention_head_dim", self.attention_head_dim, 1024),
+            ("num_attention_heads x attention_head_dim", dim, 1 << 16),
+            ("in_channels", self.in_channels, 1024),
+            ("out_channels", self.out_channels, 1024),
+            ("text_dim", self.text_dim, 1 << 16),
+            ("freq_dim", self.freq_dim, 1 << 16),
+            ("ffn_dim", self.ffn_dim, 1 << 18),
+            ("num_layers", self.num_layers, 1024),
+            ("num_frame_per_block", self.num_frame_per_block, 64),
+        ] {
+            if !(1..=hi).contains(&v) {
+                return Err(format!("{key} = {v} is outside 1..={hi}"));
+            }
+        }
+        if self.patch_size.iter().any(|&p| p > 16) {
+            return Err(format!(
+                "patch_size {:?} is outside 1..=16",
+                self.patch_size
+            ));
+        }
         if !self.attention_head_dim.is_multiple_of(2) || self.attention_head_dim < 6 {
             return Err(format!(
                 "attention_head_dim {} must be even and at least 6 (3D RoPE)",

@@ -87,6 +87,7 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
     f.read_exact(&mut n)
         .map_err(|_| Error::model(path, "truncated safetensors file (no header)"))?;
     let hlen = u64::from_le_bytes(n);
+    // Header values are untrusted: sums saturate instead of overflowing.
     if hlen > 100_000_000 || 8 + hlen > len {
         return Err(Error::model(
             path,
@@ -111,14 +112,11 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
             }
         }
     }
-    if 8 + hlen + end > len {
+    let needed = (8 + hlen).saturating_add(end);
+    if needed > len {
         return Err(Error::model(
             path,
-            format!(
-                "truncated safetensors file: {} bytes, header needs {}",
-                len,
-                8 + hlen + end
-            ),
+            format!("truncated safetensors file: {len} bytes, header needs {needed}"),
         ));
     }
     Ok(())

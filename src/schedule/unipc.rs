@@ -60,6 +60,18 @@ impl SchedulerConfig {
                 self.use_flow_sigmas, self.prediction_type
             ));
         }
+        if !(1..=100_000).contains(&self.num_train_timesteps) {
+            return Err(format!(
+                "num_train_timesteps = {} is outside 1..=100000",
+                self.num_train_timesteps
+            ));
+        }
+        if !(self.flow_shift.is_finite() && self.flow_shift > 0.0 && self.flow_shift <= 100.0) {
+            return Err(format!(
+                "flow_shift = {} is outside (0, 100]",
+                self.flow_shift
+            ));
+        }
         if !(1..=3).contains(&self.solver_order) {
             return Err(format!(
                 "solver_order {} is not in 1..=3",

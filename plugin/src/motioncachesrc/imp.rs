@@ -3,7 +3,8 @@
 use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::path::Path;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gst::glib;
@@ -15,7 +16,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use motioncache::generate::{BlockStats, GeneratorSettings};
-use motioncache::pipeline::{ModelInfo, Pipeline, parse_device};
+use motioncache::pipeline::{ModelInfo, Pipeline, SizeRange, parse_device};
 
 use super::convert::{I420Planes, Layout, rgb_to_i420, rgb_to_packed};
 use super::properties::{self, MAX_FPS};
@@ -51,11 +52,17 @@ struct BlockReport {
     reported: Option<gst::ClockTime>,
 }
 
-/// Created in start(), dropped in stop().
+/// Created once the model is loaded (start), dropped in stop(); the generator starts when
+/// the caps fix the frame size (set_caps).
 struct State {
+    pipeline: Arc<Pipeline>,
     info: ModelInfo,
+    /// The properties' generator settings (validated); the stream's length is added when
+    /// it starts.
     generator: GeneratorSettings,
-    worker: Arc<Worker>,
+    worker: Option<Arc<Worker>>,
+    /// Frame size the worker generates.
+    size: (usize, usize),
     video: Option<(gst_video::VideoInfo, Layout)>,
     /// Frames of the block being pushed.
     pending: VecDeque<Vec<u8>>,
@@ -77,6 +84,19 @@ pub struct MotionCacheSrc {
     /// The loaded model, kept across READY <-> PAUSED while its key is unchanged and
     /// dropped in NULL.
     model: Mutex<Option<(ModelKey, Arc<Pipeline>)>>,
+    /// The model load in progress: its cancel flag, set by a state change down from
+    /// PAUSED. The loader holds this lock from its look at the flag to the running state,
+    /// so a state change either cancels it before or comes after it.
+    loading: Mutex<Option<Arc<AtomicBool>>>,
+    /// Signalled (with `loading`) when a load ends and by unlock(): negotiate() waits on
+    /// it on the streaming thread, so state changes never wait for a load.
+    load_done: Condvar,
+    /// Between unlock() and unlock_stop(): the streaming thread must return.
+    unlocked: AtomicBool,
+    /// Between start() and stop(): READY-only properties are refused.
+    started: AtomicBool,
+    /// Why set_caps refused the caps, posted by negotiate() instead of a generic error.
+    caps_problem: Mutex<Option<gst::ErrorMessage>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,7 +148,8 @@ impl ObjectImpl for MotionCacheSrc {
         let running = lock(&self.state)
             .as_ref()
             .map(|s| (s.worker.clone(), s.info.defaults.clone()));
-        if running.is_some() && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
+        let started = self.started.load(Ordering::SeqCst);
+        if started && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
             drop(settings);
             self.warn(format!(
                 "property '{name}' cannot change while the element is running (set it in the \
@@ -169,6 +190,8 @@ impl ObjectImpl for MotionCacheSrc {
             "ar-step" => s.ar_step = value.get().expect("type checked upstream"),
             "window" => s.window = value.get().expect("type checked upstream"),
             "overlap" => s.overlap = value.get().expect("type checked upstream"),
+            "width" => s.width = value.get().expect("type checked upstream"),
+            "height" => s.height = value.get().expect("type checked upstream"),
             "fps" => {
                 let f: gst::Fraction = value.get().expect("type checked upstream");
                 s.fps = (f.numer(), f.denom());
@@ -192,7 +215,7 @@ impl ObjectImpl for MotionCacheSrc {
             }
             "overlay" => {
                 s.overlay = value.get::<OverlayProp>().expect("type checked upstream");
-                if let Some((worker, _)) = &running {
+                if let Some((Some(worker), _)) = &running {
                     worker.set_overlay(s.overlay == OverlayProp::Recompute);
                 }
             }
@@ -202,7 +225,10 @@ impl ObjectImpl for MotionCacheSrc {
         let empty_prompt = name == "prompt" && settings.prompt.trim().is_empty();
         let problem = running.and_then(|(worker, defaults)| {
             if settings.prompt != old.prompt || settings.negative_prompt != old.negative_prompt {
-                worker.set_prompts(settings.prompt.clone(), settings.negative_prompt.clone());
+                // Before the stream starts, it reads the prompts from the settings.
+                if let Some(w) = worker {
+                    w.set_prompts(settings.prompt.clone(), settings.negative_prompt.clone());
+                }
                 return None;
             }
             match settings.generator_settings(&defaults) {
@@ -212,7 +238,9 @@ impl ObjectImpl for MotionCacheSrc {
                         g.total_frames = state.generator.total_frames;
                         state.generator = g.clone();
                     }
-                    worker.set_settings(g);
+                    if let Some(w) = worker {
+                        w.set_settings(g);
+                    }
                     None
                 }
                 Err(e) => {
@@ -247,6 +275,8 @@ impl ObjectImpl for MotionCacheSrc {
             "ar-step" => s.ar_step.to_value(),
             "window" => s.window.to_value(),
             "overlap" => s.overlap.to_value(),
+            "width" => s.width.to_value(),
+            "height" => s.height.to_value(),
             "fps" => gst::Fraction::new(s.fps.0, s.fps.1).to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
@@ -336,6 +366,19 @@ impl ElementImpl for MotionCacheSrc {
         &self,
         transition: gst::StateChange,
     ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if matches!(
+            transition,
+            gst::StateChange::PausedToReady | gst::StateChange::ReadyToNull
+        ) {
+            // Before the base class stops: a model load still running is abandoned (its
+            // thread finishes reading in the background and drops the result), so the
+            // state change does not wait for it.
+            let loading = lock(&self.loading).take();
+            if let Some(cancel) = loading {
+                cancel.store(true, Ordering::SeqCst);
+                self.progress(gst::ProgressType::Canceled, "Model loading cancelled");
+            }
+        }
         let r = self.parent_change_state(transition);
         if transition == gst::StateChange::ReadyToNull {
             // NULL releases everything, the model included.
@@ -366,14 +409,35 @@ impl MotionCacheSrc {
         let _ = self.obj().post_message(msg);
     }
 
-    /// Caps of what the loaded model produces.
-    fn model_caps(&self, info: &ModelInfo, fps: Option<(i32, i32)>) -> gst::Caps {
-        let (w, h) = (info.width as i32, info.height as i32);
+    /// Caps of what the loaded model produces: the size the `width` / `height` properties
+    /// fix, else any size in the model's range (the native size preferred by fixate()).
+    fn model_caps(
+        &self,
+        info: &ModelInfo,
+        range: SizeRange,
+        fixed: (Option<usize>, Option<usize>),
+        fps: Option<(i32, i32)>,
+    ) -> gst::Caps {
+        let side = |fixed: Option<usize>, max: usize| -> glib::SendValue {
+            match fixed {
+                Some(v) => (v as i32).to_send_value(),
+                None => gst::IntRange::with_step(
+                    range.multiple as i32,
+                    max as i32,
+                    range.multiple as i32,
+                )
+                .to_send_value(),
+            }
+        };
+        let (w, h) = (
+            side(fixed.0, range.max_width),
+            side(fixed.1, range.max_height),
+        );
         let base = |formats: &[gst_video::VideoFormat]| {
             let b = gst_video::VideoCapsBuilder::new()
                 .format_list(formats.iter().copied())
-                .width(w)
-                .height(h)
+                .field("width", w.clone())
+                .field("height", h.clone())
                 .pixel_aspect_ratio(gst::Fraction::new(1, 1));
             match fps {
                 Some((n, d)) => b.framerate(gst::Fraction::new(n, d)),
@@ -401,10 +465,30 @@ impl MotionCacheSrc {
         }
     }
 
-    fn load(&self, settings: &Settings) -> Result<Pipeline, gst::ErrorMessage> {
+    /// What start() can check at once, before a thread loads the model: the device and
+    /// that the model directory exists.
+    fn load_target(settings: &Settings) -> Result<candle_core::Device, gst::ErrorMessage> {
         let device = parse_device(&settings.device).map_err(|e| {
             gst::error_msg!(gst::ResourceError::Settings, ["property 'device': {}", e])
         })?;
+        if !settings.model.is_empty() && !Path::new(&settings.model).is_dir() {
+            return Err(gst::error_msg!(
+                gst::ResourceError::NotFound,
+                [
+                    "cannot load model {}: no such model directory (property 'model')",
+                    settings.model
+                ]
+            ));
+        }
+        Ok(device)
+    }
+
+    /// Loads the model of `settings` (on the loader thread), with Progress messages.
+    fn load(
+        &self,
+        settings: &Settings,
+        device: &candle_core::Device,
+    ) -> Result<Pipeline, gst::ErrorMessage> {
         let what = if settings.model.is_empty() {
             "the embedded tiny model".to_string()
         } else {
@@ -415,17 +499,9 @@ impl MotionCacheSrc {
             &format!("Loading {what} on {}", settings.device),
         );
         let loaded = if settings.model.is_empty() {
-            Pipeline::load_embedded(&device, settings.dtype())
+            Pipeline::load_embedded(device, settings.dtype())
         } else {
-            let dir = Path::new(&settings.model);
-            if dir.is_dir() {
-                Pipeline::load(dir, &device, settings.dtype())
-            } else {
-                Err(motioncache::Error::model(
-                    dir,
-                    "no such model directory (property 'model')",
-                ))
-            }
+            Pipeline::load(Path::new(&settings.model), device, settings.dtype())
         };
         match loaded {
             Ok(p) => {
@@ -476,18 +552,67 @@ impl MotionCacheSrc {
         }
     }
 
-    /// Starts generating with `settings` on a loaded model: the stream, the worker, the
-    /// running state.
-    fn start_worker(
-        &self,
-        settings: &Settings,
-        pipeline: Arc<Pipeline>,
-    ) -> Result<(), gst::ErrorMessage> {
+    /// The running state on a loaded model, with the properties' settings validated
+    /// against its defaults (the caller holds the settings lock); the generator starts
+    /// when the caps are set.
+    fn begin(&self, settings: &Settings, pipeline: Arc<Pipeline>) -> Result<(), gst::ErrorMessage> {
         let info = pipeline.info().clone();
-        let mut generator = settings.generator_settings(&info.defaults).map_err(|e| {
+        let generator = settings.generator_settings(&info.defaults).map_err(|e| {
             gst::error_msg!(
                 gst::LibraryError::Settings,
                 ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
+            )
+        })?;
+        let range = pipeline.size_range();
+        let (fw, fh) = settings.fixed_size();
+        for (name, v, max) in [
+            ("width", fw, range.max_width),
+            ("height", fh, range.max_height),
+        ] {
+            if let Some(v) = v
+                && (v > max || !v.is_multiple_of(range.multiple))
+            {
+                return Err(gst::error_msg!(
+                    gst::LibraryError::Settings,
+                    [
+                        "property '{}' = {} cannot be made by model {}: {}",
+                        name,
+                        v,
+                        info.name,
+                        range.describe()
+                    ]
+                ));
+            }
+        }
+        *lock(&self.report) = BlockReport::default();
+        *lock(&self.state) = Some(State {
+            size: (info.width, info.height),
+            pipeline,
+            info,
+            generator,
+            worker: None,
+            video: None,
+            pending: VecDeque::new(),
+            frame: 0,
+            live_origin: None,
+            last_behind_warning: None,
+        });
+        Ok(())
+    }
+
+    /// Starts generating `size` frames with the current settings. The caller holds the
+    /// settings and state locks.
+    fn start_stream(
+        &self,
+        settings: &Settings,
+        s: &mut State,
+        size: (usize, usize),
+    ) -> Result<(), gst::ErrorMessage> {
+        let pipeline = &s.pipeline;
+        let mut generator = settings.generator_settings(&s.info.defaults).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ["cannot start generating: {}", e]
             )
         })?;
         // With num-buffers the generator stops once it has made that many frames (whole
@@ -501,12 +626,16 @@ impl MotionCacheSrc {
                 generator.causal_block_size,
             ));
         }
+        let memory = pipeline
+            .check_memory(&generator, size)
+            .map_err(|e| gst::error_msg!(gst::ResourceError::NoSpaceLeft, ["{}", e]))?;
         let stream = pipeline
-            .stream(
+            .stream_at(
                 &settings.prompt,
                 &settings.negative_prompt,
                 generator.clone(),
                 settings.seed,
+                size,
             )
             .map_err(|e| {
                 gst::error_msg!(
@@ -514,9 +643,8 @@ impl MotionCacheSrc {
                     ["cannot start generating: {}", e]
                 )
             })?;
-        *lock(&self.report) = BlockReport::default();
-        let worker =
-            Worker::spawn(pipeline, stream, QUEUE_BLOCKS, self.callbacks()).map_err(|e| {
+        let worker = Worker::spawn(pipeline.clone(), stream, QUEUE_BLOCKS, self.callbacks())
+            .map_err(|e| {
                 gst::error_msg!(
                     gst::CoreError::Thread,
                     ["cannot start the generator thread: {}", e]
@@ -526,25 +654,34 @@ impl MotionCacheSrc {
         gst::info!(
             CAT,
             imp = self,
-            "started: model {} {}x{} @ {}/{}, {:?}",
-            info.name,
-            info.width,
-            info.height,
-            info.fps_num,
-            info.fps_den,
+            "generating: model {} {}x{} (native {}x{}), about {} MiB beyond the weights, {:?}",
+            s.info.name,
+            size.0,
+            size.1,
+            s.info.width,
+            s.info.height,
+            memory.total() >> 20,
             generator
         );
-        *lock(&self.state) = Some(State {
-            info,
-            generator,
-            worker: Arc::new(worker),
-            video: None,
-            pending: VecDeque::new(),
-            frame: 0,
-            live_origin: None,
-            last_behind_warning: None,
-        });
+        s.worker = Some(Arc::new(worker));
+        s.size = size;
+        s.generator = generator;
         Ok(())
+    }
+
+    /// Creates the running state on a loaded model. The settings lock is held from the
+    /// look at the properties to the running state: a property set while the model
+    /// loaded is in `self.settings`, and set_property (settings lock first) either lands
+    /// before this look or sees the state. Returns a warning for the caller to post once
+    /// it holds no lock.
+    fn finish_start(&self, pipeline: Arc<Pipeline>) -> Result<Option<String>, gst::ErrorMessage> {
+        let now = lock(&self.settings);
+        self.begin(&now, pipeline)?;
+        Ok(now
+            .prompt
+            .trim()
+            .is_empty()
+            .then(|| "property 'prompt' is empty: the video follows no text".to_string()))
     }
 
     /// Live latency, (min, max): a frame can leave only when its whole block is finished,
@@ -617,6 +754,7 @@ impl MotionCacheSrc {
 
 impl BaseSrcImpl for MotionCacheSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
+        self.started.store(true, Ordering::SeqCst);
         let settings = lock(&self.settings).clone();
         let key: ModelKey = (
             settings.model.clone(),
@@ -627,37 +765,76 @@ impl BaseSrcImpl for MotionCacheSrc {
             .as_ref()
             .filter(|(k, _)| *k == key)
             .map(|(_, p)| p.clone());
-        let pipeline = match cached {
-            Some(p) => {
-                gst::debug!(CAT, imp = self, "model kept from the previous start");
-                p
+        if let Some(p) = cached {
+            gst::debug!(CAT, imp = self, "model kept from the previous start");
+            let warning = self.finish_start(p)?;
+            if let Some(w) = warning {
+                self.warn(w);
             }
-            None => {
-                // Drop a model of other properties before loading the new one.
-                lock(&self.model).take();
-                let p = Arc::new(self.load(&settings)?);
-                *lock(&self.model) = Some((key, p.clone()));
-                p
-            }
-        };
-        // From here to the running state the settings lock is held: properties set while
-        // the model loaded are in `self.settings` (not in the snapshot the load used), and
-        // set_property, which takes the settings lock first, either lands before this look
-        // or sees the running worker. Nothing is posted while the lock is held.
-        let now = lock(&self.settings);
-        let started = self.start_worker(&now, pipeline);
-        let empty_prompt = now.prompt.trim().is_empty();
-        drop(now);
-        if started.is_ok() && empty_prompt {
-            self.warn("property 'prompt' is empty: the video follows no text".into());
+            return Ok(());
         }
-        started
+        // Drop a model of other properties before loading the new one.
+        lock(&self.model).take();
+        let device = Self::load_target(&settings)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        *lock(&self.loading) = Some(cancel.clone());
+        let obj = self.obj().clone();
+        std::thread::Builder::new()
+            .name("motioncache-load".into())
+            .spawn(move || {
+                let imp = obj.imp();
+                let loaded = imp.load(&settings, &device);
+                let mut loading = lock(&imp.loading);
+                if cancel.load(Ordering::SeqCst) {
+                    gst::debug!(CAT, obj = obj, "model load cancelled, result dropped");
+                    return;
+                }
+                let started = loaded.and_then(|p| {
+                    let p = Arc::new(p);
+                    *lock(&imp.model) = Some((key, p.clone()));
+                    imp.finish_start(p)
+                });
+                // Done: negotiate() goes on with the running state, or, when the start
+                // failed, returns once the error that says why is on the bus (before the
+                // base class's own "not-negotiated").
+                match started {
+                    Ok(warning) => {
+                        *loading = None;
+                        drop(loading);
+                        imp.load_done.notify_all();
+                        if let Some(w) = warning {
+                            imp.warn(w);
+                        }
+                    }
+                    Err(e) => {
+                        drop(loading);
+                        imp.post_error_message(e);
+                        let mut loading = lock(&imp.loading);
+                        if !cancel.load(Ordering::SeqCst) {
+                            *loading = None;
+                        }
+                        drop(loading);
+                        imp.load_done.notify_all();
+                    }
+                }
+            })
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ["cannot start the model loading thread: {}", e]
+                )
+            })?;
+        Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.started.store(false, Ordering::SeqCst);
+        if let Some(cancel) = lock(&self.loading).take() {
+            cancel.store(true, Ordering::SeqCst);
+        }
         let state = lock(&self.state).take();
-        if let Some(state) = state {
-            state.worker.shutdown();
+        if let Some(w) = state.and_then(|s| s.worker) {
+            w.shutdown();
         }
         gst::info!(CAT, imp = self, "stopped");
         Ok(())
@@ -680,9 +857,12 @@ impl BaseSrcImpl for MotionCacheSrc {
     }
 
     fn caps(&self, filter: Option<&gst::Caps>) -> Option<gst::Caps> {
-        let fps = lock(&self.settings).fixed_fps();
+        let (fps, fixed) = {
+            let s = lock(&self.settings);
+            (s.fixed_fps(), s.fixed_size())
+        };
         let caps = match lock(&self.state).as_ref() {
-            Some(s) => self.model_caps(&s.info, fps),
+            Some(s) => self.model_caps(&s.info, s.pipeline.size_range(), fixed, fps),
             None => self.obj().src_pad().pad_template_caps(),
         };
         Some(match filter {
@@ -692,32 +872,63 @@ impl BaseSrcImpl for MotionCacheSrc {
     }
 
     fn fixate(&self, mut caps: gst::Caps) -> gst::Caps {
+        // What downstream leaves open: the model's native size and rate.
         let native = lock(&self.state)
             .as_ref()
-            .map(|s| Self::native_fps(&s.info));
+            .map(|s| (s.info.width, s.info.height, Self::native_fps(&s.info)));
         caps.truncate();
         {
             let caps = caps.make_mut();
-            if let Some(native) = native
+            if let Some((w, h, fps)) = native
                 && let Some(s) = caps.structure_mut(0)
             {
-                s.fixate_field_nearest_fraction("framerate", native);
+                s.fixate_field_nearest_int("width", w as i32);
+                s.fixate_field_nearest_int("height", h as i32);
+                s.fixate_field_nearest_fraction("framerate", fps);
             }
         }
         self.parent_fixate(caps)
     }
 
     fn negotiate(&self) -> Result<(), gst::LoggableError> {
+        // The streaming thread waits here for the model load that start() began.
+        {
+            let mut loading = lock(&self.loading);
+            while loading.is_some() && !self.unlocked.load(Ordering::SeqCst) {
+                loading = self
+                    .load_done
+                    .wait(loading)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if self.unlocked.load(Ordering::SeqCst) {
+            return Err(gst::loggable_error!(CAT, "flushing while the model loads"));
+        }
+        if lock(&self.state).is_none() {
+            // The loader posted why.
+            return Err(gst::loggable_error!(CAT, "the model could not be loaded"));
+        }
+        lock(&self.caps_problem).take();
         self.parent_negotiate().inspect_err(|_| {
+            // set_caps said why, or no caps met downstream's at all.
+            if let Some(problem) = lock(&self.caps_problem).take() {
+                self.post_error_message(problem);
+                return;
+            }
             let ours = self.caps(None).map(|c| c.to_string()).unwrap_or_default();
             let theirs = self.obj().src_pad().peer_query_caps(None).to_string();
+            let sizes = lock(&self.state)
+                .as_ref()
+                .map(|s| s.pipeline.size_range().describe())
+                .unwrap_or_default();
             gst::element_imp_error!(
                 self,
                 gst::CoreError::Negotiation,
                 [
-                    "cannot meet the downstream caps: this model generates {}, downstream \
-                     accepts {}",
+                    "cannot meet the downstream caps: this model generates {} ({}), \
+                     downstream accepts {}",
                     ours,
+                    sizes,
                     theirs
                 ]
             );
@@ -729,20 +940,59 @@ impl BaseSrcImpl for MotionCacheSrc {
             .map_err(|_| gst::loggable_error!(CAT, "cannot parse caps {caps}"))?;
         let layout = Layout::from_format(info.format())
             .ok_or_else(|| gst::loggable_error!(CAT, "unsupported format in {caps}"))?;
+        let size = (info.width() as usize, info.height() as usize);
+        // A new size restarts the generator: the old one stops first, with no lock held
+        // (its last block's callback may post messages).
+        let old = lock(&self.state).as_mut().and_then(|s| {
+            if s.size != size {
+                s.pending.clear();
+                s.worker.take()
+            } else {
+                None
+            }
+        });
+        if let Some(w) = old {
+            gst::info!(
+                CAT,
+                imp = self,
+                "frame size changes to {}x{}: restarting",
+                size.0,
+                size.1
+            );
+            w.shutdown();
+        }
+        // Settings before state, as everywhere.
+        let settings = lock(&self.settings);
         let mut state = lock(&self.state);
         let s = state
             .as_mut()
             .ok_or_else(|| gst::loggable_error!(CAT, "caps set before start"))?;
-        if info.width() as usize != s.info.width
-            || info.height() as usize != s.info.height
-            || info.fps().numer() <= 0
-        {
-            return Err(gst::loggable_error!(
-                CAT,
-                "caps {caps} do not match the model's {}x{} frames",
-                s.info.width,
-                s.info.height
-            ));
+        let range = s.pipeline.size_range();
+        let problem = if !range.contains(size.0, size.1) {
+            Some(gst::error_msg!(
+                gst::CoreError::Negotiation,
+                [
+                    "cannot make {}x{} frames with model {}: {}",
+                    size.0,
+                    size.1,
+                    s.info.name,
+                    range.describe()
+                ]
+            ))
+        } else if info.fps().numer() <= 0 {
+            Some(gst::error_msg!(
+                gst::CoreError::Negotiation,
+                ["a frame rate of {} is not supported", info.fps()]
+            ))
+        } else if s.worker.is_none() || s.size != size {
+            self.start_stream(&settings, s, size).err()
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            let text = p.to_string();
+            *lock(&self.caps_problem) = Some(p);
+            return Err(gst::loggable_error!(CAT, "caps {caps} refused: {text}"));
         }
         gst::debug!(CAT, imp = self, "caps set: {caps}");
         s.video = Some((info, layout));
@@ -782,15 +1032,22 @@ impl BaseSrcImpl for MotionCacheSrc {
     }
 
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        if let Some(s) = lock(&self.state).as_ref() {
-            s.worker.set_flushing(true);
+        self.unlocked.store(true, Ordering::SeqCst);
+        {
+            // Under the lock, so that a negotiate() about to wait cannot miss it.
+            let _loading = lock(&self.loading);
+            self.load_done.notify_all();
+        }
+        if let Some(w) = lock(&self.state).as_ref().and_then(|s| s.worker.as_ref()) {
+            w.set_flushing(true);
         }
         Ok(())
     }
 
     fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        if let Some(s) = lock(&self.state).as_ref() {
-            s.worker.set_flushing(false);
+        self.unlocked.store(false, Ordering::SeqCst);
+        if let Some(w) = lock(&self.state).as_ref().and_then(|s| s.worker.as_ref()) {
+            w.set_flushing(false);
         }
         Ok(())
     }
@@ -807,18 +1064,16 @@ impl PushSrcImpl for MotionCacheSrc {
                 let Some(s) = state.as_mut() else {
                     return Err(gst::FlowError::Flushing);
                 };
-                let Some((info, layout)) = s.video.clone() else {
+                let (Some((info, layout)), Some(worker)) = (s.video.clone(), s.worker.clone())
+                else {
                     return Err(gst::FlowError::NotNegotiated);
                 };
                 if let Some(frame) = s.pending.pop_front() {
                     let index = s.frame;
                     s.frame += 1;
-                    break (frame, index, info, layout, (s.info.width, s.info.height));
+                    break (frame, index, info, layout, s.size);
                 }
-                (
-                    s.worker.clone(),
-                    (info.width() as usize, info.height() as usize),
-                )
+                (worker, (info.width() as usize, info.height() as usize))
             };
             match worker.pop() {
                 Popped::Block(block) => {

@@ -9,6 +9,9 @@ use super::settings::*;
 /// Largest frame rate the element offers.
 pub const MAX_FPS: i32 = 240;
 
+/// Largest frame width or height the element offers.
+pub const MAX_SIDE: i32 = motioncache::pipeline::MAX_FRAME_SIDE as i32;
+
 fn int_prop(name: &str, nick: &str, blurb: &str, max: i32, mutable: bool) -> glib::ParamSpec {
     let b = glib::ParamSpecInt::builder(name)
         .nick(nick)
@@ -121,6 +124,22 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "Latent frames of history carried into the next window, a multiple of \
              causal-block-size smaller than the window (-1 = the model's default)",
             1024,
+            false,
+        ),
+        int_prop(
+            "width",
+            "Width",
+            "Frame width in pixels, a multiple of the model's spatial stride (-1 = what \
+             downstream caps ask for, the model's native width when they leave it open)",
+            MAX_SIDE,
+            false,
+        ),
+        int_prop(
+            "height",
+            "Height",
+            "Frame height in pixels, a multiple of the model's spatial stride (-1 = what \
+             downstream caps ask for, the model's native height when they leave it open)",
+            MAX_SIDE,
             false,
         ),
         gst::ParamSpecFraction::builder("fps")

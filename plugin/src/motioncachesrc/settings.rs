@@ -39,6 +39,10 @@ pub struct Settings {
     pub ar_step: i32,
     pub window: i32,
     pub overlap: i32,
+    /// Frame size; -1 = negotiated (the model's native size when downstream leaves it
+    /// open).
+    pub width: i32,
+    pub height: i32,
     /// Output frame rate; 0/1 = the model's native rate (or what downstream asks for).
     pub fps: (i32, i32),
     pub device: String,
@@ -69,6 +73,8 @@ impl Default for Settings {
             ar_step: MODEL_DEFAULT,
             window: MODEL_DEFAULT,
             overlap: MODEL_DEFAULT,
+            width: MODEL_DEFAULT,
+            height: MODEL_DEFAULT,
             fps: DEFAULT_FPS,
             device: DEFAULT_DEVICE.to_string(),
             dtype: DEFAULT_DTYPE,
@@ -143,6 +149,12 @@ impl Settings {
     /// The fixed output rate the user asked for, if any.
     pub fn fixed_fps(&self) -> Option<(i32, i32)> {
         (self.fps.0 > 0 && self.fps.1 > 0).then_some(self.fps)
+    }
+
+    /// The frame width and height the user fixed, if any.
+    pub fn fixed_size(&self) -> (Option<usize>, Option<usize>) {
+        let side = |v: i32| usize::try_from(v).ok().filter(|&v| v > 0);
+        (side(self.width), side(self.height))
     }
 
     /// The prompts the generator should use.

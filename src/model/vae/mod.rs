@@ -189,6 +189,38 @@ impl WanVaeConfig {
         if self.dim_mult.contains(&0) {
             candle_core::bail!("Wan VAE config: dim_mult {:?} has a zero", self.dim_mult)
         }
+        // Sizes decide allocations: out of range is an error, not an out-of-memory abort.
+        let widest = self.dim_mult.iter().max().copied().unwrap_or(1);
+        for (key, v, hi) in [
+            ("base_dim", self.base_dim, 4096),
+            ("decoder_base_dim", self.decoder_base_dim.unwrap_or(1), 4096),
+            ("z_dim", self.z_dim, 1024),
+            ("dim_mult", widest, 64),
+            ("levels of dim_mult", levels, 8),
+            ("num_res_blocks", self.num_res_blocks.max(1), 16),
+            ("in_channels", self.in_channels, 64),
+            ("out_channels", self.out_channels, 64),
+        ] {
+            if !(1..=hi).contains(&v) {
+                candle_core::bail!("Wan VAE config: {key} = {v} is outside 1..={hi}")
+            }
+        }
+        // Checked here, at load, rather than at the first decode.
+        let zc = self.z_dim;
+        if self.latents_mean.len() != zc || self.latents_std.len() != zc {
+            candle_core::bail!(
+                "Wan VAE config: latents_mean ({}) and latents_std ({}) need z_dim = {zc} values",
+                self.latents_mean.len(),
+                self.latents_std.len()
+            )
+        }
+        if self.latents_std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+            || self.latents_mean.iter().any(|m| !m.is_finite())
+        {
+            candle_core::bail!(
+                "Wan VAE config: latents_mean must be finite and latents_std finite and positive"
+            )
+        }
         Ok(())
     }
 
