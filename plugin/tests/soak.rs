@@ -1,0 +1,149 @@
+//! A long live stream (issue 17, item 5): at least 10 minutes of video in live mode, with
+//! memory flat after warm-up (resident set growth under 5%) and timestamps without gaps.
+//!
+//! CI runs it at a small frame size (32x32, the element's default settings otherwise);
+//! `MOTIONCACHE_SOAK_SECS` (default 600) and `MOTIONCACHE_SOAK_SIZE` (default 32x32)
+//! set a longer run (the README reports one at the model's native size).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use gst::prelude::*;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What the sink saw: frames, and the first timestamp problem.
+#[derive(Default)]
+struct Seen {
+    frames: u64,
+    origin: Option<gst::ClockTime>,
+    problem: Option<String>,
+}
+
+#[test]
+fn ten_minutes_live_with_flat_memory_and_no_gaps() {
+    let secs: u64 = std::env::var("MOTIONCACHE_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let size = std::env::var("MOTIONCACHE_SOAK_SIZE").unwrap_or_else(|_| "32x32".into());
+    let (w, h) = size.split_once('x').expect("MOTIONCACHE_SOAK_SIZE is WxH");
+    let (w, h) = (w.to_string(), h.to_string());
+    with_timeout(secs + 300, move || {
+        let model = std::env::var("MOTIONCACHE_TEST_MODEL")
+            .map(|m| format!("model=\"{m}\""))
+            .unwrap_or_default();
+        let pipeline = launch(&format!(
+            "motioncachesrc is-live=true {model} ! video/x-raw,width={w},height={h} ! \
+             fakesink name=sink sync=true"
+        ));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let fps = Arc::new(Mutex::new(None::<gst::Fraction>));
+        let sinkpad = pipeline
+            .by_name("sink")
+            .unwrap()
+            .static_pad("sink")
+            .unwrap();
+        {
+            let seen = seen.clone();
+            let fps = fps.clone();
+            sinkpad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+                let Some(buf) = info.buffer() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let rate = *fps.lock().unwrap().get_or_insert_with(|| {
+                    let caps = pad.current_caps().expect("caps before buffers");
+                    gst_video::VideoInfo::from_caps(&caps).unwrap().fps()
+                });
+                let at = |n: u64| {
+                    gst::ClockTime::SECOND
+                        .mul_div_floor(n * rate.denom() as u64, rate.numer() as u64)
+                        .unwrap()
+                };
+                let mut s = seen.lock().unwrap();
+                let n = s.frames;
+                // Live: the base class shifts the stream to the running time of its first
+                // frame; from there every frame follows the last.
+                let origin = *s.origin.get_or_insert(buf.pts().unwrap_or_default());
+                let want = (origin + at(n), at(n + 1) - at(n), n);
+                let got = (buf.pts(), buf.duration(), buf.offset());
+                if s.problem.is_none() && got != (Some(want.0), Some(want.1), want.2) {
+                    s.problem = Some(format!("frame {n}: got {got:?}, expected {want:?}"));
+                }
+                s.frames += 1;
+                gst::PadProbeReturn::Ok
+            });
+        }
+        let bus = pipeline.bus().unwrap();
+        let started = Instant::now();
+        pipeline.set_state(gst::State::Playing).unwrap();
+        let mut out = Outcome::default();
+        let mut rss = Vec::new();
+        let mut next_sample = Duration::from_secs(10);
+        while started.elapsed() < Duration::from_secs(secs) {
+            if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(200))
+                && record(&mut out, &msg)
+            {
+                break;
+            }
+            if started.elapsed() >= next_sample {
+                rss.push((started.elapsed().as_secs(), rss_kib()));
+                next_sample += Duration::from_secs(10);
+            }
+        }
+        pipeline.set_state(gst::State::Null).unwrap();
+        let elapsed = started.elapsed();
+        let s = seen.lock().unwrap();
+        let rate = fps.lock().unwrap().expect("frames arrived");
+        let video = gst::ClockTime::SECOND
+            .mul_div_floor(s.frames * rate.denom() as u64, rate.numer() as u64)
+            .unwrap();
+        // Warm-up: the first minute (or the first sixth of a short run).
+        let warm_at = 60.min(secs / 6);
+        let warm = rss
+            .iter()
+            .find(|(t, _)| *t >= warm_at)
+            .map(|(_, r)| *r)
+            .expect("an RSS sample after warm-up");
+        let peak = rss.iter().map(|(_, r)| *r).max().unwrap();
+        let last = rss.last().unwrap().1;
+        println!(
+            "soak: {w}x{h}, {} frames = {video} of video in {elapsed:?}; RSS {warm} KiB after \
+             warm-up, peak {peak} KiB, last {last} KiB; {} blocks; {} warnings",
+            s.frames,
+            out.stats.len(),
+            out.warnings.len()
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(!out.eos, "an endless stream ended");
+        assert!(
+            s.problem.is_none(),
+            "{}",
+            s.problem.as_deref().unwrap_or("")
+        );
+        // Live: the video made is the wall time, less the first block's latency.
+        assert!(
+            video + gst::ClockTime::from_seconds(5)
+                >= gst::ClockTime::from_seconds(secs.min(elapsed.as_secs())),
+            "{video} of video in {elapsed:?}"
+        );
+        let after_warmup = rss.iter().filter(|(t, _)| *t >= warm_at).map(|(_, r)| *r);
+        let max_after = after_warmup.max().unwrap();
+        assert!(
+            max_after < warm + warm / 20,
+            "RSS grew from {warm} KiB after warm-up to {max_after} KiB: {rss:?}"
+        );
+    });
+}
