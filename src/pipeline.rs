@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::generate::{BlockStats, FinishedBlock, Generator, GeneratorSettings, NoiseSource};
-use crate::model::config::{TransformerConfig, diffusers_to_original_name};
+use crate::model::config::TransformerConfig;
 use crate::model::t5::{UMT5Config, UMT5Encoder, encode_prompts};
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::transformer::Transformer;
@@ -324,17 +324,13 @@ impl Pipeline {
             dtype,
             dev,
         )?;
-        let vb = if names.iter().any(|n| n.starts_with("time_embedding.")) {
-            vb.rename_f(diffusers_to_original_name)
-        } else {
-            vb
-        };
-        let transformer = Transformer::new(&tcfg, vb).map_err(|e| {
-            Error::model(
-                &wpath,
-                format!("does not match transformer/config.json: {e}"),
-            )
-        })?;
+        let transformer = crate::model::loader::transformer_from(
+            &tcfg,
+            &files.path("transformer/config.json"),
+            vb,
+            &names,
+            &wpath,
+        )?;
 
         let vcfg: WanVaeConfig = files.json("vae/config.json")?;
         vcfg.validate()
@@ -368,8 +364,7 @@ impl Pipeline {
                 let cfg = files.text("tokenizer/tokenizer_config.json").ok();
                 PromptTokenizer::from_bytes(b, cfg.as_deref(), files.path(rel))
             }
-        }
-        .map_err(|e| Error::model(e.path.clone(), e.problem.clone()))?;
+        }?;
         let scheduler = if files.exists("scheduler/scheduler_config.json") {
             let s: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
             s.validate()
@@ -444,8 +439,7 @@ impl Pipeline {
             )
         })?;
         let tok_path = need("google/umt5-xxl/tokenizer.json")?;
-        let tokenizer = PromptTokenizer::from_file(&tok_path)
-            .map_err(|e| Error::model(e.path.clone(), e.problem.clone()))?;
+        let tokenizer = PromptTokenizer::from_file(&tok_path)?;
         let gd = if dir.join("motioncache.json").is_file() {
             files.json("motioncache.json")?
         } else {

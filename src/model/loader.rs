@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 
 use super::config::{TransformerConfig, diffusers_to_original_name};
 use super::transformer::Transformer;
@@ -21,17 +22,30 @@ pub fn load_transformer(dir: &Path, dtype: DType, dev: &Device) -> Result<Transf
     let cfg = TransformerConfig::from_file(&cfg_path)?;
     let files = safetensors_files(dir, &["diffusion_pytorch_model", "model"])?;
     let names = header_names(&files)?;
+    let vb = mmap_safetensors(&files, dtype, dev)?;
+    transformer_from(&cfg, &cfg_path, vb, &names, &files[0])
+}
+
+/// The transformer of `cfg` on weights `vb` (tensor `names`, first file `weights`), in
+/// either naming scheme: the original SkyReels-V2 names are detected and mapped. The one
+/// place a transformer is built from files, for directories and the embedded model.
+pub(crate) fn transformer_from(
+    cfg: &TransformerConfig,
+    cfg_path: &Path,
+    vb: VarBuilder<'static>,
+    names: &[String],
+    weights: &Path,
+) -> Result<Transformer> {
     let original = names.iter().any(|n| n.starts_with("time_embedding."))
         && !names.iter().any(|n| n.starts_with("condition_embedder."));
-    let vb = mmap_safetensors(&files, dtype, dev)?;
     let vb = if original {
         vb.rename_f(diffusers_to_original_name)
     } else {
         vb
     };
-    Transformer::new(&cfg, vb).map_err(|e| {
+    Transformer::new(cfg, vb).map_err(|e| {
         Error::model(
-            &files[0],
+            weights,
             format!("weights do not match {}: {e}", cfg_path.display()),
         )
     })

@@ -10,11 +10,10 @@
 //! `HuggingfaceTokenizer(clean="whitespace")`):
 //! `whitespace_clean(basic_clean(text))` with
 //! `basic_clean = strip(html.unescape(html.unescape(ftfy.fix_text(text))))`.
-//! - `html.unescape` is reproduced exactly for numeric references (including the HTML5
-//!   replacements of invalid code points) and for the 252 HTML 4 named entities plus
-//!   `&apos;` and the all-caps legacy `&AMP` `&LT` `&GT` `&QUOT` `&COPY` `&REG` (with
-//!   HTML5's values); the other ~2,000 HTML5 names (`&check;`, `&NewLine;`, ...) are left
-//!   as they are.
+//! - `html.unescape` is reproduced exactly: numeric references (including the HTML5
+//!   replacements of invalid code points, and Python's removal of the code points HTML5
+//!   calls invalid) here; named references from the WHATWG table of the `htmlize` crate
+//!   (all 2,231 names, as Python's `html.entities.html5`).
 //!   Legacy names without `;` (`&amp`, `&copy`, `&eacute`, ...) and the longest-prefix rule
 //!   (`&ampx` -> `&x`) are as in Python.
 //! - `ftfy.fix_text` (default configuration) is covered for: its own HTML unescape (entities
@@ -29,23 +28,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+
+use crate::error::Error;
 use tokenizers::{NormalizedString, PostProcessor, Tokenizer, TruncationDirection};
-
-/// A tokenizer file that cannot be used, or a prompt that cannot be tokenized; always names
-/// the file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenizerError {
-    pub path: PathBuf,
-    pub problem: String,
-}
-
-impl std::fmt::Display for TokenizerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "tokenizer {}: {}", self.path.display(), self.problem)
-    }
-}
-
-impl std::error::Error for TokenizerError {}
 
 /// Token ids and attention masks of a batch of prompts, each padded to the same length.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,18 +89,12 @@ impl PromptTokenizer {
     /// `tokenizer_config.json` next to it if there is one, else of `<pad>`, else the
     /// file's own padding id, else 0. Truncation and padding stored in the file are ignored
     /// (transformers overrides them per call, as [`PromptTokenizer::encode`] does).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
         if !path.is_file() {
-            return Err(TokenizerError {
-                path,
-                problem: "file not found".into(),
-            });
+            return Err(Error::model(path, "tokenizer file not found"));
         }
-        let bytes = std::fs::read(&path).map_err(|e| TokenizerError {
-            path: path.clone(),
-            problem: format!("cannot read: {e}"),
-        })?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let config = path
             .parent()
             .map(|dir| dir.join("tokenizer_config.json"))
@@ -129,11 +108,8 @@ impl PromptTokenizer {
         bytes: &[u8],
         tokenizer_config: Option<&str>,
         path: PathBuf,
-    ) -> Result<Self, TokenizerError> {
-        let err = |problem: String| TokenizerError {
-            path: path.clone(),
-            problem,
-        };
+    ) -> Result<Self, Error> {
+        let err = |problem: String| Error::model(&path, problem);
         let mut tokenizer = Tokenizer::from_bytes(bytes)
             .map_err(|e| err(format!("not a valid tokenizer.json: {e}")))?;
         let file_pad_id = tokenizer.get_padding().map(|p| p.pad_id);
@@ -175,11 +151,7 @@ impl PromptTokenizer {
 
     /// Cleans each prompt with [`prompt_clean`] and tokenizes it as
     /// [`PromptTokenizer::encode_cleaned`] does.
-    pub fn encode(
-        &self,
-        prompts: &[&str],
-        max_length: usize,
-    ) -> Result<TokenizedPrompts, TokenizerError> {
+    pub fn encode(&self, prompts: &[&str], max_length: usize) -> Result<TokenizedPrompts, Error> {
         let cleaned: Vec<String> = prompts.iter().map(|p| prompt_clean(p)).collect();
         let refs: Vec<&str> = cleaned.iter().map(String::as_str).collect();
         self.encode_cleaned(&refs, max_length)
@@ -192,11 +164,8 @@ impl PromptTokenizer {
         &self,
         prompts: &[&str],
         max_length: usize,
-    ) -> Result<TokenizedPrompts, TokenizerError> {
-        let err = |problem: String| TokenizerError {
-            path: self.path.clone(),
-            problem,
-        };
+    ) -> Result<TokenizedPrompts, Error> {
+        let err = |problem: String| Error::model(&self.path, problem);
         let n_special = self
             .tokenizer
             .get_post_processor()
@@ -256,13 +225,14 @@ fn is_py_space(c: char) -> bool {
 }
 
 fn lookup_entity(name: &str) -> Option<(&'static str, bool)> {
-    ENTITIES
-        .binary_search_by(|(n, _, _)| n.cmp(&name))
-        .ok()
-        .map(|i| (ENTITIES[i].1, ENTITIES[i].2))
+    // WHATWG's table (what Python's `html.entities.html5` holds), keyed `&name;`, with
+    // the legacy names also keyed `&name` (valid without the `;`).
+    let value = htmlize::ENTITIES.get(format!("&{name};").as_bytes())?;
+    let legacy = htmlize::ENTITIES.contains_key(format!("&{name}").as_bytes());
+    Some((std::str::from_utf8(value).ok()?, legacy))
 }
 
-/// Python's `html.unescape` (named references limited to the table, see module docs).
+/// Python's `html.unescape`.
 pub fn html_unescape(text: &str) -> String {
     if !text.contains('&') {
         return text.to_string();
@@ -566,280 +536,19 @@ const CP1252_C1: [char; 32] = [
     '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}', '\u{9d}', '\u{17e}', '\u{178}',
 ];
 
-/// (name, value, also valid without ';' in Python's html.unescape), sorted by name: the
-/// HTML 4 entities plus `apos`, with HTML5's values.
-#[rustfmt::skip]
-const ENTITIES: &[(&str, &str, bool)] = &[
-    ("AElig", "\u{c6}", true),
-    ("AMP", "&", true),
-    ("Aacute", "\u{c1}", true),
-    ("Acirc", "\u{c2}", true),
-    ("Agrave", "\u{c0}", true),
-    ("Alpha", "\u{391}", false),
-    ("Aring", "\u{c5}", true),
-    ("Atilde", "\u{c3}", true),
-    ("Auml", "\u{c4}", true),
-    ("Beta", "\u{392}", false),
-    ("COPY", "\u{a9}", true),
-    ("Ccedil", "\u{c7}", true),
-    ("Chi", "\u{3a7}", false),
-    ("Dagger", "\u{2021}", false),
-    ("Delta", "\u{394}", false),
-    ("ETH", "\u{d0}", true),
-    ("Eacute", "\u{c9}", true),
-    ("Ecirc", "\u{ca}", true),
-    ("Egrave", "\u{c8}", true),
-    ("Epsilon", "\u{395}", false),
-    ("Eta", "\u{397}", false),
-    ("Euml", "\u{cb}", true),
-    ("GT", ">", true),
-    ("Gamma", "\u{393}", false),
-    ("Iacute", "\u{cd}", true),
-    ("Icirc", "\u{ce}", true),
-    ("Igrave", "\u{cc}", true),
-    ("Iota", "\u{399}", false),
-    ("Iuml", "\u{cf}", true),
-    ("Kappa", "\u{39a}", false),
-    ("LT", "<", true),
-    ("Lambda", "\u{39b}", false),
-    ("Mu", "\u{39c}", false),
-    ("Ntilde", "\u{d1}", true),
-    ("Nu", "\u{39d}", false),
-    ("OElig", "\u{152}", false),
-    ("Oacute", "\u{d3}", true),
-    ("Ocirc", "\u{d4}", true),
-    ("Ograve", "\u{d2}", true),
-    ("Omega", "\u{3a9}", false),
-    ("Omicron", "\u{39f}", false),
-    ("Oslash", "\u{d8}", true),
-    ("Otilde", "\u{d5}", true),
-    ("Ouml", "\u{d6}", true),
-    ("Phi", "\u{3a6}", false),
-    ("Pi", "\u{3a0}", false),
-    ("Prime", "\u{2033}", false),
-    ("Psi", "\u{3a8}", false),
-    ("QUOT", "\u{22}", true),
-    ("REG", "\u{ae}", true),
-    ("Rho", "\u{3a1}", false),
-    ("Scaron", "\u{160}", false),
-    ("Sigma", "\u{3a3}", false),
-    ("THORN", "\u{de}", true),
-    ("Tau", "\u{3a4}", false),
-    ("Theta", "\u{398}", false),
-    ("Uacute", "\u{da}", true),
-    ("Ucirc", "\u{db}", true),
-    ("Ugrave", "\u{d9}", true),
-    ("Upsilon", "\u{3a5}", false),
-    ("Uuml", "\u{dc}", true),
-    ("Xi", "\u{39e}", false),
-    ("Yacute", "\u{dd}", true),
-    ("Yuml", "\u{178}", false),
-    ("Zeta", "\u{396}", false),
-    ("aacute", "\u{e1}", true),
-    ("acirc", "\u{e2}", true),
-    ("acute", "\u{b4}", true),
-    ("aelig", "\u{e6}", true),
-    ("agrave", "\u{e0}", true),
-    ("alefsym", "\u{2135}", false),
-    ("alpha", "\u{3b1}", false),
-    ("amp", "&", true),
-    ("and", "\u{2227}", false),
-    ("ang", "\u{2220}", false),
-    ("apos", "'", false),
-    ("aring", "\u{e5}", true),
-    ("asymp", "\u{2248}", false),
-    ("atilde", "\u{e3}", true),
-    ("auml", "\u{e4}", true),
-    ("bdquo", "\u{201e}", false),
-    ("beta", "\u{3b2}", false),
-    ("brvbar", "\u{a6}", true),
-    ("bull", "\u{2022}", false),
-    ("cap", "\u{2229}", false),
-    ("ccedil", "\u{e7}", true),
-    ("cedil", "\u{b8}", true),
-    ("cent", "\u{a2}", true),
-    ("chi", "\u{3c7}", false),
-    ("circ", "\u{2c6}", false),
-    ("clubs", "\u{2663}", false),
-    ("cong", "\u{2245}", false),
-    ("copy", "\u{a9}", true),
-    ("crarr", "\u{21b5}", false),
-    ("cup", "\u{222a}", false),
-    ("curren", "\u{a4}", true),
-    ("dArr", "\u{21d3}", false),
-    ("dagger", "\u{2020}", false),
-    ("darr", "\u{2193}", false),
-    ("deg", "\u{b0}", true),
-    ("delta", "\u{3b4}", false),
-    ("diams", "\u{2666}", false),
-    ("divide", "\u{f7}", true),
-    ("eacute", "\u{e9}", true),
-    ("ecirc", "\u{ea}", true),
-    ("egrave", "\u{e8}", true),
-    ("empty", "\u{2205}", false),
-    ("emsp", "\u{2003}", false),
-    ("ensp", "\u{2002}", false),
-    ("epsilon", "\u{3b5}", false),
-    ("equiv", "\u{2261}", false),
-    ("eta", "\u{3b7}", false),
-    ("eth", "\u{f0}", true),
-    ("euml", "\u{eb}", true),
-    ("euro", "\u{20ac}", false),
-    ("exist", "\u{2203}", false),
-    ("fnof", "\u{192}", false),
-    ("forall", "\u{2200}", false),
-    ("frac12", "\u{bd}", true),
-    ("frac14", "\u{bc}", true),
-    ("frac34", "\u{be}", true),
-    ("frasl", "\u{2044}", false),
-    ("gamma", "\u{3b3}", false),
-    ("ge", "\u{2265}", false),
-    ("gt", ">", true),
-    ("hArr", "\u{21d4}", false),
-    ("harr", "\u{2194}", false),
-    ("hearts", "\u{2665}", false),
-    ("hellip", "\u{2026}", false),
-    ("iacute", "\u{ed}", true),
-    ("icirc", "\u{ee}", true),
-    ("iexcl", "\u{a1}", true),
-    ("igrave", "\u{ec}", true),
-    ("image", "\u{2111}", false),
-    ("infin", "\u{221e}", false),
-    ("int", "\u{222b}", false),
-    ("iota", "\u{3b9}", false),
-    ("iquest", "\u{bf}", true),
-    ("isin", "\u{2208}", false),
-    ("iuml", "\u{ef}", true),
-    ("kappa", "\u{3ba}", false),
-    ("lArr", "\u{21d0}", false),
-    ("lambda", "\u{3bb}", false),
-    ("lang", "\u{27e8}", false),
-    ("laquo", "\u{ab}", true),
-    ("larr", "\u{2190}", false),
-    ("lceil", "\u{2308}", false),
-    ("ldquo", "\u{201c}", false),
-    ("le", "\u{2264}", false),
-    ("lfloor", "\u{230a}", false),
-    ("lowast", "\u{2217}", false),
-    ("loz", "\u{25ca}", false),
-    ("lrm", "\u{200e}", false),
-    ("lsaquo", "\u{2039}", false),
-    ("lsquo", "\u{2018}", false),
-    ("lt", "<", true),
-    ("macr", "\u{af}", true),
-    ("mdash", "\u{2014}", false),
-    ("micro", "\u{b5}", true),
-    ("middot", "\u{b7}", true),
-    ("minus", "\u{2212}", false),
-    ("mu", "\u{3bc}", false),
-    ("nabla", "\u{2207}", false),
-    ("nbsp", "\u{a0}", true),
-    ("ndash", "\u{2013}", false),
-    ("ne", "\u{2260}", false),
-    ("ni", "\u{220b}", false),
-    ("not", "\u{ac}", true),
-    ("notin", "\u{2209}", false),
-    ("nsub", "\u{2284}", false),
-    ("ntilde", "\u{f1}", true),
-    ("nu", "\u{3bd}", false),
-    ("oacute", "\u{f3}", true),
-    ("ocirc", "\u{f4}", true),
-    ("oelig", "\u{153}", false),
-    ("ograve", "\u{f2}", true),
-    ("oline", "\u{203e}", false),
-    ("omega", "\u{3c9}", false),
-    ("omicron", "\u{3bf}", false),
-    ("oplus", "\u{2295}", false),
-    ("or", "\u{2228}", false),
-    ("ordf", "\u{aa}", true),
-    ("ordm", "\u{ba}", true),
-    ("oslash", "\u{f8}", true),
-    ("otilde", "\u{f5}", true),
-    ("otimes", "\u{2297}", false),
-    ("ouml", "\u{f6}", true),
-    ("para", "\u{b6}", true),
-    ("part", "\u{2202}", false),
-    ("permil", "\u{2030}", false),
-    ("perp", "\u{22a5}", false),
-    ("phi", "\u{3c6}", false),
-    ("pi", "\u{3c0}", false),
-    ("piv", "\u{3d6}", false),
-    ("plusmn", "\u{b1}", true),
-    ("pound", "\u{a3}", true),
-    ("prime", "\u{2032}", false),
-    ("prod", "\u{220f}", false),
-    ("prop", "\u{221d}", false),
-    ("psi", "\u{3c8}", false),
-    ("quot", "\u{22}", true),
-    ("rArr", "\u{21d2}", false),
-    ("radic", "\u{221a}", false),
-    ("rang", "\u{27e9}", false),
-    ("raquo", "\u{bb}", true),
-    ("rarr", "\u{2192}", false),
-    ("rceil", "\u{2309}", false),
-    ("rdquo", "\u{201d}", false),
-    ("real", "\u{211c}", false),
-    ("reg", "\u{ae}", true),
-    ("rfloor", "\u{230b}", false),
-    ("rho", "\u{3c1}", false),
-    ("rlm", "\u{200f}", false),
-    ("rsaquo", "\u{203a}", false),
-    ("rsquo", "\u{2019}", false),
-    ("sbquo", "\u{201a}", false),
-    ("scaron", "\u{161}", false),
-    ("sdot", "\u{22c5}", false),
-    ("sect", "\u{a7}", true),
-    ("shy", "\u{ad}", true),
-    ("sigma", "\u{3c3}", false),
-    ("sigmaf", "\u{3c2}", false),
-    ("sim", "\u{223c}", false),
-    ("spades", "\u{2660}", false),
-    ("sub", "\u{2282}", false),
-    ("sube", "\u{2286}", false),
-    ("sum", "\u{2211}", false),
-    ("sup", "\u{2283}", false),
-    ("sup1", "\u{b9}", true),
-    ("sup2", "\u{b2}", true),
-    ("sup3", "\u{b3}", true),
-    ("supe", "\u{2287}", false),
-    ("szlig", "\u{df}", true),
-    ("tau", "\u{3c4}", false),
-    ("there4", "\u{2234}", false),
-    ("theta", "\u{3b8}", false),
-    ("thetasym", "\u{3d1}", false),
-    ("thinsp", "\u{2009}", false),
-    ("thorn", "\u{fe}", true),
-    ("tilde", "\u{2dc}", false),
-    ("times", "\u{d7}", true),
-    ("trade", "\u{2122}", false),
-    ("uArr", "\u{21d1}", false),
-    ("uacute", "\u{fa}", true),
-    ("uarr", "\u{2191}", false),
-    ("ucirc", "\u{fb}", true),
-    ("ugrave", "\u{f9}", true),
-    ("uml", "\u{a8}", true),
-    ("upsih", "\u{3d2}", false),
-    ("upsilon", "\u{3c5}", false),
-    ("uuml", "\u{fc}", true),
-    ("weierp", "\u{2118}", false),
-    ("xi", "\u{3be}", false),
-    ("yacute", "\u{fd}", true),
-    ("yen", "\u{a5}", true),
-    ("yuml", "\u{ff}", true),
-    ("zeta", "\u{3b6}", false),
-    ("zwj", "\u{200d}", false),
-    ("zwnj", "\u{200c}", false),
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn entity_table_is_sorted_for_binary_search() {
-        assert!(ENTITIES.windows(2).all(|w| w[0].0 < w[1].0));
+    fn named_references_as_python() {
         assert_eq!(lookup_entity("amp"), Some(("&", true)));
         assert_eq!(lookup_entity("hellip"), Some(("\u{2026}", false)));
+        // HTML5 names beyond HTML 4, as in Python's html.entities.html5.
+        assert_eq!(
+            html_unescape("&check; &NewLine;&AMP &ampx"),
+            "\u{2713} \n& &x"
+        );
     }
 
     #[test]
