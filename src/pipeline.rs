@@ -854,7 +854,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     "this build has no CUDA support (rebuild with the `cuda` feature)",
                 ));
             }
-            Device::new_cuda(n).map_err(|e| Error::setting("device", s, e.to_string()))
+            // One stream for everything on this device, whichever thread uses it: candle's
+            // `new_cuda` takes the calling thread's default stream, and the element loads
+            // on one thread and generates on another with nothing ordering the two.
+            Device::new_cuda_with_stream(n).map_err(|e| Error::setting("device", s, e.to_string()))
         }
         None => Err(Error::setting("device", s, "expected cpu, cuda or cuda:N")),
     }

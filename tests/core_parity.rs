@@ -100,6 +100,31 @@ fn forward_matches_diffusers() {
     }
 }
 
+/// The transformer on the code paths a GPU takes (generic attention in query chunks, candle's
+/// GELU), forced on the CPU: the same diffusers forward.
+#[test]
+fn device_paths_forward_matches_diffusers() {
+    motioncache::model::kernels::force_device_paths(Some(4096));
+    let fx = load("forward_b.safetensors");
+    let meta = json("forward_b.json");
+    let bs = meta["causal_block_size"].as_u64().unwrap() as usize;
+    let fps = meta["fps_class"].as_u64().unwrap() as u32;
+    let x = fx["hidden_states"].i(0).unwrap();
+    let t: Vec<f64> = fx["timestep"]
+        .i(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let group = if bs > 1 { bs } else { x.dim(1).unwrap() };
+    let y = blockwise_forward(&model("dit_b"), &x, &t, &fx["context"], group, fps);
+    motioncache::model::kernels::force_device_paths(None);
+    let e = rel_l2(&y, &fx["output"].i(0).unwrap());
+    assert!(e <= 1e-4, "device-path forward relative error {e}");
+}
+
 #[test]
 fn unipc_matches_diffusers() {
     let fx = load("scheduler.safetensors");

@@ -66,6 +66,31 @@ fn decode_matches_diffusers() {
     }
 }
 
+/// The code paths a GPU takes (tensor-op im2col in tiles of a bounded size, see
+/// `kernels::force_device_paths`) run here on the CPU with tiles of 4,096 elements, so that
+/// every convolution is cut into many tiles: encode and decode still match diffusers.
+#[test]
+fn device_paths_with_small_tiles_match_diffusers() {
+    motioncache::model::kernels::force_device_paths(Some(4096));
+    for case in CASES {
+        let vae = load(case, DType::F32);
+        let io = io(case);
+        let out = vae.decode(&io["z"]).unwrap();
+        let err = rel_l2(&out, &io["decoded"]);
+        assert!(
+            err <= F32_TOL,
+            "{case}: tiled device-path decode rel L2 {err}"
+        );
+        let mode = vae.encode(&io["video"]).unwrap();
+        let err = rel_l2(&mode, &io["latent_mode"]);
+        assert!(
+            err <= F32_TOL,
+            "{case}: tiled device-path encode rel L2 {err}"
+        );
+    }
+    motioncache::model::kernels::force_device_paths(None);
+}
+
 /// Every chunk against its frames of diffusers' whole decode, then again after `reset`.
 #[test]
 fn stream_decode_matches_whole_decode() {

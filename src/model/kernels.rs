@@ -15,8 +15,42 @@
 //! GELU: candle computes `tanh` with libm one element at a time; here the same tanh
 //! approximation is `x * sigmoid(2u)` with the vectorised `exp` below, on the rayon pool.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+/// im2col tiles of the device (non-CPU) convolution path, in elements: every tensor of
+/// that path stays far below the 2^31 elements past which candle's CUDA kernels, which
+/// index with 32-bit integers, are unsafe (a 540P VAE layer's whole im2col has 5.4e9).
+pub const DEVICE_TILE_ELEMS: usize = 1 << 27;
+
+thread_local! {
+    /// Non-zero: this thread runs the device code paths on the CPU, with tiles of this
+    /// many elements (see [`force_device_paths`]).
+    static FORCED_DEVICE_TILE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs the code paths of non-CPU devices (generic candle ops, tiled) on the CPU, on the
+/// calling thread, with im2col tiles of at most `tile` elements; `None` restores the CPU
+/// kernels. For tests: what a GPU would run can be checked here, against the CPU kernels
+/// and the fixtures, with tiles small enough that the tiling is exercised.
+pub fn force_device_paths(tile: Option<usize>) {
+    FORCED_DEVICE_TILE.with(|f| f.set(tile.unwrap_or(0).max(usize::from(tile.is_some()))));
+}
+
+/// Whether a tensor on `device` takes the CPU kernels (not forced off on this thread).
+pub(crate) fn cpu_kernels(device: &Device) -> bool {
+    device.is_cpu() && FORCED_DEVICE_TILE.with(Cell::get) == 0
+}
+
+/// The im2col tile size of the device path on this thread.
+pub(crate) fn device_tile_elems() -> usize {
+    match FORCED_DEVICE_TILE.with(Cell::get) {
+        0 => DEVICE_TILE_ELEMS,
+        n => n,
+    }
+}
 
 /// `softmax(q k^T / sqrt(d)) v` for `q` `[1, heads, n, d]`, `k` and `v` `[1, heads, l, d]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
@@ -74,7 +108,7 @@ pub fn sdpa_grouped(
     if next != n {
         candle_core::bail!("attention groups {groups:?} do not cover {n} queries");
     }
-    if q.device().is_cpu() {
+    if cpu_kernels(q.device()) {
         let dt = q.dtype();
         let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let op = CpuAttention {
@@ -258,7 +292,7 @@ impl CustomOp3 for CpuAttention {
 /// The tanh approximation of GELU (diffusers' `GELU(approximate="tanh")`, candle's
 /// `gelu`).
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if cpu_kernels(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1_no_bwd(&CpuGelu);
     }
     x.gelu()

@@ -499,9 +499,9 @@ impl MotionCacheSrc {
             &format!("Loading {what} on {}", settings.device),
         );
         let loaded = if settings.model.is_empty() {
-            Pipeline::load_embedded(device, settings.dtype())
+            Pipeline::load_embedded(device, settings.dtype(device))
         } else {
-            Pipeline::load(Path::new(&settings.model), device, settings.dtype())
+            Pipeline::load(Path::new(&settings.model), device, settings.dtype(device))
         };
         match loaded {
             Ok(p) => {

@@ -78,6 +78,11 @@ pub enum OverlayProp {
 #[repr(u32)]
 #[enum_type(name = "GstMotionCacheDType")]
 pub enum DTypeProp {
+    #[enum_value(
+        name = "Auto: bf16 on CUDA (tensor cores), f32 on the CPU",
+        nick = "auto"
+    )]
+    Auto = 3,
     #[enum_value(name = "F32: 32-bit float", nick = "f32")]
     F32 = 0,
     #[enum_value(name = "F16: 16-bit float", nick = "f16")]

@@ -161,7 +161,10 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             .build(),
         glib::ParamSpecEnum::builder_with_default("dtype", DEFAULT_DTYPE)
             .nick("Data type")
-            .blurb("Floating-point type of the model weights and activations")
+            .blurb(
+                "Floating-point type of the model weights and activations (auto = bf16 \
+                 on CUDA, f32 on the CPU)",
+            )
             .mutable_ready()
             .build(),
         glib::ParamSpecEnum::builder_with_default("cache-mode", DEFAULT_CACHE_MODE)

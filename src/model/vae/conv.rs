@@ -165,8 +165,10 @@ fn im2col_tensor_ops(x: &Tensor, g: Geometry) -> Result<Tensor> {
         if stride == 1 {
             x.narrow(dim, start, n)
         } else {
-            let ids: Vec<u32> = (0..n).map(|i| (start + i * stride) as u32).collect();
-            x.index_select(&Tensor::new(ids.as_slice(), x.device())?, dim)
+            // index_select takes contiguous tensors: the span the picks cover, copied.
+            let span = x.narrow(dim, start, (n - 1) * stride + 1)?.contiguous()?;
+            let ids: Vec<u32> = (0..n).map(|i| (i * stride) as u32).collect();
+            span.index_select(&Tensor::new(ids.as_slice(), x.device())?, dim)
         }
     };
     let mut taps = Vec::with_capacity(g.kt * g.kh * g.kw);
@@ -300,7 +302,7 @@ impl ConvLayer {
             xc.reshape((rows, c))?
                 .matmul(&self.weight)?
                 .broadcast_add(&self.bias)?
-        } else if xc.device().is_cpu() {
+        } else if crate::model::kernels::cpu_kernels(xc.device()) {
             let tile = (MAX_TILE_ELEMS / (k + 1)).max(1);
             let mut outs = Vec::with_capacity(rows.div_ceil(tile));
             let mut start = 0;
@@ -317,18 +319,127 @@ impl ConvLayer {
             }
             Tensor::cat(&outs, 0)?
         } else {
-            im2col_tensor_ops(&xc, g)?
-                .matmul(&self.weight)?
-                .broadcast_add(&self.bias)?
+            self.forward_tiled(&xc, crate::model::kernels::device_tile_elems())?
         };
         y.to_dtype(dtype)?.reshape((b, to, ho, wo, self.c_out))
     }
+
+    /// The device path: the im2col product with tensor ops, one output frame and one band
+    /// of output rows at a time, each im2col tile at most `tile` elements (one output row
+    /// at least). Returns `[B*To*Ho*Wo, C_out]`.
+    fn forward_tiled(&self, x: &Tensor, tile: usize) -> Result<Tensor> {
+        let g = self.geometry;
+        let (b, t, h, w, _) = x.dims5()?;
+        let (to, ho, wo) = g.out_dims(t, h, w)?;
+        let k = self.weight.dim(0)?;
+        let band = device_band_rows(ho, wo, k, tile);
+        let xp = x
+            .pad_with_zeros(2, g.pad_before, g.pad_after)?
+            .pad_with_zeros(3, g.pad_before, g.pad_after)?;
+        // Each tile: exactly the input of its outputs, unpadded, one output frame.
+        let unpadded = Geometry {
+            pad_before: 0,
+            pad_after: 0,
+            ..g
+        };
+        let mut outs = Vec::with_capacity(b * to * ho.div_ceil(band));
+        for bi in 0..b {
+            for ti in 0..to {
+                let frame = xp.narrow(0, bi, 1)?.narrow(1, ti * g.stride_t, g.kt)?;
+                let mut y0 = 0;
+                while y0 < ho {
+                    let n = band.min(ho - y0);
+                    let rows_in = (n - 1) * g.stride_hw + g.kh;
+                    let xs = frame.narrow(2, y0 * g.stride_hw, rows_in)?;
+                    outs.push(
+                        im2col_tensor_ops(&xs, unpadded)?
+                            .matmul(&self.weight)?
+                            .broadcast_add(&self.bias)?,
+                    );
+                    y0 += n;
+                }
+            }
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+/// Output rows per tile of the device path: as many as keep the im2col tile
+/// (`rows x wo x k`) within `tile` elements, at least one.
+pub(crate) fn device_band_rows(ho: usize, wo: usize, k: usize, tile: usize) -> usize {
+    (tile / (wo * k).max(1)).clamp(1, ho.max(1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The device path (tiled tensor ops) gives the CPU kernel's result, with tiles small
+    /// enough that every geometry is cut into several bands and frames.
+    #[test]
+    fn device_tiles_equal_the_cpu_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 9, 7, 4), &dev)?;
+        for (kt, k, stride_t, stride_hw, pad_before, pad_after) in [
+            (3, 3, 1, 1, 1, 1),
+            (3, 1, 2, 1, 0, 0),
+            (1, 3, 1, 2, 0, 1),
+            (2, 3, 1, 1, 1, 1),
+        ] {
+            let g = Geometry {
+                kt,
+                kh: k,
+                kw: k,
+                stride_t,
+                stride_hw,
+                pad_before,
+                pad_after,
+            };
+            let weight = Tensor::randn(0f32, 0.3, (6, 4, kt, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, 6, &dev)?;
+            let conv = ConvLayer::from_weight(weight, bias, g)?;
+            let want = conv.forward(&x)?;
+            for tile in [1, 200, 1 << 20] {
+                crate::model::kernels::force_device_paths(Some(tile));
+                let got = conv.forward(&x);
+                crate::model::kernels::force_device_paths(None);
+                let d = (got? - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "{g:?} tile {tile}: max diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    /// At 540P the Wan VAE decoder's convolutions need im2col matrices of billions of
+    /// elements whole; the device path's tiles stay within the tile size, far below 2^31.
+    #[test]
+    fn device_tiles_stay_below_2_pow_31_at_540p() {
+        // (channels, output height, output width) of the decoder's 3x3x3 convolutions at
+        // each resolution, 4 frames per chunk at the last levels.
+        for (c, ho, wo) in [
+            (384, 68, 120),
+            (384, 136, 240),
+            (192, 272, 480),
+            (96, 544, 960),
+        ] {
+            let k = 27 * c;
+            let whole = 4 * ho * wo * k;
+            let band = device_band_rows(ho, wo, k, crate::model::kernels::DEVICE_TILE_ELEMS);
+            let tile = band * wo * k;
+            assert!(
+                tile <= crate::model::kernels::DEVICE_TILE_ELEMS,
+                "{c} {ho}x{wo}"
+            );
+            assert!(tile < 1 << 31);
+            if c == 96 {
+                assert!(
+                    whole > 1 << 32,
+                    "the last level is what needs tiling: {whole}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn cpu_gather_equals_tensor_ops() -> Result<()> {
