@@ -10,7 +10,22 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 # `bench` adds the benchmark binary's own tests (calibration fit, frontier, report) in the
 # same build.
-cargo test --workspace --all-targets --features motioncache/bench 2>&1
+features="--workspace --all-targets --features motioncache/bench"
+cargo test $features --no-run 2>&1
+# The soak test (10 minutes of live video, little CPU) runs beside the others, from its
+# built binary (cargo holds the build directory while it runs a test).
+soak_bin="$(cargo test --workspace --features motioncache/bench --test soak --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+soak_log="$(mktemp)"
+(cd plugin && "$soak_bin" --ignored --nocapture >"$soak_log" 2>&1) &
+soak_pid=$!
+cargo test $features 2>&1
+if ! wait "$soak_pid"; then
+    cat "$soak_log"
+    echo "the soak test failed" >&2
+    exit 1
+fi
+grep -E "^soak:|test result" "$soak_log"
 cargo clippy --workspace --all-targets --features motioncache/bench -- -D warnings 2>&1
 if [ "${MOTIONCACHE_SKIP_CUDA_CHECK:-0}" != "1" ]; then
     ./tools/check-cuda.sh
