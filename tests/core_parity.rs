@@ -20,7 +20,7 @@ fn dir() -> PathBuf {
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir().join(name), &Device::Cpu).expect("fixture")
+    candle_core::safetensors::load(dir().join(name), &common::device()).expect("fixture")
 }
 
 fn json(name: &str) -> serde_json::Value {
@@ -28,7 +28,7 @@ fn json(name: &str) -> serde_json::Value {
 }
 
 fn model(name: &str) -> Arc<Transformer> {
-    Arc::new(load_transformer(&dir().join(name), DType::F32, &Device::Cpu).unwrap())
+    Arc::new(load_transformer(&dir().join(name), DType::F32, &common::device()).unwrap())
 }
 
 /// Runs a window through the per-block path: causal blocks of `bs` frames attend to the

@@ -20,7 +20,7 @@ fn dir() -> PathBuf {
 
 #[test]
 fn rgb_frames_match_diffusers() {
-    let p = Pipeline::load(&dir().join("tiny_random"), &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(&dir().join("tiny_random"), &common::device(), DType::F32).unwrap();
     check_against_diffusers(p, &dir(), &[CacheMode::None, CacheMode::Vanilla]);
 }
 
@@ -53,7 +53,7 @@ fn embedded_model_matches_diffusers() {
         "tests/fixtures/tiny_model was made for another export of models/tiny: \
          run tools/fixtures/tiny_model.py"
     );
-    let p = Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load_embedded(&common::device(), DType::F32).unwrap();
     check_against_diffusers(p, &fx, &[CacheMode::None, CacheMode::Vanilla]);
 }
 
@@ -69,7 +69,7 @@ fn check_against_diffusers(p: Pipeline, fixtures: &Path, modes: &[CacheMode]) {
     let p = Arc::new(p);
     let size = (p.info().width, p.info().height);
     let fx =
-        candle_core::safetensors::load(fixtures.join("outputs.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(fixtures.join("outputs.safetensors"), p.device()).unwrap();
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("runs.json")).unwrap())
             .unwrap();

@@ -20,7 +20,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn outputs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("t5_outputs.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(fixtures().join("t5_outputs.safetensors"), &common::device())
         .expect("t5_outputs.safetensors")
 }
 
@@ -35,7 +35,7 @@ fn config() -> UMT5Config {
 
 fn hf_encoder(dtype: DType) -> UMT5Encoder {
     let file = fixtures().join("text_encoder/model.safetensors");
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, &Device::Cpu) }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, &common::device()) }
         .expect("model.safetensors");
     UMT5Encoder::new(&config(), vb).expect("UMT5Encoder::new")
 }

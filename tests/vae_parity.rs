@@ -22,20 +22,20 @@ fn config(case: &str) -> WanVaeConfig {
 }
 
 fn io(case: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &Device::Cpu)
+    candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &common::device())
         .expect("io.safetensors")
 }
 
 fn weights(case: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
         case_dir(case).join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
+        &common::device(),
     )
     .expect("weights")
 }
 
 fn load(case: &str, dtype: DType) -> WanVae {
-    let vb = VarBuilder::from_tensors(weights(case), dtype, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights(case), dtype, &common::device());
     WanVae::new(&config(case), vb).expect("WanVae::new")
 }
 

@@ -26,17 +26,19 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (SDPA attention on either)")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with open(a.config) as f:
         cfg = json.load(f)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
-    model = SkyReelsV2Transformer3DModel(**cfg).to(dtype).eval()
-    x = torch.randn(1, cfg["in_channels"], a.frames, a.height, a.width, dtype=dtype)
-    t = torch.tensor([[999.0 - 37.0 * i for i in range(a.frames)]])
-    ctx = torch.randn(1, a.text_len, cfg["text_dim"], dtype=dtype)
-    fps = torch.tensor([1]) if cfg.get("inject_sample_info") else None
+    model = SkyReelsV2Transformer3DModel(**cfg).to(dtype).to(dev).eval()
+    x = torch.randn(1, cfg["in_channels"], a.frames, a.height, a.width, dtype=dtype).to(dev)
+    t = torch.tensor([[999.0 - 37.0 * i for i in range(a.frames)]]).to(dev)
+    ctx = torch.randn(1, a.text_len, cfg["text_dim"], dtype=dtype).to(dev)
+    fps = torch.tensor([1]).to(dev) if cfg.get("inject_sample_info") else None
 
     def once():
         return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True,
@@ -48,7 +50,7 @@ def main():
         for _ in range(a.reps):
             start = time.perf_counter()
             y = once()
-            assert torch.isfinite(y.float()).all(), "non-finite output"
+            assert torch.isfinite(y.float()).all(), "non-finite output"  # synchronises
             secs.append(time.perf_counter() - start)
     print(json.dumps({"seconds": secs}))
 

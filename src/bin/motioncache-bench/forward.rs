@@ -27,7 +27,7 @@ use super::BoxResult;
 
 /// Random weights for any tensor the model asks for: normalisation weights 1, everything
 /// else N(0, 0.02) (the values do not change the work; they keep activations finite).
-struct RandomWeights;
+pub(crate) struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
     fn get(
@@ -85,6 +85,9 @@ pub struct Args {
     python: Option<String>,
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
+    /// cpu, cuda or cuda:N (a `cuda` build), for both sides.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn parse_dtype(d: &str) -> Result<DType, String> {
@@ -151,15 +154,16 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 /// Best-of-`reps` GFLOP/s of a square matrix multiply (after one warm-up).
-fn matmul_peak(dtype: DType, n: usize, reps: usize) -> BoxResult<f64> {
-    let dev = Device::Cpu;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
+fn matmul_peak(dev: &Device, dtype: DType, n: usize, reps: usize) -> BoxResult<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     a.matmul(&b)?;
+    dev.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
         a.matmul(&b)?;
+        dev.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
@@ -187,7 +191,7 @@ fn candle_forward(
     o: &Args,
     text_len: usize,
 ) -> BoxResult<(Vec<f64>, f64)> {
-    let dev = Device::Cpu;
+    let dev = motioncache::pipeline::parse_device(&o.device)?;
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone());
     let model = Transformer::new(cfg, vb)?;
     let latents = Tensor::randn(
@@ -251,6 +255,7 @@ fn torch_forward(
         .args(["--dtype", dtype_name(dtype)])
         .args(["--reps", &o.reps.to_string()])
         .args(["--threads", &threads.to_string()])
+        .args(["--device", &o.device])
         .output();
     match out {
         Ok(out) if out.status.success() => {
@@ -308,7 +313,8 @@ pub fn run(o: Args) -> BoxResult<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!(
-        "forward microbenchmark: config {} (dim {}, {} layers), latent {}x{}x{}, text {text_len}, {threads} threads",
+        "forward microbenchmark on {}: config {} (dim {}, {} layers), latent {}x{}x{}, text {text_len}, {threads} threads",
+        o.device,
         o.config,
         cfg.dim(),
         cfg.num_layers,
@@ -321,7 +327,12 @@ pub fn run(o: Args) -> BoxResult<()> {
         "| dtype | tokens | GFLOP | candle s | PyTorch s | candle faster by | candle GFLOP/s | matmul peak GFLOP/s | of peak |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for &dtype in &o.dtypes {
-        let peak = matmul_peak(dtype, 2048, 3)?;
+        let peak = matmul_peak(
+            &motioncache::pipeline::parse_device(&o.device)?,
+            dtype,
+            2048,
+            3,
+        )?;
         let (secs, flops) = candle_forward(&cfg, dtype, &o, text_len)?;
         let c = median(&secs);
         let t = o

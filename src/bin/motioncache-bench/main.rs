@@ -21,6 +21,7 @@
 
 mod calibrate;
 mod forward;
+mod ops;
 mod plot;
 mod report;
 mod run;
@@ -50,6 +51,8 @@ enum Command {
     Report(report::Args),
     /// One transformer forward in candle and in PyTorch.
     Forward(forward::Args),
+    /// The largest operations of a 540P run on a device, checked against the CPU.
+    Ops(ops::Args),
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
         Some(Command::Calibrate(a)) => calibrate::run(a),
         Some(Command::Report(a)) => report::run(a),
         Some(Command::Forward(a)) => forward::run(a),
+        Some(Command::Ops(a)) => ops::run(a),
     };
     if let Err(e) = r {
         eprintln!("motioncache-bench: {e}");
