@@ -15,7 +15,7 @@ cargo test $features --no-run 2>&1
 # The soak test (10 minutes of live video, little CPU) runs beside the others, from its
 # built binary (cargo holds the build directory while it runs a test).
 soak_bin="$(cargo test --workspace --features motioncache/bench --test soak --no-run --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+    | sed -n 's/.*"name":"soak".*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
 soak_log="$(mktemp)"
 (cd plugin && "$soak_bin" --ignored --nocapture >"$soak_log" 2>&1) &
 soak_pid=$!
@@ -27,6 +27,14 @@ if ! wait "$soak_pid"; then
 fi
 grep -E "^soak:|test result" "$soak_log"
 cargo clippy --workspace --all-targets --features motioncache/bench -- -D warnings 2>&1
+# The GPU validation script on the CPU with tiny shapes, so that it cannot rot.
+report="$(./tools/gpu-validate.sh --device cpu)"
+if ! grep -q '"all_ok": true' <<<"$report"; then
+    echo "$report"
+    echo "tools/gpu-validate.sh --device cpu failed" >&2
+    exit 1
+fi
+echo "tools/gpu-validate.sh --device cpu: all steps ok"
 if [ "${MOTIONCACHE_SKIP_CUDA_CHECK:-0}" != "1" ]; then
     ./tools/check-cuda.sh
 fi

@@ -1,7 +1,6 @@
 //! Behaviour of the cache policies inside the generator (random tiny transformer from the
 //! core fixtures; tools/fixtures/core.py).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -19,7 +18,7 @@ mod common;
 use common::rel_l2;
 
 fn model() -> Arc<Transformer> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core/dit_b");
+    let dir = common::repo().join("tests/fixtures/core/dit_b");
     Arc::new(load_transformer(&dir, DType::F32, &Device::Cpu).unwrap())
 }
 

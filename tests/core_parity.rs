@@ -1,7 +1,7 @@
 //! Parity of the core generator with diffusers (fixtures: tools/fixtures/core.py).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -16,7 +16,7 @@ mod common;
 use common::rel_l2;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/core")
+    common::repo().join("tests/fixtures/core")
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {

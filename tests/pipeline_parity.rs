@@ -15,7 +15,7 @@ mod common;
 use common::rel_l2;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
+    common::repo().join("tests/fixtures/pipeline")
 }
 
 #[test]
@@ -39,12 +39,11 @@ fn original_layout_matches_diffusers() {
 /// tools/fixtures/tiny_model.py, to be re-run after every export of the model).
 #[test]
 fn embedded_model_matches_diffusers() {
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_model");
+    let fx = common::repo().join("tests/fixtures/tiny_model");
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fx.join("runs.json")).unwrap()).unwrap();
     let weights = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/tiny/transformer/diffusion_pytorch_model.safetensors"),
+        common::repo().join("models/tiny/transformer/diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
     assert_eq!(

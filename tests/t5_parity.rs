@@ -2,7 +2,7 @@
 //! tools/fixtures/t5.py (random tiny UMT5EncoderModel, WordLevel tokenizer.json).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
@@ -16,7 +16,7 @@ mod common;
 use common::rel_l2;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t5")
+    common::repo().join("tests/fixtures/t5")
 }
 
 fn outputs() -> HashMap<String, Tensor> {

@@ -2,7 +2,7 @@
 //! on the random tiny fixtures written by `tools/fixtures/vae.py`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -12,9 +12,7 @@ mod common;
 use common::rel_l2;
 
 fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vae")
-        .join(case)
+    common::repo().join("tests/fixtures/vae").join(case)
 }
 
 fn config(case: &str) -> WanVaeConfig {

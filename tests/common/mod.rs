@@ -2,6 +2,15 @@
 
 use candle_core::{DType, Device, Tensor};
 
+/// The repository root the fixtures are read from: `MOTIONCACHE_REPO` (test binaries
+/// carried to another machine, see tools/gpu-pack.sh), else where they were built.
+#[allow(dead_code)]
+pub fn repo() -> std::path::PathBuf {
+    std::env::var_os("MOTIONCACHE_REPO")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
 /// The device the parity tests run on: `MOTIONCACHE_TEST_DEVICE` (cpu, cuda, cuda:N; a
 /// `cuda` build), the CPU when unset. tools/gpu-validate.sh runs them on a GPU this way.
 #[allow(dead_code)]
