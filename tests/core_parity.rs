@@ -71,42 +71,11 @@ fn configs_of_both_layouts_agree() {
     assert!(b.inject_sample_info);
 }
 
-#[test]
-fn forward_matches_diffusers() {
-    for (name, dirs) in [("a", vec!["dit_a"]), ("b", vec!["dit_b", "dit_b_original"])] {
-        let fx = load(&format!("forward_{name}.safetensors"));
-        let meta = json(&format!("forward_{name}.json"));
-        let bs = meta["causal_block_size"].as_u64().unwrap() as usize;
-        let fps = meta["fps_class"].as_u64().unwrap() as u32;
-        let x = fx["hidden_states"].i(0).unwrap();
-        let t: Vec<f64> = fx["timestep"]
-            .i(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let expected = fx["output"].i(0).unwrap();
-        let frames = x.dim(1).unwrap();
-        // diffusers applies the block-causal mask only for blocks larger than one frame.
-        let group = if bs > 1 { bs } else { frames };
-        for d in dirs {
-            let m = model(d);
-            let y = blockwise_forward(&m, &x, &t, &fx["context"], group, fps);
-            let e = rel_l2(&y, &expected);
-            assert!(e <= 1e-4, "{d}: forward relative error {e}");
-        }
-    }
-}
-
-/// The transformer on the code paths a GPU takes (generic attention in query chunks, candle's
-/// GELU), forced on the CPU: the same diffusers forward.
-#[test]
-fn device_paths_forward_matches_diffusers() {
-    motioncache::model::kernels::force_device_paths(Some(4096));
-    let fx = load("forward_b.safetensors");
-    let meta = json("forward_b.json");
+/// Runs the forward fixture `forward_{name}` through `dir`'s transformer as diffusers did;
+/// returns the output and diffusers'.
+fn fixture_forward(name: &str, dir: &str) -> (Tensor, Tensor) {
+    let fx = load(&format!("forward_{name}.safetensors"));
+    let meta = json(&format!("forward_{name}.json"));
     let bs = meta["causal_block_size"].as_u64().unwrap() as usize;
     let fps = meta["fps_class"].as_u64().unwrap() as u32;
     let x = fx["hidden_states"].i(0).unwrap();
@@ -118,10 +87,31 @@ fn device_paths_forward_matches_diffusers() {
         .iter()
         .map(|&v| v as f64)
         .collect();
+    // diffusers applies the block-causal mask only for blocks larger than one frame.
     let group = if bs > 1 { bs } else { x.dim(1).unwrap() };
-    let y = blockwise_forward(&model("dit_b"), &x, &t, &fx["context"], group, fps);
+    let y = blockwise_forward(&model(dir), &x, &t, &fx["context"], group, fps);
+    (y, fx["output"].i(0).unwrap())
+}
+
+#[test]
+fn forward_matches_diffusers() {
+    for (name, dirs) in [("a", vec!["dit_a"]), ("b", vec!["dit_b", "dit_b_original"])] {
+        for d in dirs {
+            let (y, expected) = fixture_forward(name, d);
+            let e = rel_l2(&y, &expected);
+            assert!(e <= 1e-4, "{d}: forward relative error {e}");
+        }
+    }
+}
+
+/// The transformer on the code paths a GPU takes (generic attention in query chunks, candle's
+/// GELU), forced on the CPU: the same diffusers forward.
+#[test]
+fn device_paths_forward_matches_diffusers() {
+    motioncache::model::kernels::force_device_paths(Some(4096));
+    let (y, expected) = fixture_forward("b", "dit_b");
     motioncache::model::kernels::force_device_paths(None);
-    let e = rel_l2(&y, &fx["output"].i(0).unwrap());
+    let e = rel_l2(&y, &expected);
     assert!(e <= 1e-4, "device-path forward relative error {e}");
 }
 

@@ -356,17 +356,6 @@ fn thread_names() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn stop_is_prompt_and_restarts_do_not_leak() {
     with_timeout(400, || {

@@ -161,17 +161,6 @@ fn null_during_a_slow_model_load_returns_at_once() {
     });
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// 100 PLAYING -> NULL cycles (each loads the model, negotiates, generates a block and
 /// stops mid-stream): each stop is prompt and memory does not grow after the first ten.
 #[test]

@@ -15,17 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use gst::prelude::*;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// What the sink saw: frames, and the first timestamp problem.
 #[derive(Default)]
 struct Seen {

@@ -198,3 +198,15 @@ pub fn launch(desc: &str) -> gst::Pipeline {
         .downcast::<gst::Pipeline>()
         .expect("a pipeline")
 }
+
+/// The process's resident set (VmRSS), in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -11,7 +11,7 @@
 //! tools/gpu-validate.sh --device cpu, so the script cannot rot).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Shape, Tensor};
@@ -123,9 +123,10 @@ fn attention(dev: &Device, dtype: DType, s: &Sizes) -> BoxResult<serde_json::Val
     }))
 }
 
-/// Random weights that remember what they handed out, so that the same weights can be
-/// loaded on another device.
-struct Recorded(Mutex<HashMap<String, Tensor>>);
+/// Random weights that remember what they handed out (in a map its clones share), so that
+/// the same weights can be loaded on another device.
+#[derive(Clone, Default)]
+struct Recorded(Arc<Mutex<HashMap<String, Tensor>>>);
 
 impl SimpleBackend for Recorded {
     fn get(
@@ -155,29 +156,10 @@ impl SimpleBackend for Recorded {
 
 fn vae(dev: &Device, dtype: DType, s: &Sizes) -> BoxResult<serde_json::Value> {
     let cfg = WanVaeConfig::default();
-    let weights = std::sync::Arc::new(Recorded(Mutex::new(HashMap::new())));
-    struct Shared(std::sync::Arc<Recorded>);
-    impl SimpleBackend for Shared {
-        fn get(
-            &self,
-            s: Shape,
-            n: &str,
-            h: candle_nn::Init,
-            d: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
+    let weights = Recorded::default();
     let cpu_vae = WanVae::new(
         &cfg,
-        VarBuilder::from_backend(Box::new(Shared(weights.clone())), DType::F32, Device::Cpu),
+        VarBuilder::from_backend(Box::new(weights.clone()), DType::F32, Device::Cpu),
     )?;
     let map = weights.0.lock().expect("weights lock").clone();
     let vae = WanVae::new(&cfg, VarBuilder::from_tensors(map, dtype, dev))?;
