@@ -1,5 +1,7 @@
 //! Embeds the default model (`models/tiny/`, a diffusers pipeline directory) into the
-//! crate, so that `Pipeline::load_embedded` works wherever the library ends up.
+//! crate, so that `Pipeline::load_embedded` works wherever the library ends up; builds the
+//! CUDA attention kernel (`src/model/cuda/attention.cu`) for the CPU, where the tests run
+//! it, and with the `cuda` feature as PTX for the GPU.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -49,4 +51,36 @@ fn main() {
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("embedded.rs");
     std::fs::write(out, code).expect("write embedded.rs");
+    attention_kernel();
+}
+
+/// The fused attention kernel: always compiled as C++ with the emulation of the CUDA
+/// built-ins (a few seconds; `kernels::emulated_cuda_attention` runs it), and with the
+/// `cuda` feature compiled by nvcc to PTX for compute capability 8.0 (the first with bf16
+/// tensor-core WMMA; newer cards JIT it), embedded by `include_str!`.
+fn attention_kernel() {
+    println!("cargo:rerun-if-changed=src/model/cuda");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .flag_if_supported("-pthread")
+        .file("src/model/cuda/attention_host.cpp")
+        .compile("motioncache_attention_host");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it")).join("attention.ptx");
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-arch=compute_80", "-O3", "-std=c++17", "-o"])
+        .arg(&out)
+        .arg("src/model/cuda/attention.cu")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("{nvcc} failed on src/model/cuda/attention.cu ({s})"),
+        Err(e) => panic!("cannot run {nvcc} for src/model/cuda/attention.cu: {e} (set NVCC)"),
+    }
 }

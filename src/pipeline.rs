@@ -155,8 +155,14 @@ impl MemoryEstimate {
 }
 
 /// Memory a new allocation on `device` can use, where it is known: the system's available
-/// memory for the CPU (`MemAvailable`); `None` for other devices.
+/// memory for the CPU (`MemAvailable`), the driver's free memory for a CUDA device (after
+/// the model's weights, which are loaded by then); `None` for other devices.
 pub fn available_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some(free as u64);
+    }
     if !device.is_cpu() {
         return None;
     }

@@ -5,15 +5,43 @@ text length, dtype and threads as the candle side. Prints {"seconds": [...]} on 
 
     python tools/bench_forward.py --config bench-out/forward-config.json --frames 3 \
         --height 16 --width 32 --text-len 512 --dtype f32 --reps 2 --threads 2
+
+--prefix-tokens N: every self-attention also attends to N random keys/values placed before
+the block's own (what the candle side's cached window prefix is): the attention call of
+diffusers' transformer module is wrapped so that the prefix is prepended to its keys and
+values when they are the block's own tokens (not the text's).
 """
 
 import argparse
 import json
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from diffusers import SkyReelsV2Transformer3DModel
+
+
+def with_prefix(cfg, tokens, dtype, dev):
+    """Makes every self-attention of the transformer module see `tokens` random cached
+    keys/values before the block's own."""
+    import diffusers.models.transformers.transformer_skyreels_v2 as module
+
+    shape = (1, cfg["num_attention_heads"], tokens, cfg["attention_head_dim"])
+    pk = torch.randn(shape, dtype=dtype).to(dev)
+    pv = torch.randn(shape, dtype=dtype).to(dev)
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(q, k, v, *args, **kwargs):
+        if k.shape[2] == q.shape[2]:  # the block's own tokens: self-attention
+            k = torch.cat([pk.to(k.dtype), k], dim=2)
+            v = torch.cat([pv.to(v.dtype), v], dim=2)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    functional = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
+    functional.scaled_dot_product_attention = attention
+    module.F = functional
 
 
 def main():
@@ -22,6 +50,7 @@ def main():
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--height", type=int, default=16)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--prefix-tokens", type=int, default=0)
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     ap.add_argument("--reps", type=int, default=2)
@@ -39,6 +68,8 @@ def main():
     t = torch.tensor([[999.0 - 37.0 * i for i in range(a.frames)]]).to(dev)
     ctx = torch.randn(1, a.text_len, cfg["text_dim"], dtype=dtype).to(dev)
     fps = torch.tensor([1]).to(dev) if cfg.get("inject_sample_info") else None
+    if a.prefix_tokens:
+        with_prefix(cfg, a.prefix_tokens, dtype, dev)
 
     def once():
         return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, enable_diffusion_forcing=True,

@@ -29,7 +29,7 @@ mkdir -p "$pack/bin" "$pack/lib" "$pack/gst" "$pack/wheels" "$work/debs"
 ./tools/check-cuda.sh exec cargo build --release --bin motioncache-bench --features bench,cuda \
     --target-dir "$target"
 
-for t in core_parity vae_parity t5_parity pipeline_parity; do
+for t in parity; do
     bin="$(./tools/check-cuda.sh exec cargo test --workspace --features cuda --test "$t" --no-run --message-format=json \
         --target-dir "$target" 2>/dev/null \
         | sed -n "s/.*\"name\":\"$t\".*\"executable\":\"\([^\"]*\)\".*/\1/p" | tail -n 1)"

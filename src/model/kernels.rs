@@ -10,7 +10,10 @@
 //! matmul, each writing a fresh `heads x n x keys` tensor), this is 5-10x faster for
 //! windows of a few thousand tokens, where attention is most of a forward's FLOPs.
 //!
-//! Other devices use candle ops, with queries chunked so that the score matrix stays small.
+//! On CUDA, bf16 and f16 attention runs a fused kernel of our own (`src/model/cuda/attention.cu`:
+//! tensor-core tiles, online softmax, one launch per group of query rows, never more than a
+//! 16 x 32 tile of scores per warp); its CPU build runs in the tests. Other devices and
+//! dtypes use candle ops, with queries chunked so that the score matrix stays small.
 //!
 //! GELU: candle computes `tanh` with libm one element at a time; here the same tanh
 //! approximation is `x * sigmoid(2u)` with the vectorised `exp` below, on the rayon pool.
@@ -88,6 +91,47 @@ pub fn sdpa_grouped(
     v: &Tensor,
     groups: &[Group],
 ) -> candle_core::Result<Tensor> {
+    check_grouped(q, k, v, groups)?;
+    if cpu_kernels(q.device()) {
+        let dt = q.dtype();
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let op = CpuAttention {
+            groups: groups.to_vec(),
+        };
+        let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?;
+        return out.to_dtype(dt);
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && fused_kernel(q.dtype(), q.dim(3)?) {
+        let dt = q.dtype();
+        let op = cuda::FusedAttention {
+            groups: groups.to_vec(),
+        };
+        let f = |t: &Tensor| t.to_dtype(dt)?.contiguous();
+        return f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op);
+    }
+    let mut outs = Vec::with_capacity(groups.len());
+    for g in groups.iter().filter(|g| g.q_len > 0) {
+        outs.push(generic(
+            &q.narrow(2, g.q_start, g.q_len)?,
+            &k.narrow(2, g.k_start, g.keys)?,
+            &v.narrow(2, g.k_start, g.keys)?,
+        )?);
+    }
+    match outs.len() {
+        0 => q.zeros_like(),
+        1 => Ok(outs.remove(0)),
+        _ => Tensor::cat(&outs, 2),
+    }
+}
+
+/// Checks the shapes of a grouped attention; returns the head dimension.
+fn check_grouped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[Group],
+) -> candle_core::Result<usize> {
     let (b, heads, n, hd) = q.dims4()?;
     let (kb, kh, l, khd) = k.dims4()?;
     if b != 1 || kb != 1 || kh != heads || khd != hd || v.dims4()? != (1, heads, l, hd) {
@@ -108,27 +152,231 @@ pub fn sdpa_grouped(
     if next != n {
         candle_core::bail!("attention groups {groups:?} do not cover {n} queries");
     }
-    if cpu_kernels(q.device()) {
-        let dt = q.dtype();
-        let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-        let op = CpuAttention {
-            groups: groups.to_vec(),
-        };
-        let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?;
-        return out.to_dtype(dt);
+    if [heads, n, l, hd].iter().any(|&x| i32::try_from(x).is_err()) {
+        candle_core::bail!("attention of {heads} heads, {n} queries, {l} keys is too large");
     }
-    let mut outs = Vec::with_capacity(groups.len());
-    for g in groups.iter().filter(|g| g.q_len > 0) {
-        outs.push(generic(
-            &q.narrow(2, g.q_start, g.q_len)?,
-            &k.narrow(2, g.k_start, g.keys)?,
-            &v.narrow(2, g.k_start, g.keys)?,
-        )?);
+    Ok(hd)
+}
+
+/// Whether the fused kernel (`src/model/cuda/attention.cu`) serves this dtype and head
+/// dimension: bf16 or f16 (tensor-core inputs), head dimension 32, 64 or 128 (the tiny
+/// model's and Wan's). f32 on CUDA (the parity tests' dtype) takes the generic path.
+pub fn fused_kernel(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64 | 128)
+}
+
+unsafe extern "C" {
+    /// One launch of the fused kernel, run on the CPU (src/model/cuda/attention_host.cpp).
+    fn motioncache_attention_emulated(
+        dtype: i32,
+        head_dim: i32,
+        q: *const std::ffi::c_void,
+        k: *const std::ffi::c_void,
+        v: *const std::ffi::c_void,
+        out: *mut std::ffi::c_void,
+        heads: i32,
+        n: i32,
+        l: i32,
+        q_start: i32,
+        q_len: i32,
+        k_start: i32,
+        keys: i32,
+        scale: f32,
+    ) -> i32;
+}
+
+/// The CUDA attention kernel, compiled for the CPU with an emulation of the CUDA built-ins
+/// (each GPU thread a host thread, WMMA computed exactly in f32): the same launches, tiles,
+/// masking and online softmax as [`sdpa_grouped`] on a CUDA device with bf16 / f16 inputs,
+/// checked by the tests without a GPU. Slow; not a CPU path.
+pub fn emulated_cuda_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[Group],
+) -> candle_core::Result<Tensor> {
+    let hd = check_grouped(q, k, v, groups)?;
+    let dt = q.dtype();
+    if !fused_kernel(dt, hd) {
+        candle_core::bail!("no fused attention kernel for {dt:?} with head dimension {hd}");
     }
-    match outs.len() {
-        0 => q.zeros_like(),
-        1 => Ok(outs.remove(0)),
-        _ => Tensor::cat(&outs, 2),
+    let (_, heads, n, _) = q.dims4()?;
+    let l = k.dim(2)?;
+    fn host<T: candle_core::WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(T::DTYPE)?
+            .flatten_all()?
+            .to_vec1::<T>()
+    }
+    fn run<T: candle_core::WithDType>(
+        code: i32,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        groups: &[Group],
+        (heads, n, l, hd): (usize, usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = (host::<T>(q)?, host::<T>(k)?, host::<T>(v)?);
+        let mut out = vec![T::zero(); heads * n * hd];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for g in groups.iter().filter(|g| g.q_len > 0) {
+            // SAFETY: the buffers hold [heads, n | l, hd] values of the kernel's type (checked
+            // by check_grouped and fused_kernel), every group lies within them, and the
+            // kernel only writes rows of its group.
+            let rc = unsafe {
+                motioncache_attention_emulated(
+                    code,
+                    hd as i32,
+                    q.as_ptr().cast(),
+                    k.as_ptr().cast(),
+                    v.as_ptr().cast(),
+                    out.as_mut_ptr().cast(),
+                    heads as i32,
+                    n as i32,
+                    l as i32,
+                    g.q_start as i32,
+                    g.q_len as i32,
+                    g.k_start as i32,
+                    g.keys as i32,
+                    scale,
+                )
+            };
+            if rc != 0 {
+                candle_core::bail!("the emulated attention kernel refused head dimension {hd}");
+            }
+        }
+        Tensor::from_vec(out, (1, heads, n, hd), &Device::Cpu)
+    }
+    let dims = (heads, n, l, hd);
+    match dt {
+        DType::BF16 => run::<half::bf16>(0, q, k, v, groups, dims),
+        _ => run::<half::f16>(1, q, k, v, groups, dims),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The fused attention kernel on a CUDA device.
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Shape};
+
+    use super::Group;
+
+    /// attention.cu compiled by nvcc (build.rs).
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    /// Query rows per block of the kernel (`BR` in attention.cu) and threads per block.
+    const FUSED_ROWS: usize = 32;
+    const FUSED_THREADS: u32 = 64;
+
+    pub(super) struct FusedAttention {
+        pub(super) groups: Vec<Group>,
+    }
+
+    fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.slice(a..b)),
+            None => candle_core::bail!("the fused attention takes contiguous inputs"),
+        }
+    }
+
+    fn launch<T: DeviceRepr + ValidAsZeroBits>(
+        kind: &str,
+        dev: &CudaDevice,
+        groups: &[Group],
+        (q, lq): (&CudaSlice<T>, &Layout),
+        (k, lk): (&CudaSlice<T>, &Layout),
+        (v, lv): (&CudaSlice<T>, &Layout),
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (q, k, v) = (view(q, lq)?, view(k, lk)?, view(v, lv)?);
+        let (_, heads, n, hd) = lq.shape().dims4()?;
+        let l = lk.shape().dims4()?.2;
+        let func = dev.get_or_load_custom_func(
+            &format!("mc_attention_{kind}_d{hd}"),
+            "motioncache_attention",
+            PTX,
+        )?;
+        let mut out = dev.alloc_zeros::<T>(heads * n * hd)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (n, l) = (n as i32, l as i32);
+        for g in groups.iter().filter(|g| g.q_len > 0) {
+            let cfg = LaunchConfig {
+                grid_dim: (g.q_len.div_ceil(FUSED_ROWS) as u32, heads as u32, 1),
+                block_dim: (FUSED_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (q_start, q_len) = (g.q_start as i32, g.q_len as i32);
+            let (k_start, keys) = (g.k_start as i32, g.keys as i32);
+            let mut b = func.builder();
+            b.arg(&q);
+            b.arg(&k);
+            b.arg(&v);
+            b.arg(&mut out);
+            b.arg(&n);
+            b.arg(&l);
+            b.arg(&q_start);
+            b.arg(&q_len);
+            b.arg(&k_start);
+            b.arg(&keys);
+            b.arg(&scale);
+            // SAFETY: shapes checked by check_grouped; the kernel reads within q, k and v
+            // and writes only the rows of its group in out.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(out)
+    }
+
+    impl CustomOp3 for FusedAttention {
+        fn name(&self) -> &'static str {
+            "motioncache-fused-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused attention kernel runs on CUDA devices only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = s1.device();
+            let g = &self.groups;
+            let slice = match (&s1.slice, &s2.slice, &s3.slice) {
+                (
+                    CudaStorageSlice::BF16(q),
+                    CudaStorageSlice::BF16(k),
+                    CudaStorageSlice::BF16(v),
+                ) => CudaStorageSlice::BF16(launch("bf16", dev, g, (q, l1), (k, l2), (v, l3))?),
+                (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
+                    CudaStorageSlice::F16(launch("f16", dev, g, (q, l1), (k, l2), (v, l3))?)
+                }
+                _ => candle_core::bail!(
+                    "the fused attention takes bf16 or f16, got {:?}",
+                    s1.dtype()
+                ),
+            };
+            let out = CudaStorage {
+                slice,
+                device: dev.clone(),
+            };
+            Ok((out, l1.shape().clone()))
+        }
     }
 }
 
@@ -716,6 +964,69 @@ mod tests {
             keys: 10,
         }];
         assert!(sdpa_grouped(&q, &k, &v, &gap).is_err());
+    }
+
+    /// The CUDA kernel's own source, run on the CPU (emulate.h), against the CPU kernel on
+    /// the same rounded inputs: block-causal groups over a prefix and a second branch's
+    /// cache, partial query and key tiles, an empty group, every head dimension it serves.
+    #[test]
+    fn fused_cuda_kernel_matches_on_the_cpu() {
+        let dev = Device::Cpu;
+        let groups = [
+            Group {
+                q_start: 0,
+                q_len: 45,
+                k_start: 0,
+                keys: 30 + 45,
+            },
+            Group {
+                q_start: 45,
+                q_len: 0,
+                k_start: 0,
+                keys: 1,
+            },
+            Group {
+                q_start: 45,
+                q_len: 40,
+                k_start: 0,
+                keys: 30 + 85,
+            },
+            Group {
+                q_start: 85,
+                q_len: 17,
+                k_start: 120,
+                keys: 33,
+            },
+        ];
+        for (dt, tol) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+            for hd in [32, 64, 128] {
+                // Queries scaled so that the softmax is peaked and the running maximum moves
+                // between key tiles (the rescaling path).
+                let r = |n: usize, s: f64| {
+                    (Tensor::randn(0f32, 1.0, (1, 2, n, hd), &dev).unwrap() * s)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap()
+                };
+                let (q, k, v) = (r(102, 3.0), r(153, 1.0), r(153, 1.0));
+                let got = emulated_cuda_attention(&q, &k, &v, &groups).unwrap();
+                assert_eq!(got.dtype(), dt);
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let want = sdpa_grouped(&f(&q), &f(&k), &f(&v), &groups).unwrap();
+                let err = max_abs_diff(&f(&got), &want);
+                assert!(err < tol, "{dt:?} head dim {hd}: max abs diff {err}");
+            }
+        }
+        let q = Tensor::zeros((1, 2, 8, 48), DType::BF16, &dev).unwrap();
+        let one = [Group {
+            q_start: 0,
+            q_len: 8,
+            k_start: 0,
+            keys: 8,
+        }];
+        let err = emulated_cuda_attention(&q, &q, &q, &one).unwrap_err();
+        assert!(err.to_string().contains("head dimension 48"), "{err}");
+        assert!(!fused_kernel(DType::F32, 128) && fused_kernel(DType::BF16, 128));
     }
 
     #[test]

@@ -4,29 +4,37 @@
 //! matrix-multiply rate, so the report can say how close to the peak the forward runs.
 //!
 //!     motioncache-bench forward [--config 1.3b|tiny|PATH] [--frames F] [--height H]
-//!         [--width W] [--text-len L] [--dtypes f32,bf16] [--reps N] [--python EXE|none]
-//!         [--out DIR]
+//!         [--width W] [--prefix-frames P] [--text-len L] [--dtypes f32,bf16] [--reps N]
+//!         [--python EXE|none] [--out DIR]
 //!
 //! The forward is what the pipeline calls once per block and step: text projection and
 //! cross-attention keys/values, timestep modulation, patch embedding, every layer over all
 //! tokens of the latent (bidirectional attention over them), head. Latent sizes are in
 //! latent pixels (before patching); the default is a reduced 3 x 16 x 32 latent (384
-//! tokens), which keeps one 1.3B forward at a few seconds on two cores.
+//! tokens), which keeps one 1.3B forward at a few seconds on two cores. `--prefix-frames`
+//! adds keys/values of that many earlier latent frames (random, as a window's cache holds
+//! them) that the block's tokens attend to as well: one 540P block at the end of a
+//! 25-frame window is `--frames 5 --height 68 --width 120 --prefix-frames 20` (10,200
+//! tokens against 51,000 keys). The PyTorch side prepends random keys/values of the same
+//! length in every self-attention of diffusers' transformer.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use motioncache::model::config::TransformerConfig;
-use motioncache::model::transformer::Transformer;
+use motioncache::model::transformer::{BlockKv, Transformer};
 
 use super::BoxResult;
 
 /// Random weights for any tensor the model asks for: normalisation weights 1, everything
-/// else N(0, 0.02) (the values do not change the work; they keep activations finite).
+/// else N(0, 0.02) (the values do not change the work; they keep activations finite);
+/// large CPU tensors repeat a period of 2^20 values.
 pub(crate) struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
@@ -38,8 +46,17 @@ impl SimpleBackend for RandomWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        const PERIOD: usize = 1 << 20;
+        let n = s.elem_count();
         let t = if name.contains("norm") && name.ends_with("weight") {
             Tensor::ones(s, DType::F32, dev)?
+        } else if dev.is_cpu() && n > PERIOD {
+            // Drawing a 1.3B model's values one by one on the CPU takes minutes; the values
+            // only need to be plausible, so large tensors repeat one random period.
+            Tensor::randn(0f32, 0.02, PERIOD, dev)?
+                .repeat(n.div_ceil(PERIOD))?
+                .narrow(0, 0, n)?
+                .reshape(s)?
         } else {
             Tensor::randn(0f32, 0.02, s, dev)?
         };
@@ -60,6 +77,37 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
+/// Random weights that remember what they handed out (in a map its clones share), so that
+/// the same weights can be loaded on another device.
+#[derive(Clone, Default)]
+pub(crate) struct Recorded(pub(crate) Arc<Mutex<HashMap<String, Tensor>>>);
+
+impl SimpleBackend for Recorded {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = RandomWeights.get(s, name, h, DType::F32, &Device::Cpu)?;
+        self.0
+            .lock()
+            .expect("weights lock")
+            .insert(name.to_string(), t.clone());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
 #[derive(clap::Args, Clone)]
 pub struct Args {
     /// 1.3b, tiny (the embedded model) or a transformer config.json.
@@ -72,6 +120,9 @@ pub struct Args {
     height: usize,
     #[arg(long, default_value_t = 32)]
     width: usize,
+    /// Latent frames of cached keys/values before the block, attended to by its tokens.
+    #[arg(long, default_value_t = 0)]
+    prefix_frames: usize,
     /// Text positions (default: 512, the embedded model's own for tiny).
     #[arg(long)]
     text_len: Option<usize>,
@@ -123,7 +174,7 @@ fn config(name: &str) -> BoxResult<(TransformerConfig, usize)> {
 }
 
 /// The configuration in diffusers' `transformer/config.json` form, for the PyTorch side.
-fn diffusers_json(c: &TransformerConfig) -> serde_json::Value {
+pub(crate) fn diffusers_json(c: &TransformerConfig) -> serde_json::Value {
     serde_json::json!({
         "patch_size": c.patch_size,
         "num_attention_heads": c.num_attention_heads,
@@ -171,14 +222,14 @@ fn matmul_peak(dev: &Device, dtype: DType, n: usize, reps: usize) -> BoxResult<f
 
 /// FLOPs of one whole forward: layers plus text projection, cross-attention keys/values,
 /// patch embedding and head.
-fn forward_flops(m: &Transformer, tokens: usize, text_len: usize) -> f64 {
+fn forward_flops(m: &Transformer, tokens: usize, keys: usize, text_len: usize) -> f64 {
     let c = m.config();
     let d = c.dim() as f64;
     let [pt, ph, pw] = c.patch_size;
     let patch = (c.in_channels * pt * ph * pw) as f64;
     let head = (c.out_channels * pt * ph * pw) as f64;
     let t = text_len as f64;
-    m.layer_flops(tokens, tokens, text_len)
+    m.layer_flops(tokens, keys, text_len)
         + 2.0 * t * (c.text_dim as f64 * d + d * d)
         + 2.0 * t * d * d * 2.0 * c.num_layers as f64
         + 2.0 * tokens as f64 * d * (patch + head)
@@ -202,14 +253,26 @@ fn candle_forward(
     )?;
     let text = Tensor::randn(0f32, 1.0, (text_len, cfg.text_dim), &dev)?;
     let (gf, gh, gw) = model.grid(o.frames, o.height, o.width)?;
+    let pf = o.prefix_frames / cfg.patch_size[0];
+    let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+    let prefix = (pf > 0)
+        .then(|| -> candle_core::Result<BlockKv> {
+            let r =
+                || Tensor::randn(0f32, 1.0, (1, heads, pf * gh * gw, hd), &dev)?.to_dtype(dtype);
+            let layers = (0..cfg.num_layers)
+                .map(|_| Ok((r()?, r()?)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(BlockKv { layers })
+        })
+        .transpose()?;
     let timesteps: Vec<f64> = (0..gf).map(|i| 999.0 - 37.0 * i as f64).collect();
     let once = || -> candle_core::Result<Tensor> {
         let ctx = model.context(&text)?;
         let m = model.modulation(&timesteps, 1)?;
-        let toks = model.all_tokens(0, gf, gh, gw)?;
+        let toks = model.all_tokens(pf, gf, gh, gw)?;
         let x = model.patchify(&latents)?;
         let mut kv = None;
-        let y = model.forward_layers(&x, &m, &toks, &mut kv, None, &ctx)?;
+        let y = model.forward_layers(&x, &m, &toks, &mut kv, prefix.as_ref(), &ctx)?;
         model.head(&y, &m.temb, (gf, gh, gw))
     };
     once()?;
@@ -232,7 +295,11 @@ fn candle_forward(
         }
         secs.push(t.elapsed().as_secs_f64());
     }
-    Ok((secs, forward_flops(&model, gf * gh * gw, text_len)))
+    let tokens = gf * gh * gw;
+    Ok((
+        secs,
+        forward_flops(&model, tokens, tokens + pf * gh * gw, text_len),
+    ))
 }
 
 /// Runs tools/bench_forward.py; `None` (with a message) if PyTorch is not available.
@@ -241,7 +308,7 @@ fn torch_forward(
     cfg_path: &Path,
     dtype: DType,
     o: &Args,
-    text_len: usize,
+    (text_len, prefix): (usize, usize),
     threads: usize,
 ) -> Option<Vec<f64>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_forward.py");
@@ -251,6 +318,7 @@ fn torch_forward(
         .args(["--frames", &o.frames.to_string()])
         .args(["--height", &o.height.to_string()])
         .args(["--width", &o.width.to_string()])
+        .args(["--prefix-tokens", &prefix.to_string()])
         .args(["--text-len", &text_len.to_string()])
         .args(["--dtype", dtype_name(dtype)])
         .args(["--reps", &o.reps.to_string()])
@@ -324,7 +392,7 @@ pub fn run(o: Args) -> BoxResult<()> {
     );
     let mut rows = Vec::new();
     let mut md = String::from(
-        "| dtype | tokens | GFLOP | candle s | PyTorch s | candle faster by | candle GFLOP/s | matmul peak GFLOP/s | of peak |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| dtype | tokens | keys | GFLOP | candle s | PyTorch s | candle faster by | candle GFLOP/s | matmul peak GFLOP/s | of peak |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for &dtype in &o.dtypes {
         let peak = matmul_peak(
@@ -335,15 +403,17 @@ pub fn run(o: Args) -> BoxResult<()> {
         )?;
         let (secs, flops) = candle_forward(&cfg, dtype, &o, text_len)?;
         let c = median(&secs);
-        let t = o
-            .python()
-            .and_then(|py| torch_forward(&py, &cfg_path, dtype, &o, text_len, threads));
-        let tm = t.as_deref().map(median);
         let [pt, ph, pw] = cfg.patch_size;
         let tokens = (o.frames / pt) * (o.height / ph) * (o.width / pw);
+        let prefix = (o.prefix_frames / pt) * (o.height / ph) * (o.width / pw);
+        let t = o
+            .python()
+            .and_then(|py| torch_forward(&py, &cfg_path, dtype, &o, (text_len, prefix), threads));
+        let tm = t.as_deref().map(median);
         let rate = flops / c / 1e9;
+        let keys = tokens + prefix;
         md.push_str(&format!(
-            "| {} | {tokens} | {:.1} | {c:.3} | {} | {} | {rate:.1} | {peak:.1} | {:.0}% |\n",
+            "| {} | {tokens} | {keys} | {:.1} | {c:.3} | {} | {} | {rate:.1} | {peak:.1} | {:.0}% |\n",
             dtype_name(dtype),
             flops / 1e9,
             tm.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
@@ -352,7 +422,7 @@ pub fn run(o: Args) -> BoxResult<()> {
             100.0 * rate / peak
         ));
         rows.push(serde_json::json!({
-            "config": o.config, "dtype": dtype_name(dtype), "tokens": tokens,
+            "config": o.config, "dtype": dtype_name(dtype), "tokens": tokens, "keys": keys,
             "text_len": text_len, "flops": flops, "candle_seconds": secs,
             "torch_seconds": t, "candle_gflops": rate, "matmul_peak_gflops": peak,
             "threads": threads,

@@ -6,6 +6,8 @@
 //!     motioncache-bench calibrate [--model DIR] [--write]
 //!     motioncache-bench report [--out DIR] [--diffusers FILE] [--reference FILE]
 //!     motioncache-bench forward [--config 1.3b|tiny|PATH] ...
+//!     motioncache-bench ops [--device cuda] [--size 540p|tiny]
+//!     motioncache-bench make-model [--config 1.3b|tiny] --out DIR
 //!
 //! `run` generates the same videos (same prompts and seeds) in every mode on two schedules
 //! (the paper's asynchronous setting and the model's defaults), decodes them, and reports
@@ -17,10 +19,13 @@
 //! `calibrate` fits a model's rescale polynomial of the modulation distance from its own
 //! uncached runs and (with `--write`) stores it in the directory's motioncache.json.
 //!
-//! `forward` is the transformer-forward microbenchmark (candle vs PyTorch, see forward.rs).
+//! `forward` is the transformer-forward microbenchmark (candle vs PyTorch, see forward.rs);
+//! `ops` checks a 540P run's largest operations on a device (ops.rs); `make-model` writes a
+//! random-weight pipeline directory of a real model's sizes (make_model.rs).
 
 mod calibrate;
 mod forward;
+mod make_model;
 mod ops;
 mod plot;
 mod report;
@@ -53,6 +58,8 @@ enum Command {
     Forward(forward::Args),
     /// The largest operations of a 540P run on a device, checked against the CPU.
     Ops(ops::Args),
+    /// A pipeline directory with random weights at a real model's sizes.
+    MakeModel(make_model::Args),
 }
 
 fn main() {
@@ -66,6 +73,7 @@ fn main() {
         Some(Command::Report(a)) => report::run(a),
         Some(Command::Forward(a)) => forward::run(a),
         Some(Command::Ops(a)) => ops::run(a),
+        Some(Command::MakeModel(a)) => make_model::run(a),
     };
     if let Err(e) = r {
         eprintln!("motioncache-bench: {e}");

@@ -3,25 +3,25 @@
 //! (10,200 queries x 51,000 keys, 12 heads of 128) and the VAE decode of one block (5 latent
 //! frames of 68 x 120 -> 17 frames of 544 x 960). Each must be finite and match a CPU
 //! reference on a slice (attention: 16 query rows of the first head; VAE: the first latent
-//! frame, which the causal decoder decodes alone). Prints one JSON object.
+//! frame, which the causal decoder decodes alone). A smaller block-causal attention with
+//! four groups (three blocks over a prefix, a second branch's cache) is compared whole.
+//! bf16 on CUDA, where attention is the fused kernel (src/model/cuda/attention.cu), and
+//! the TFLOP/s of the large attention say how fast it is. Prints one JSON object.
 //!
 //!     motioncache-bench ops [--device cuda] [--size 540p|tiny]
 //!
 //! `--size tiny` runs the same code at shapes a CPU takes in seconds (CI runs it through
 //! tools/gpu-validate.sh --device cpu, so the script cannot rot).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Shape, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_nn::var_builder::SimpleBackend;
 use motioncache::model::kernels::{Group, sdpa_grouped};
 use motioncache::model::vae::{WanVae, WanVaeConfig};
 
 use super::BoxResult;
-use super::forward::RandomWeights;
+use super::forward::Recorded;
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -123,35 +123,39 @@ fn attention(dev: &Device, dtype: DType, s: &Sizes) -> BoxResult<serde_json::Val
     }))
 }
 
-/// Random weights that remember what they handed out (in a map its clones share), so that
-/// the same weights can be loaded on another device.
-#[derive(Clone, Default)]
-struct Recorded(Arc<Mutex<HashMap<String, Tensor>>>);
-
-impl SimpleBackend for Recorded {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = RandomWeights.get(s, name, h, DType::F32, &Device::Cpu)?;
-        self.0
-            .lock()
-            .expect("weights lock")
-            .insert(name.to_string(), t.clone());
-        t.to_dtype(dtype)?.to_device(dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
+/// Block-causal attention as the forward calls it (a prefix, three blocks, a second
+/// guidance branch's cache, one launch per group on CUDA), on the device against the CPU
+/// kernel over the whole output.
+fn attention_groups(dev: &Device, dtype: DType, s: &Sizes) -> BoxResult<serde_json::Value> {
+    let (h, d) = (s.heads, s.head_dim);
+    let (prefix, block, branch) = (500, 300, 200);
+    let n = 3 * block + branch;
+    let l = prefix + 3 * block + prefix + branch;
+    let mut groups: Vec<Group> = (0..3)
+        .map(|b| Group {
+            q_start: b * block,
+            q_len: block,
+            k_start: 0,
+            keys: prefix + (b + 1) * block,
+        })
+        .collect();
+    groups.push(Group {
+        q_start: 3 * block,
+        q_len: branch,
+        k_start: prefix + 3 * block,
+        keys: prefix + branch,
+    });
+    let r = |len: usize| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1.0, (1, h, len, d), dev)?.to_dtype(dtype)
+    };
+    let (q, k, v) = (r(n)?, r(l)?, r(l)?);
+    let out = sdpa_grouped(&q, &k, &v, &groups)?;
+    let f = |x: &Tensor| x.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    let reference = sdpa_grouped(&f(&q)?, &f(&k)?, &f(&v)?, &groups)?;
+    Ok(serde_json::json!({
+        "groups": groups.len(), "queries": n, "keys": l, "heads": h, "head_dim": d,
+        "finite": finite(&out)?, "rel_max_error": rel_max(&out, &reference)?,
+    }))
 }
 
 fn vae(dev: &Device, dtype: DType, s: &Sizes) -> BoxResult<serde_json::Value> {
@@ -196,6 +200,7 @@ pub fn run(a: Args) -> BoxResult<()> {
         "size": a.size,
         "dtype": format!("{dtype:?}").to_lowercase(),
         "attention": attention(&dev, dtype, &s)?,
+        "attention_groups": attention_groups(&dev, dtype, &s)?,
         "vae_decode": vae(&dev, dtype, &s)?,
     });
     println!("{}", serde_json::to_string(&report)?);

@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use motioncache::model::vae::{WanVae, WanVaeConfig, original_vae_name};
 
-mod common;
-use common::rel_l2;
+use crate::common::{self, rel_l2};
 
 fn case_dir(case: &str) -> PathBuf {
     common::repo().join("tests/fixtures/vae").join(case)
@@ -331,7 +330,7 @@ fn latent_normalisation_is_the_pipelines() {
 
 /// Decoding speed at 64x64 for a tiny-model-sized VAE (base_dim 16, z_dim 4, dim_mult
 /// [1,2,2], no temporal compression). Run with
-/// `cargo test --release --test vae_parity -- --ignored --nocapture decode_speed`.
+/// `cargo test --release --test parity -- --ignored --nocapture decode_speed`.
 #[test]
 #[ignore]
 fn decode_speed() {

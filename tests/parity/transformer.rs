@@ -12,8 +12,7 @@ use motioncache::model::loader::load_transformer;
 use motioncache::model::{Transformer, TransformerConfig};
 use motioncache::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
-mod common;
-use common::rel_l2;
+use crate::common::{self, rel_l2};
 
 fn dir() -> PathBuf {
     common::repo().join("tests/fixtures/core")

@@ -12,8 +12,7 @@ use motioncache::model::t5::{
 };
 use motioncache::model::tokenizer::{PromptTokenizer, html_unescape, prompt_clean};
 
-mod common;
-use common::rel_l2;
+use crate::common::{self, rel_l2};
 
 fn fixtures() -> PathBuf {
     common::repo().join("tests/fixtures/t5")

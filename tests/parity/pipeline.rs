@@ -11,8 +11,7 @@ use motioncache::cache::{CacheMode, CacheSettings};
 use motioncache::generate::{GeneratorSettings, NoiseSource};
 use motioncache::pipeline::Pipeline;
 
-mod common;
-use common::rel_l2;
+use crate::common::{self, rel_l2};
 
 fn dir() -> PathBuf {
     common::repo().join("tests/fixtures/pipeline")

@@ -1,0 +1,184 @@
+//! `motioncache-bench make-model`: a diffusers pipeline directory with random weights at a
+//! model configuration's real sizes, for timing whole runs through the element where the
+//! checkpoint is not at hand (tools/gpu-validate.sh streams the 1.3B configuration at 540P
+//! with it). Tokenizer, scheduler and the remaining settings are the embedded model's.
+//!
+//!     motioncache-bench make-model [--config 1.3b|tiny] --out DIR
+//!
+//! `1.3b`: SkyReels-V2-DF-1.3B's transformer and the Wan 2.1 VAE at full size, a one-layer
+//! text encoder of umT5-XXL's width (4,096: the prompt is encoded once per prompt, so its
+//! depth does not change the frame rate), 544 x 960 at 24 fps, 30 steps, blocks of 5 latent
+//! frames in a window of 25 with 5 of overlap (SkyReels-V2's 540P settings: 97 frames, 17
+//! of history), synchronous (ar_step 0). `tiny`: the embedded model's configuration. Weights are N(0, 0.02) with
+//! normalisation weights 1, stored in bf16; the directory is loaded once to check it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use motioncache::model::config::TransformerConfig;
+use motioncache::model::t5::{UMT5Config, UMT5Encoder};
+use motioncache::model::transformer::Transformer;
+use motioncache::model::vae::{WanVae, WanVaeConfig};
+use motioncache::pipeline::Pipeline;
+
+use super::BoxResult;
+use super::forward::{Recorded, diffusers_json};
+
+/// The embedded model's configuration files, the starting point of every directory.
+const TINY: &[(&str, &str)] = &[
+    (
+        "model_index.json",
+        include_str!("../../../models/tiny/model_index.json"),
+    ),
+    (
+        "motioncache.json",
+        include_str!("../../../models/tiny/motioncache.json"),
+    ),
+    (
+        "scheduler/scheduler_config.json",
+        include_str!("../../../models/tiny/scheduler/scheduler_config.json"),
+    ),
+    (
+        "text_encoder/config.json",
+        include_str!("../../../models/tiny/text_encoder/config.json"),
+    ),
+    (
+        "tokenizer/tokenizer.json",
+        include_str!("../../../models/tiny/tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer/tokenizer_config.json",
+        include_str!("../../../models/tiny/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "transformer/config.json",
+        include_str!("../../../models/tiny/transformer/config.json"),
+    ),
+    (
+        "vae/config.json",
+        include_str!("../../../models/tiny/vae/config.json"),
+    ),
+];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// 1.3b (SkyReels-V2-DF-1.3B at 540P) or tiny (the embedded model's sizes).
+    #[arg(long, default_value = "1.3b")]
+    config: String,
+    /// The directory to write (created; existing files are overwritten).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The configuration files of `config`.
+fn configs(config: &str) -> BoxResult<BTreeMap<&'static str, String>> {
+    let mut files: BTreeMap<&str, String> =
+        TINY.iter().map(|(k, v)| (*k, (*v).to_string())).collect();
+    match config {
+        "tiny" => {}
+        "1.3b" => {
+            let t = TransformerConfig::skyreels_v2_df_1_3b();
+            let json = |v: &serde_json::Value| serde_json::to_string_pretty(v);
+            files.insert("transformer/config.json", json(&diffusers_json(&t))?);
+            // diffusers' defaults are the Wan 2.1 VAE.
+            files.insert(
+                "vae/config.json",
+                json(&serde_json::json!({"_class_name": "AutoencoderKLWan"}))?,
+            );
+            let mut te: serde_json::Value =
+                serde_json::from_str(&files["text_encoder/config.json"])?;
+            te["d_model"] = t.text_dim.into();
+            te["num_layers"] = 1.into();
+            files.insert("text_encoder/config.json", json(&te)?);
+            let mut mc: serde_json::Value = serde_json::from_str(&files["motioncache.json"])?;
+            for (k, v) in [
+                ("height", 544),
+                ("width", 960),
+                ("fps", 24),
+                ("causal_block_size", 5),
+                ("window", 25),
+                ("overlap", 5),
+                ("steps", 30),
+                ("ar_step", 0),
+                ("text_len", 512),
+            ] {
+                mc[k] = v.into();
+            }
+            mc["guidance_scale"] = 6.0.into();
+            mc["shift"] = 8.0.into();
+            // The embedded model's fitted polynomial is not this model's.
+            if let Some(m) = mc.as_object_mut() {
+                m.remove("cache_rescale");
+            }
+            files.insert("motioncache.json", json(&mc)?);
+        }
+        other => return Err(format!("unknown --config {other:?} (1.3b or tiny)").into()),
+    }
+    Ok(files)
+}
+
+/// Builds a component on recorded random weights and saves them, in bf16, to `path`.
+fn save(
+    path: &Path,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> BoxResult<usize> {
+    let rec = Recorded::default();
+    // Built in f32, the recorded dtype (no conversion); saved in bf16.
+    build(VarBuilder::from_backend(
+        Box::new(rec.clone()),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    let recorded = std::mem::take(&mut *rec.0.lock().expect("weights lock"));
+    let mut params = 0;
+    let map = recorded
+        .into_iter()
+        .map(|(name, t)| {
+            params += t.elem_count();
+            Ok((name, t.to_dtype(DType::BF16)?))
+        })
+        .collect::<candle_core::Result<std::collections::HashMap<String, Tensor>>>()?;
+    candle_core::safetensors::save(&map, path)?;
+    Ok(params)
+}
+
+pub fn run(a: Args) -> BoxResult<()> {
+    let files = configs(&a.config)?;
+    for (rel, text) in &files {
+        let p = a.out.join(rel);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&p, text)?;
+    }
+    let tcfg = TransformerConfig::from_json(&files["transformer/config.json"])?;
+    let vcfg: WanVaeConfig = serde_json::from_str(&files["vae/config.json"])?;
+    let ucfg: UMT5Config = serde_json::from_str(&files["text_encoder/config.json"])?;
+    let weights = "diffusion_pytorch_model.safetensors";
+    let t = save(&a.out.join("transformer").join(weights), |vb| {
+        Transformer::new(&tcfg, vb).map(drop)
+    })?;
+    let v = save(&a.out.join("vae").join(weights), |vb| {
+        WanVae::new(&vcfg, vb).map(drop)
+    })?;
+    let e = save(&a.out.join("text_encoder/model.safetensors"), |vb| {
+        UMT5Encoder::new(&ucfg, vb).map(drop)
+    })?;
+    let p = Pipeline::load(&a.out, &Device::Cpu, DType::BF16)?;
+    let info = p.info();
+    println!(
+        "make-model: {} ({} config): transformer {:.2}B, VAE {:.0}M, text encoder {:.0}M parameters; {}x{} at {}/{} fps",
+        a.out.display(),
+        a.config,
+        t as f64 / 1e9,
+        v as f64 / 1e6,
+        e as f64 / 1e6,
+        info.width,
+        info.height,
+        info.fps_num,
+        info.fps_den
+    );
+    Ok(())
+}
