@@ -5,7 +5,7 @@
 #   tools/gpu-pack.sh [OUT]        (default OUT: target/gpu-pack.tar.xz)
 #
 # Contents (under gpu-pack/ in the archive):
-#   bin/   the parity test binaries and motioncache-bench, built with `cuda` (stripped);
+#   bin/   the parity test binary and motioncache-bench, built with `cuda` (stripped);
 #          test binaries from tools/check-cuda.sh's build, the benchmark in release mode
 #   lib/   libgstmotioncache.so built with `cuda`, release mode (stripped)
 #   gst/   the Debian GStreamer runtime (core, tools, plugins-base, their libraries),

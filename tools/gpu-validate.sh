@@ -71,14 +71,23 @@ else
 fi
 export MOTIONCACHE_REPO="$repo" MOTIONCACHE_TEST_DEVICE="$device"
 
-# step NAME COMMAND...: runs it, keeps its output and outcome.
+# step NAME COMMAND...: runs it, keeps its output and outcome. Every step ends by the
+# deadline (8 minutes from the start, unpacking included, or $GPU_VALIDATE_SECONDS): a step
+# cut short fails with rc 124, one with no time left is not started (rc 125, "skipped").
+deadline=$((started + ${GPU_VALIDATE_SECONDS:-480} - 15))
 step() {
     local name="$1"
     shift
-    local t0
+    local t0 left
     t0=$(date +%s%N)
-    "$@" >"$results/$name.out" 2>&1
-    echo $? >"$results/$name.rc"
+    left=$((deadline - $(date +%s)))
+    if [ "$left" -le 0 ]; then
+        echo "skipped: no time left before the deadline" >"$results/$name.out"
+        echo 125 >"$results/$name.rc"
+    else
+        timeout "$left" "$@" >"$results/$name.out" 2>&1
+        echo $? >"$results/$name.rc"
+    fi
     awk "BEGIN { print ($(date +%s%N) - $t0) / 1e9 }" >"$results/$name.secs"
 }
 
@@ -102,11 +111,15 @@ step element env GST_PLUGIN_PATH="$plugin_dir" timeout 300 gst-launch-1.0 -q \
 # The whole pipeline at the configuration's real size through the element, default cache:
 # 97 frames at 540P are five blocks, the last against a full window of 25 latent frames.
 step model "$bins/motioncache-bench" make-model --config "$config" --out "$results/model"
-step stream env GST_PLUGIN_PATH="$plugin_dir" timeout 240 gst-launch-1.0 -m \
+# Interrupted (SIGINT) rather than killed when time runs out, so that gst-launch stops the
+# pipeline and the stats of the blocks made so far reach the report.
+left=$((deadline - $(date +%s) - 5))
+left=$((left < 1 ? 1 : left < 240 ? left : 240))
+step stream env GST_PLUGIN_PATH="$plugin_dir" timeout -s INT "$left" gst-launch-1.0 -m \
     motioncachesrc model="$results/model" device="$device" num-buffers="$stream_frames" ! fakesink
 
 RESULTS="$results" DEVICE="$device" STARTED="$started" python3 - <<'EOF'
-import glob, json, os, re, subprocess
+import glob, json, os, re, subprocess, time
 r = os.environ["RESULTS"]
 def read(name, ext):
     try:
@@ -161,6 +174,7 @@ for s in steps:
         entry["tail"] = out.splitlines()[-6:]
     report["steps"][s] = entry
 report["all_ok"] = all(e["ok"] for e in report["steps"].values())
+report["seconds"] = time.time() - float(os.environ["STARTED"])
 print(json.dumps(report, indent=1))
 EOF
 echo "gpu-validate: $(($(date +%s) - started)) s" >&2
