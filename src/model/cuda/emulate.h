@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define MC_HOST_EMULATION 1
@@ -173,21 +174,12 @@ template <typename F> void fill_fragment(F &f, float value) {
     }
 }
 
-template <typename Use, typename T>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major> &f, const T *p, unsigned ldm) {
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsigned ldm) {
+    constexpr bool row = std::is_same<Layout, row_major>::value;
     for (int r = 0; r < 16; r++) {
         for (int c = 0; c < 16; c++) {
-            f.x[r * 16 + c] = mc_to_float(p[r * ldm + c]);
-        }
-    }
-    __syncwarp();
-}
-
-template <typename Use, typename T>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, col_major> &f, const T *p, unsigned ldm) {
-    for (int r = 0; r < 16; r++) {
-        for (int c = 0; c < 16; c++) {
-            f.x[r * 16 + c] = mc_to_float(p[c * ldm + r]);
+            f.x[r * 16 + c] = mc_to_float(row ? p[r * ldm + c] : p[c * ldm + r]);
         }
     }
     __syncwarp();
