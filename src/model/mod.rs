@@ -4,6 +4,7 @@
 pub mod config;
 pub mod kernels;
 pub mod loader;
+pub mod magi;
 pub mod t5;
 pub mod tokenizer;
 pub mod transformer;

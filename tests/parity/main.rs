@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod magi;
 mod pipeline;
 mod t5;
 mod transformer;

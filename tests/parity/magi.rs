@@ -1,0 +1,145 @@
+//! Parity of the MAGI-1 DiT with the upstream code (SandAI-org/MAGI-1 run on the CPU;
+//! fixtures: tools/fixtures/magi_dit.py): every forward of a recorded distill walk (the
+//! KV cache, the clean-chunk re-forward, the nearly-clean copy) and base-model forwards,
+//! replayed in order on a tiny random model saved under the upstream names.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+use motioncache::model::magi::{CacheUse, MagiDit, MagiInput, MagiKvCache, load_dit};
+
+use crate::common::{self, rel_l2};
+
+fn dir() -> PathBuf {
+    common::repo().join("tests/fixtures/magi")
+}
+
+fn as_usize(v: &serde_json::Value) -> usize {
+    v.as_u64().expect("integer") as usize
+}
+
+#[test]
+fn magi_dit_matches_upstream_forwards() {
+    let dev = common::device();
+    let (cfg, distill) = load_dit(&dir().join("dit"), DType::F32, &dev).unwrap();
+    assert!(cfg.engine_config.distill);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir().join("dit/inference_weight.distill/model.safetensors")],
+            DType::F32,
+            &dev,
+        )
+    }
+    .unwrap();
+    let base = MagiDit::new(&cfg.model_config, false, vb).unwrap();
+    let fx = candle_core::safetensors::load(dir().join("dit_forwards.safetensors"), &dev).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("dit_forwards.json")).unwrap())
+            .unwrap();
+    let mut caches: HashMap<u64, MagiKvCache> = HashMap::new();
+    let calls = meta["calls"].as_array().unwrap();
+    assert!(calls.len() >= 10, "{} calls", calls.len());
+    let (mut slice_seen, mut clean_seen, mut near_seen) = (false, false, false);
+    for call in calls {
+        let i = as_usize(&call["index"]);
+        let get = |n: &str| fx[&format!("call{i}.{n}")].clone();
+        let eff = &call["effective"];
+        let kw = &call["kwargs"];
+        let slice_point = as_usize(&eff["slice_point"]);
+        let fwd_extra = eff["fwd_extra_1st_chunk"].as_bool().unwrap();
+        let near = eff["distill_nearly_clean_chunk"].as_bool().unwrap();
+        let extract = eff["extract_prefix_video_feature"]
+            .as_bool()
+            .unwrap_or(false);
+        slice_seen |= slice_point > 0;
+        clean_seen |= fwd_extra;
+        near_seen |= near;
+        let dit = if call["distill"].as_bool().unwrap() {
+            &distill
+        } else {
+            &base
+        };
+        let x = get("x");
+        let t_all: Vec<Vec<f64>> = get("t").to_dtype(DType::F64).unwrap().to_vec2().unwrap();
+        let y = get("y").squeeze(1).unwrap();
+        let mask = get("xattn_mask").squeeze(1).unwrap();
+        let kv: Vec<Vec<i64>> = get("kv_range")
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let kv_range: Vec<(usize, usize)> =
+            kv.iter().map(|r| (r[0] as usize, r[1] as usize)).collect();
+        let null_condition = fx
+            .get(&format!("call{i}.caption_dropout_mask"))
+            .map(|m| m.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0] != 0.0)
+            .unwrap_or(false);
+        let num_steps = as_usize(&kw["num_steps"]);
+        let distill_interval = kw["distill_interval"].as_f64();
+        let out = if x.dim(0).unwrap() > 1 {
+            // The base model's third guidance pass: each chunk alone as a batch element,
+            // every element with the first key range of its own keys (no cache).
+            assert!(call["inference_params_is_none"].as_bool().unwrap());
+            let outs: Vec<Tensor> = (0..x.dim(0).unwrap())
+                .map(|b| {
+                    let inp = MagiInput {
+                        x: &x.narrow(0, b, 1).unwrap(),
+                        t: &t_all[b],
+                        captions: &y.narrow(0, b, 1).unwrap(),
+                        caption_mask: &mask.narrow(0, b, 1).unwrap(),
+                        null_condition,
+                        kv_range: &kv_range[..1],
+                        slice_point,
+                        num_steps,
+                        distill_interval,
+                    };
+                    dit.forward(&inp, None).unwrap()
+                })
+                .collect();
+            Tensor::cat(&outs, 0).unwrap()
+        } else {
+            let inp = MagiInput {
+                x: &x,
+                t: &t_all[0],
+                captions: &y,
+                caption_mask: &mask,
+                null_condition,
+                kv_range: &kv_range,
+                slice_point,
+                num_steps,
+                distill_interval,
+            };
+            let cache = if call["inference_params_is_none"].as_bool().unwrap() {
+                None
+            } else {
+                let ip = &call["inference_params"];
+                assert_eq!(as_usize(&ip["max_batch_size"]), 1);
+                let id = ip["cache_id"].as_u64().unwrap();
+                let cap = as_usize(&ip["max_sequence_length"]);
+                let c = caches
+                    .entry(id)
+                    .or_insert_with(|| MagiKvCache::new(dit, cap).unwrap());
+                Some(CacheUse {
+                    cache: c,
+                    active: extract || fwd_extra || slice_point > 0,
+                    update: call["update_kv_cache"].as_bool().unwrap(),
+                    skip_last_chunks: usize::from(near),
+                })
+            };
+            dit.forward(&inp, cache).unwrap()
+        };
+        let want = get("out");
+        let e = rel_l2(&out, &want);
+        assert!(
+            e <= 1e-4,
+            "call {i} ({}): rel L2 {e:.2e}, slice_point {slice_point}, clean re-forward \
+             {fwd_extra}, nearly clean {near}",
+            call["group"]
+        );
+    }
+    assert!(
+        slice_seen && clean_seen && near_seen,
+        "the walk must hit every cache path"
+    );
+}
