@@ -1,6 +1,7 @@
 //! Sampling schedule: flow-matching UniPC and the diffusion-forcing step matrix.
 
 pub mod df;
+pub mod magi;
 pub mod unipc;
 
 pub use df::StepMatrix;

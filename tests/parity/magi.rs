@@ -143,3 +143,88 @@ fn magi_dit_matches_upstream_forwards() {
         "the walk must hit every cache path"
     );
 }
+
+/// Runs the upstream-recorded walk of `group` ("distill": one pass with the nearly-clean
+/// copy; "base": three-pass guidance) from its recorded noise; checks the recorded steps'
+/// guided velocities and the final latents.
+fn walk_matches(group: &str) {
+    use motioncache::model::magi::walk::{MagiCaptions, MagiWalk};
+    let dev = common::device();
+    let (mut cfg, dit) = load_dit(&dir().join("dit"), DType::F32, &dev).unwrap();
+    let fx = candle_core::safetensors::load(dir().join("dit_forwards.safetensors"), &dev).unwrap();
+    let base = group == "base";
+    let dit = if base {
+        // The same weights as the base model: no step-size embedding, three passes.
+        cfg.runtime_config.cfg_number = 3;
+        cfg.engine_config.distill = false;
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[dir().join("dit/inference_weight.distill/model.safetensors")],
+                DType::F32,
+                &dev,
+            )
+        }
+        .unwrap();
+        MagiDit::new(&cfg.model_config, false, vb).unwrap()
+    } else {
+        dit
+    };
+    let ts: Vec<f32> = fx["distill.ts"].to_vec1().unwrap();
+    assert_eq!(
+        motioncache::schedule::magi::timesteps(8, &cfg.engine_config.shortcut_mode, 3.0),
+        ts,
+        "the schedule, bit for bit"
+    );
+    // Captions as the walk saw them: the three chunks' text (call 4 holds all three) and
+    // the null caption (the clean chunk's at call 8).
+    let text = fx["call4.y"].squeeze(1).unwrap();
+    let text_mask = fx["call4.xattn_mask"].squeeze(1).unwrap();
+    let null = fx["call8.y"].narrow(0, 0, 1).unwrap().squeeze(1).unwrap();
+    let null_mask = fx["call8.xattn_mask"]
+        .narrow(0, 0, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let rep = |t: &Tensor| Tensor::cat(&[t, t, t], 0).unwrap();
+    let caps = MagiCaptions {
+        text,
+        text_mask,
+        null: rep(&null),
+        null_mask: rep(&null_mask),
+    };
+    let noise = fx["distill.noise"].narrow(0, 0, 1).unwrap();
+    let mut walk = MagiWalk::new(&dit, &cfg, noise, caps).unwrap();
+    assert_eq!(walk.total_steps(), 12);
+    let (mut finished, mut checked) = (Vec::new(), 0);
+    let mut k = 0;
+    while let Some(step) = walk.step().unwrap() {
+        if let Some(want) = fx.get(&format!("{group}.step{k}.velocity")) {
+            let f = step.velocity.dim(2).unwrap();
+            let want = want.narrow(2, want.dim(2).unwrap() - f, f).unwrap();
+            let e = rel_l2(&step.velocity, &want);
+            assert!(e <= 1e-4, "{group} step {k}: velocity rel L2 {e:.2e}");
+            checked += 1;
+        }
+        if let Some((c, _)) = step.finished {
+            finished.push(c);
+        }
+        k += 1;
+    }
+    assert!(checked >= 2, "{group}: {checked} velocities checked");
+    assert_eq!(finished, [0, 1, 2]);
+    let e = rel_l2(walk.latents(), &fx[&format!("{group}.final")]);
+    assert!(e <= 1e-4, "{group}: final latents rel L2 {e:.2e}");
+}
+
+/// The whole distill walk (3 chunks, 8 steps, window 4, KV ranges [5, 4, 3, 2]): the
+/// clean-chunk re-forwards and the nearly-clean mix.
+#[test]
+fn magi_distill_walk_matches_upstream() {
+    walk_matches("distill");
+}
+
+/// The base model's walk with three-pass guidance and its per-t scales.
+#[test]
+fn magi_base_walk_matches_upstream() {
+    walk_matches("base");
+}

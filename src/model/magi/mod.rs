@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dit;
+pub mod walk;
 
 pub use config::{MagiConfig, MagiEngineConfig, MagiModelConfig, MagiRuntimeConfig};
 pub use dit::{CacheUse, MagiDit, MagiInput, MagiKvCache};
