@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dit;
+pub mod vae;
 pub mod walk;
 
 pub use config::{MagiConfig, MagiEngineConfig, MagiModelConfig, MagiRuntimeConfig};
