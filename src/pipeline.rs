@@ -284,6 +284,15 @@ impl Pipeline {
         let files = Files::Dir(dir.to_path_buf());
         if files.exists("model_index.json") {
             Self::load_diffusers(&files, dir.display().to_string(), device, dtype)
+        } else if crate::model::magi::is_magi_dir(dir) {
+            // Every file is located first, so that a missing one is named.
+            let m = crate::model::magi::MagiFiles::locate(dir)?;
+            Err(Error::model(
+                &m.config_path,
+                "a MAGI-1 directory: its DiT, VAE and sampling walk exist in the library \
+                 (motioncache::model::magi), streaming it through this pipeline and the element \
+                 is not implemented yet",
+            ))
         } else if files.exists("Wan2.1_VAE.pth") || files.exists("config.json") {
             Self::load_original(dir, device, dtype)
         } else {

@@ -228,3 +228,67 @@ fn magi_distill_walk_matches_upstream() {
 fn magi_base_walk_matches_upstream() {
     walk_matches("base");
 }
+
+/// A MAGI-1 directory's files are located from its config; each missing or unsupported
+/// piece is an error that names the file or setting; the pipeline recognises the layout.
+#[test]
+fn magi_directory_layout_and_errors() {
+    use motioncache::model::magi::{MagiFiles, is_magi_dir};
+    let root = std::env::temp_dir().join(format!("mc-magi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("dit/config.json")).unwrap())
+            .unwrap();
+    let write = |cfg: &serde_json::Value| {
+        std::fs::write(root.join("config.json"), cfg.to_string()).unwrap();
+    };
+    cfg["runtime_config"]["load"] = dir().join("dit").display().to_string().into();
+    write(&cfg);
+    assert!(is_magi_dir(&root));
+    assert!(!is_magi_dir(
+        &common::repo().join("tests/fixtures/core/dit_a")
+    ));
+    let e = MagiFiles::locate(&root).unwrap_err().to_string();
+    assert!(e.contains("vae") && e.contains("vae_pretrained"), "{e}");
+    cfg["runtime_config"]["vae_pretrained"] = dir().join("vae").display().to_string().into();
+    write(&cfg);
+    let e = MagiFiles::locate(&root).unwrap_err().to_string();
+    assert!(e.contains("t5") && e.contains("t5_pretrained"), "{e}");
+    std::fs::create_dir_all(root.join("t5")).unwrap();
+    std::fs::write(root.join("t5/config.json"), "{}").unwrap();
+    let m = MagiFiles::locate(&root).unwrap();
+    assert_eq!(m.dit_weights.len(), 1);
+    assert!(m.vae_dir.ends_with("vae") && m.t5_dir.ends_with("t5"));
+    // The SkyReels pipeline recognises the layout and says what is not there yet.
+    let e = motioncache::pipeline::Pipeline::load(&root, &common::device(), DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("MAGI-1") && e.contains("config.json"), "{e}");
+    // Weights that are not there, fp8 checkpoints and SkyReels configs are refused by name.
+    cfg["runtime_config"]["load"] = root.join("nowhere").display().to_string().into();
+    write(&cfg);
+    let e = load_dit(&root, DType::F32, &common::device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("nowhere") && e.contains("inference_weight"),
+        "{e}"
+    );
+    cfg["engine_config"]["fp8_quant"] = true.into();
+    write(&cfg);
+    let e = MagiFiles::locate(&root).unwrap_err().to_string();
+    assert!(e.contains("fp8") && e.contains("config.json"), "{e}");
+    let sky = common::repo().join("tests/fixtures/core/dit_a");
+    let e = load_dit(&sky, DType::F32, &common::device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("not a MAGI-1 config") && e.contains("dit_a"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -90,6 +90,15 @@ pub struct MagiRuntimeConfig {
     pub scale_factor: f64,
     #[serde(default = "temporal_downsample_factor")]
     pub temporal_downsample_factor: usize,
+    /// The DiT checkpoint folder (holding `inference_weight[.distill]/`).
+    #[serde(default)]
+    pub load: Option<String>,
+    /// The VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`).
+    #[serde(default)]
+    pub vae_pretrained: Option<String>,
+    /// The T5 folder (DeepFloyd t5-v1_1-xxl).
+    #[serde(default)]
+    pub t5_pretrained: Option<String>,
 }
 
 /// The engine settings that change the maths (`engine_config`).
