@@ -19,20 +19,23 @@ fn as_usize(v: &serde_json::Value) -> usize {
     v.as_u64().expect("integer") as usize
 }
 
+/// The fixture's weights as the base model's DiT (no step-size embedding).
+fn base_dit(cfg: &motioncache::model::magi::MagiModelConfig) -> MagiDit {
+    let files = [dir().join("dit/inference_weight.distill/model.safetensors")];
+    // SAFETY: the fixture is only read.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &common::device())
+    }
+    .unwrap();
+    MagiDit::new(cfg, false, vb).unwrap()
+}
+
 #[test]
 fn magi_dit_matches_upstream_forwards() {
     let dev = common::device();
     let (cfg, distill) = load_dit(&dir().join("dit"), DType::F32, &dev).unwrap();
     assert!(cfg.engine_config.distill);
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir().join("dit/inference_weight.distill/model.safetensors")],
-            DType::F32,
-            &dev,
-        )
-    }
-    .unwrap();
-    let base = MagiDit::new(&cfg.model_config, false, vb).unwrap();
+    let base = base_dit(&cfg.model_config);
     let fx = candle_core::safetensors::load(dir().join("dit_forwards.safetensors"), &dev).unwrap();
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("dit_forwards.json")).unwrap())
@@ -157,15 +160,7 @@ fn walk_matches(group: &str) {
         // The same weights as the base model: no step-size embedding, three passes.
         cfg.runtime_config.cfg_number = 3;
         cfg.engine_config.distill = false;
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[dir().join("dit/inference_weight.distill/model.safetensors")],
-                DType::F32,
-                &dev,
-            )
-        }
-        .unwrap();
-        MagiDit::new(&cfg.model_config, false, vb).unwrap()
+        base_dit(&cfg.model_config)
     } else {
         dit
     };
