@@ -287,3 +287,32 @@ fn magi_directory_layout_and_errors() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// The DiT in bf16 (upstream's inference dtype; norms, embedders and the output
+/// projection stay f32): the first recorded forwards within bf16 rounding of upstream's f32.
+#[test]
+fn magi_dit_runs_in_bf16() {
+    let dev = common::device();
+    let (_, dit) = load_dit(&dir().join("dit"), DType::BF16, &dev).unwrap();
+    let fx = candle_core::safetensors::load(dir().join("dit_forwards.safetensors"), &dev).unwrap();
+    for i in [0, 4] {
+        let get = |n: &str| fx[&format!("call{i}.{n}")].clone();
+        let t: Vec<f64> = get("t").to_dtype(DType::F64).unwrap().to_vec2().unwrap()[0].clone();
+        let kv: Vec<Vec<i64>> = get("kv_range").to_vec2().unwrap();
+        let kv: Vec<(usize, usize)> = kv.iter().map(|r| (r[0] as usize, r[1] as usize)).collect();
+        let inp = MagiInput {
+            x: &get("x"),
+            t: &t,
+            captions: &get("y").squeeze(1).unwrap(),
+            caption_mask: &get("xattn_mask").squeeze(1).unwrap(),
+            null_condition: false,
+            kv_range: &kv,
+            slice_point: 0,
+            num_steps: 8,
+            distill_interval: Some(1.0),
+        };
+        let out = dit.forward(&inp, None).unwrap();
+        let e = rel_l2(&out, &get("out"));
+        assert!(e <= 3e-2, "call {i} in bf16: rel L2 {e:.2e}");
+    }
+}
