@@ -1,9 +1,15 @@
 //! umT5 text encoder (transformers' `UMT5EncoderModel`, the SkyReels-V2 / Wan 2.1 text
-//! encoder) and the prompt-to-context step of the SkyReels-V2 diffusion-forcing pipeline.
+//! encoder), the T5 v1.1 encoder (transformers' `T5EncoderModel`, MAGI-1's DeepFloyd
+//! t5-v1_1-xxl) and the prompt-to-context step of the SkyReels-V2 diffusion-forcing pipeline.
 //!
-//! Differences from candle-transformers' T5 that matter here:
-//! - umT5 gives *every* layer its own relative-position bias table (T5 shares layer 0's).
-//! - No `1/sqrt(d_kv)` scaling of the attention logits (T5 folds it into the weights).
+//! umT5 and T5 v1.1 differ only in the relative-position bias: umT5 gives *every* layer its
+//! own table, T5 (and mT5) has one table, in layer 0
+//! (`encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight`), whose bias all
+//! layers add. [`UMT5Config::model_type`] (`"umt5"` / `"t5"` / `"mt5"` in transformers'
+//! `config.json`) says which; without it [`UMT5Encoder::new`] looks for layer 1's table in the
+//! weights. [`T5Config`] / [`T5Encoder`] are the same types under the T5 names.
+//!
+//! Neither scales the attention logits by `1/sqrt(d_kv)` (T5 folds it into the weights).
 //!
 //! Numerics: the residual stream, the RMS norms, the position bias, the padding mask and the
 //! softmax are kept in f32 whatever the weight dtype; the projections run in the weight dtype.
@@ -95,7 +101,17 @@ pub struct UMT5Config {
     pub pad_token_id: u32,
     #[serde(default = "default_eos_token_id")]
     pub eos_token_id: u32,
+    /// transformers' `model_type`: `"umt5"` (a relative-position bias table per layer) or
+    /// `"t5"` / `"mt5"` (layer 0's table shared by all layers). `None` (or another value):
+    /// decided from the weights, see [`UMT5Config::shared_relative_bias`].
+    #[serde(default)]
+    pub model_type: Option<String>,
 }
+
+/// The T5 (v1.1) names of the shared T5 / umT5 config (see the module docs).
+pub type T5Config = UMT5Config;
+/// The T5 (v1.1) names of the shared T5 / umT5 encoder (see the module docs).
+pub type T5Encoder = UMT5Encoder;
 
 impl Default for UMT5Config {
     fn default() -> Self {
@@ -112,6 +128,7 @@ impl Default for UMT5Config {
             feed_forward_proj: default_feed_forward_proj(),
             pad_token_id: default_pad_token_id(),
             eos_token_id: default_eos_token_id(),
+            model_type: None,
         }
     }
 }
@@ -144,6 +161,18 @@ impl UMT5Config {
             candle_core::Error::msg(format!("invalid umT5 config {}: {e}", path.display()))
         })?;
         Ok(cfg)
+    }
+
+    /// Whether all layers add layer 0's relative-position bias (T5, mT5: `Some(true)`) or each
+    /// has its own table (umT5: `Some(false)`), from [`Self::model_type`]; `None` when the
+    /// config does not say, and [`UMT5Encoder::new`] decides from the weights (shared when
+    /// layer 1 has no `relative_attention_bias`).
+    pub fn shared_relative_bias(&self) -> Option<bool> {
+        match self.model_type.as_deref() {
+            Some("t5" | "mt5") => Some(true),
+            Some("umt5") => Some(false),
+            _ => None,
+        }
     }
 
     /// Width of the attention projections (`num_heads * d_kv`, not necessarily `d_model`).
@@ -293,32 +322,41 @@ struct UMT5Attention {
     k: Linear,
     v: Linear,
     o: Linear,
-    relative_attention_bias: Embedding,
+    /// `None` in T5's layers after the first (they add layer 0's bias).
+    relative_attention_bias: Option<Embedding>,
     num_heads: usize,
     d_kv: usize,
 }
 
 impl UMT5Attention {
-    fn new(cfg: &UMT5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &UMT5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.inner_dim();
-        let bias_table = vb.pp("relative_attention_bias").get(
-            (cfg.relative_attention_num_buckets, cfg.num_heads),
-            "weight",
-        )?;
+        let relative_attention_bias = if has_bias {
+            let table = vb.pp("relative_attention_bias").get(
+                (cfg.relative_attention_num_buckets, cfg.num_heads),
+                "weight",
+            )?;
+            Some(Embedding::new(table, cfg.num_heads))
+        } else {
+            None
+        };
         Ok(Self {
             q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
             k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
             v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
             o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
-            relative_attention_bias: Embedding::new(bias_table, cfg.num_heads),
+            relative_attention_bias,
             num_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
     }
 
-    /// `[1, H, L, L]` f32 bias of this layer.
+    /// `[1, H, L, L]` f32 bias of this layer's table.
     fn position_bias(&self, buckets: &Tensor, len: usize) -> Result<Tensor> {
-        self.relative_attention_bias
+        let Some(table) = &self.relative_attention_bias else {
+            bail!("T5: this layer has no relative_attention_bias table");
+        };
+        table
             .forward(buckets)?
             .to_dtype(DType::F32)?
             .reshape((len, len, self.num_heads))?
@@ -326,9 +364,16 @@ impl UMT5Attention {
             .unsqueeze(0)
     }
 
-    /// `x`: normed `[B, L, d_model]` in the weight dtype; `mask`: additive f32 `[B, 1, 1, L]`.
+    /// `x`: normed `[B, L, d_model]` in the weight dtype; `mask`: additive f32 `[B, 1, 1, L]`;
+    /// `shared_bias`: layer 0's `[1, H, L, L]` bias for T5 (`None`: this layer's own table).
     /// Returns the f32 `[B, L, d_model]` attention output.
-    fn forward(&self, x: &Tensor, buckets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        shared_bias: Option<&Tensor>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, l, self.num_heads, self.d_kv))?
@@ -338,11 +383,15 @@ impl UMT5Attention {
         let q = heads(self.q.forward(x)?)?;
         let k = heads(self.k.forward(x)?)?;
         let v = heads(self.v.forward(x)?)?;
-        // umT5 does not scale the logits by 1/sqrt(d_kv).
+        let bias = match shared_bias {
+            Some(bias) => bias.clone(),
+            None => self.position_bias(buckets, l)?,
+        };
+        // T5 / umT5 do not scale the logits by 1/sqrt(d_kv).
         let scores = q
             .matmul(&k.t()?.contiguous()?)?
             .to_dtype(DType::F32)?
-            .broadcast_add(&self.position_bias(buckets, l)?)?
+            .broadcast_add(&bias)?
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs
@@ -418,31 +467,41 @@ struct UMT5Block {
 }
 
 impl UMT5Block {
-    fn new(cfg: &UMT5Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &UMT5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         let sa = vb.pp("layer.0");
         let ff = vb.pp("layer.1");
         Ok(Self {
             attn_norm: T5LayerNorm::new(cfg.d_model, eps, sa.pp("layer_norm"))?,
-            attn: UMT5Attention::new(cfg, sa.pp("SelfAttention"))?,
+            attn: UMT5Attention::new(cfg, has_bias, sa.pp("SelfAttention"))?,
             ff_norm: T5LayerNorm::new(cfg.d_model, eps, ff.pp("layer_norm"))?,
             ff: UMT5FeedForward::new(cfg, ff.pp("DenseReluDense"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, buckets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .attn
-            .forward(&self.attn_norm.forward(x)?, buckets, mask)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        shared_bias: Option<&Tensor>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let x =
+            (x + self
+                .attn
+                .forward(&self.attn_norm.forward(x)?, buckets, shared_bias, mask)?)?;
         &x + self.ff.forward(&self.ff_norm.forward(&x)?)?
     }
 }
 
-/// The umT5 encoder stack (`UMT5EncoderModel`): embedding, blocks, final norm.
+/// The umT5 / T5 v1.1 encoder stack (`UMT5EncoderModel` / `T5EncoderModel`): embedding,
+/// blocks, final norm.
 #[derive(Debug, Clone)]
 pub struct UMT5Encoder {
     embed_tokens: Embedding,
     blocks: Vec<UMT5Block>,
+    /// T5: every layer adds layer 0's bias (resolved from the config or the weights).
+    shared_relative_bias: bool,
     final_layer_norm: T5LayerNorm,
     cfg: UMT5Config,
     dtype: DType,
@@ -453,6 +512,8 @@ impl UMT5Encoder {
     /// Weights in transformers names, `vb` at the root of `model.safetensors`. The token
     /// embedding is read from `shared.weight`, or `encoder.embed_tokens.weight` if only
     /// that is stored (both are the same tied tensor). The weights' dtype is `vb`'s.
+    /// T5 or umT5 bias layout: [`UMT5Config::shared_relative_bias`], else shared when the
+    /// weights have no `encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight`.
     pub fn new(cfg: &UMT5Config, vb: VarBuilder) -> Result<Self> {
         cfg.feed_forward()?;
         let embed_name = if vb.contains_tensor("shared.weight") {
@@ -464,12 +525,19 @@ impl UMT5Encoder {
             .pp(embed_name)
             .get((cfg.vocab_size, cfg.d_model), "weight")?;
         let enc = vb.pp("encoder");
+        let shared_relative_bias = cfg.shared_relative_bias().unwrap_or_else(|| {
+            cfg.num_layers > 1
+                && !vb.contains_tensor(
+                    "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+                )
+        });
         let blocks = (0..cfg.num_layers)
-            .map(|i| UMT5Block::new(cfg, enc.pp("block").pp(i)))
+            .map(|i| UMT5Block::new(cfg, i == 0 || !shared_relative_bias, enc.pp("block").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(table, cfg.d_model),
             blocks,
+            shared_relative_bias,
             final_layer_norm: T5LayerNorm::new(
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
@@ -489,6 +557,11 @@ impl UMT5Encoder {
 
     pub fn config(&self) -> &UMT5Config {
         &self.cfg
+    }
+
+    /// `true` for T5 (all layers add layer 0's relative-position bias), `false` for umT5.
+    pub fn shares_relative_bias(&self) -> bool {
+        self.shared_relative_bias
     }
 
     /// dtype of the weights and of the output.
@@ -521,8 +594,12 @@ impl UMT5Encoder {
         let mask = ((keep.ones_like()? - keep)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
         let buckets = bucket_indices(l, &self.cfg, &self.device)?;
         let mut x = self.embed_tokens.forward(&ids)?.to_dtype(DType::F32)?;
+        let shared_bias = match (self.shared_relative_bias, self.blocks.first()) {
+            (true, Some(first)) => Some(first.attn.position_bias(&buckets, l)?),
+            _ => None,
+        };
         for block in &self.blocks {
-            x = block.forward(&x, &buckets, &mask)?;
+            x = block.forward(&x, &buckets, shared_bias.as_ref(), &mask)?;
         }
         self.final_layer_norm.forward(&x)?.to_dtype(self.dtype)
     }
