@@ -79,17 +79,20 @@ pub struct Stage {
 /// chunk `offset` (the prefix video's clean chunks).
 pub fn stages(chunks: usize, window: usize, offset: usize) -> Vec<Stage> {
     (offset..chunks + window - 1)
-        .map(|i| Stage {
-            chunk_start: offset.max((i + 1).saturating_sub(window)),
-            chunk_end: chunks.min(i + 1),
-            t_start: (i + 1).saturating_sub(chunks),
-            t_end: if i - offset < window {
-                window.min(i - offset + 1)
-            } else {
-                window
-            },
-        })
+        .map(|i| stage(i - offset, chunks, window, offset))
         .collect()
+}
+
+/// Stage `k` (from 0) of the walk of [`stages`]; `chunks` may be `usize::MAX` for an
+/// endless walk, whose stages never reach a last chunk.
+pub fn stage(k: usize, chunks: usize, window: usize, offset: usize) -> Stage {
+    let i = k + offset;
+    Stage {
+        chunk_start: offset.max((i + 1).saturating_sub(window)),
+        chunk_end: chunks.min(i + 1),
+        t_start: (i + 1).saturating_sub(chunks),
+        t_end: window.min(k + 1),
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +115,10 @@ mod tests {
         assert_eq!(col(|x| x.chunk_end), [3, 4, 5, 6, 7, 8, 8, 8, 8]);
         assert_eq!(col(|x| x.t_start), [0, 0, 0, 0, 0, 0, 1, 2, 3]);
         assert_eq!(col(|x| x.t_end), [1, 2, 3, 4, 4, 4, 4, 4, 4]);
+        // An endless walk's stages are those of any long enough finite one.
+        for k in 0..20 {
+            assert_eq!(stage(k, usize::MAX, 4, 0), stages(40, 4, 0)[k]);
+        }
     }
 
     #[test]

@@ -152,6 +152,21 @@ impl MagiKvCache {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Forgets the first `rows` tokens of every layer: what was at `rows..` moves to the
+    /// front (a long walk drops the chunks no key range reaches any more).
+    pub fn drop_front(&mut self, rows: usize) -> candle_core::Result<()> {
+        let rows = rows.min(self.capacity);
+        if rows == 0 {
+            return Ok(());
+        }
+        for l in self.layers.iter_mut() {
+            let (_, g, w) = l.dims3()?;
+            let fresh = Tensor::zeros((rows, g, w), l.dtype(), l.device())?;
+            *l = Tensor::cat(&[&l.narrow(0, rows, self.capacity - rows)?, &fresh], 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// How a forward uses the cache (upstream: `inference_params` with `update_kv_cache`, and
@@ -185,6 +200,10 @@ pub struct MagiInput<'a> {
     pub kv_range: &'a [(usize, usize)],
     /// Chunks before this forward's first one whose keys are cached.
     pub slice_point: usize,
+    /// Chunks of the video before the cache's first one (dropped from it by a long walk):
+    /// the positions of this forward's frames start after `chunk_offset + slice_point`
+    /// chunks.
+    pub chunk_offset: usize,
     /// Denoising steps of the schedule (the distill model embeds the step size).
     pub num_steps: usize,
     /// The distill model's shortcut interval (only used with 12 steps).
@@ -398,7 +417,7 @@ impl MagiDit {
 
         // RoPE over the cached chunks' frames too; this forward's rows are the last ones.
         let frames_per_chunk = gt / chunks;
-        let t_total = gt + frames_per_chunk * inp.slice_point;
+        let t_total = gt + frames_per_chunk * (inp.slice_point + inp.chunk_offset);
         let (sin, cos) = self.rope(t_total, gt, gh, gw)?;
 
         // Condition per chunk: timestep (+ distill step size) + the null caption's adaLN row.

@@ -390,6 +390,25 @@ pub fn pad_special_tokens(
     table: &SpecialTokens,
     num_chunks: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut embs = Vec::with_capacity(num_chunks);
+    let mut masks = Vec::with_capacity(num_chunks);
+    for i in 0..num_chunks {
+        let (e, m) = pad_special_tokens_chunk(caption, mask, table, num_chunks - i)?;
+        embs.push(e);
+        masks.push(m);
+    }
+    Ok((Tensor::stack(&embs, 0)?, Tensor::stack(&masks, 0)?))
+}
+
+/// [`pad_special_tokens`] for one chunk with `left` chunks left in the video, itself
+/// included (DURATION_k with `k = min(left, 8)`): `([min(L + 2, 800), D]` f32,
+/// `[min(L + 2, 800)]` f32`)`.
+pub fn pad_special_tokens_chunk(
+    caption: &Tensor,
+    mask: &Tensor,
+    table: &SpecialTokens,
+    left: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (l, d) = caption.dims2()?;
     let (_, td) = table.other_tokens.dims2()?;
     if td != d {
@@ -398,26 +417,27 @@ pub fn pad_special_tokens(
     if mask.dims() != [l] {
         candle_core::bail!("mask shape {:?} for a caption of {l}", mask.shape());
     }
+    if left == 0 {
+        candle_core::bail!("a chunk with no chunk left");
+    }
     let dev = caption.device();
     let caption = caption.to_dtype(DType::F32)?;
     let mask = mask.to_dtype(DType::F32)?.to_device(dev)?;
     let other = table.other_tokens.to_device(dev)?;
     let keep = (l + 2).min(CAPTION_MAX_LENGTH);
-    // HQ first (all chunks), then DURATION per chunk, each followed by the cut to 800.
+    // HQ first, then DURATION, each followed by the cut to 800.
     let hq_len = (l + 1).min(CAPTION_MAX_LENGTH);
     let with_hq =
         Tensor::cat(&[&other.narrow(0, HQ_ROW, 1)?, &caption], 0)?.narrow(0, 0, hq_len)?;
     let ones = Tensor::ones(1, DType::F32, dev)?;
     let mask_hq = Tensor::cat(&[&ones, &mask], 0)?.narrow(0, 0, hq_len)?;
     let mask_full = Tensor::cat(&[&ones, &mask_hq], 0)?.narrow(0, 0, keep)?;
-    let mut embs = Vec::with_capacity(num_chunks);
-    for i in 0..num_chunks {
-        let k = (num_chunks - i - 1).min(7);
-        let dur = other.narrow(0, DURATION_ROW0 + k, 1)?;
-        embs.push(Tensor::cat(&[&dur, &with_hq], 0)?.narrow(0, 0, keep)?);
-    }
-    let masks = mask_full.unsqueeze(0)?.repeat((num_chunks, 1))?;
-    Ok((Tensor::stack(&embs, 0)?, masks))
+    let k = (left - 1).min(7);
+    let dur = other.narrow(0, DURATION_ROW0 + k, 1)?;
+    Ok((
+        Tensor::cat(&[&dur, &with_hq], 0)?.narrow(0, 0, keep)?,
+        mask_full,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,11 +10,15 @@
 //! "nearly clean" copy of its oldest chunk while that chunk's `t` is above 0.3; the base
 //! model combines three passes (text, null text, no context) with per-`t` guidance scales.
 
-use candle_core::Tensor;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
 
 use super::config::MagiConfig;
 use super::dit::{CacheUse, MagiDit, MagiInput, MagiKvCache};
-use crate::schedule::magi::{Stage, intervals, stages, timesteps};
+use super::text::{SpecialTokens, pad_special_tokens_chunk};
+use crate::generate::NoiseRng;
+use crate::schedule::magi::{intervals, stage, timesteps};
 
 /// Per-chunk captions: the text caption of each chunk (special tokens included) and the
 /// null caption, embeddings `[chunks, L, caption_channels]` with masks `[chunks, L]`.
@@ -23,6 +27,48 @@ pub struct MagiCaptions {
     pub text_mask: Tensor,
     pub null: Tensor,
     pub null_mask: Tensor,
+}
+
+/// One prompt for every chunk, as upstream's text-to-video pipeline builds the captions
+/// (`_process_txt_embeddings` with `PAD_HQ=1 PAD_DURATION=1`): chunk `i` gets
+/// `[DURATION_k, HQ, prompt...]` with `k` the chunks left (8 or more for an endless walk).
+pub struct PromptCaption {
+    /// The T5 output `[L, caption_channels]` and its mask `[L]` (1 for real tokens).
+    pub text: Tensor,
+    pub mask: Tensor,
+    pub specials: SpecialTokens,
+    /// The null caption `[L, caption_channels]` and its mask `[L]` (upstream: the model's
+    /// `null_caption_embedding`, its first 50 rows valid).
+    pub null: Tensor,
+    pub null_mask: Tensor,
+}
+
+impl PromptCaption {
+    /// The null caption of `dit`, valid on its first 50 rows (`_process_null_embeddings`).
+    pub fn null_of(dit: &MagiDit) -> candle_core::Result<(Tensor, Tensor)> {
+        let null = dit.null_caption().clone();
+        let l = null.dim(0)?;
+        let valid = l.min(50);
+        let mut m = vec![1f32; valid];
+        m.resize(l, 0.0);
+        Ok((null, Tensor::from_vec(m, l, dit.device())?))
+    }
+}
+
+/// Where the chunks' captions come from.
+pub enum WalkCaptions {
+    /// Given per chunk (a finite walk over exactly that many chunks).
+    PerChunk(MagiCaptions),
+    /// One prompt, the special tokens per chunk; [`MagiWalk::set_prompt`] replaces it.
+    Prompt(PromptCaption),
+}
+
+/// Where the chunks' initial noise comes from.
+pub enum WalkNoise {
+    /// `[1, C, chunks * chunk_width, H, W]`: every chunk's noise (a finite walk).
+    Explicit(Tensor),
+    /// Standard normal noise of a seeded stream, drawn per chunk as it enters the window.
+    Seeded(NoiseRng),
 }
 
 /// What one step of the walk produced.
@@ -34,46 +80,100 @@ pub struct WalkStep {
     pub finished: Option<(usize, Tensor)>,
 }
 
-/// A text-to-video walk over `chunks` chunks.
-pub struct MagiWalk<'a> {
-    dit: &'a MagiDit,
+/// A text-to-video walk, finite or endless. An endless walk (and a long finite one) keeps
+/// only the chunks its key ranges still reach: the latents and the KV cache of older
+/// chunks are dropped, positions stay those of the whole video.
+pub struct MagiWalk {
+    dit: Arc<MagiDit>,
     cfg: MagiConfig,
-    captions: MagiCaptions,
-    /// `[1, C, chunks * chunk_width, H, W]` latents of every chunk.
-    x: Tensor,
+    captions: WalkCaptions,
+    noise: WalkNoise,
+    /// Chunks in the video; `None`: endless.
+    chunks: Option<usize>,
+    /// `(C, H, W)` of a latent frame.
+    latent: (usize, usize, usize),
+    /// Latents `[1, C, held * chunk_width, H, W]` of chunks `base..base + held`.
+    x: Option<Tensor>,
+    base: usize,
     ts: Vec<f32>,
     intervals: Vec<f64>,
-    stages: Vec<Stage>,
     cache: MagiKvCache,
+    /// Denoising steps taken per chunk, from chunk `base`.
     counts: Vec<usize>,
     step: usize,
-    total: usize,
     chunk_tokens: usize,
+    /// The most chunks (itself included) any chunk attends to; `None`: every earlier one.
+    reach: Option<usize>,
 }
 
 /// Upstream's `prev_chunks_scale` (env, default 0.7): weight of the nearly-clean chunk's
 /// output with context against its copy without.
 const PREV_CHUNKS_SCALE: f64 = 0.7;
 
-impl<'a> MagiWalk<'a> {
-    /// A walk from the initial noise `[1, C, chunks * chunk_width, H, W]`.
+impl MagiWalk {
+    /// A walk from the initial noise `[1, C, chunks * chunk_width, H, W]` with captions
+    /// per chunk.
     pub fn new(
-        dit: &'a MagiDit,
+        dit: Arc<MagiDit>,
         cfg: &MagiConfig,
         noise: Tensor,
         captions: MagiCaptions,
     ) -> candle_core::Result<Self> {
-        let rc = &cfg.runtime_config;
-        let (_, _, frames, h, w) = noise.dims5()?;
-        let cw = rc.chunk_width;
+        let (_, c, frames, h, w) = noise.dims5()?;
+        let cw = cfg.runtime_config.chunk_width;
         if cw == 0 || frames % cw != 0 {
             candle_core::bail!("{frames} latent frames are not chunks of {cw}");
         }
         let chunks = frames / cw;
+        for (name, t) in [("text", &captions.text), ("null", &captions.null)] {
+            if t.dim(0)? != chunks {
+                candle_core::bail!("{} {name} captions for {chunks} chunks", t.dim(0)?);
+            }
+        }
+        Self::build(
+            dit,
+            cfg,
+            (c, h, w),
+            Some(chunks),
+            WalkNoise::Explicit(noise),
+            WalkCaptions::PerChunk(captions),
+        )
+    }
+
+    /// A walk of `chunks` chunks (`None`: endless) of `(C, H, W)` latent frames, noise
+    /// drawn per chunk.
+    pub fn streaming(
+        dit: Arc<MagiDit>,
+        cfg: &MagiConfig,
+        latent: (usize, usize, usize),
+        chunks: Option<usize>,
+        noise: WalkNoise,
+        caption: PromptCaption,
+    ) -> candle_core::Result<Self> {
+        Self::build(
+            dit,
+            cfg,
+            latent,
+            chunks,
+            noise,
+            WalkCaptions::Prompt(caption),
+        )
+    }
+
+    fn build(
+        dit: Arc<MagiDit>,
+        cfg: &MagiConfig,
+        latent: (usize, usize, usize),
+        chunks: Option<usize>,
+        noise: WalkNoise,
+        captions: WalkCaptions,
+    ) -> candle_core::Result<Self> {
+        let rc = &cfg.runtime_config;
+        let cw = rc.chunk_width;
         let window = rc.window_size.max(1);
-        if !rc.num_steps.is_multiple_of(window) {
+        if cw == 0 || rc.num_steps == 0 || !rc.num_steps.is_multiple_of(window) {
             candle_core::bail!(
-                "num_steps {} is not a multiple of window_size {window}",
+                "num_steps {} is not a positive multiple of window_size {window} (chunk_width {cw})",
                 rc.num_steps
             );
         }
@@ -86,62 +186,206 @@ impl<'a> MagiWalk<'a> {
                 rc.noise2clean_kvrange.len()
             );
         }
-        for (name, t) in [("text", &captions.text), ("null", &captions.null)] {
-            if t.dim(0)? != chunks {
-                candle_core::bail!("{} {name} captions for {chunks} chunks", t.dim(0)?);
-            }
+        if chunks == Some(0) {
+            candle_core::bail!("a walk of no chunks");
         }
+        let (_, h, w) = latent;
         let p = dit.config().patch_size;
         let chunk_tokens = cw * (h / p) * (w / p);
-        let per_stage = rc.num_steps / window;
+        let n2c = &rc.noise2clean_kvrange;
+        let reach = (!n2c.is_empty()).then(|| {
+            let clean = if rc.clean_chunk_kvrange < 0 {
+                n2c[n2c.len() - 1]
+            } else {
+                rc.clean_chunk_kvrange as usize
+            };
+            n2c.iter().copied().chain([clean]).max().unwrap_or(1).max(1)
+        });
+        // The cache holds the chunks a forward reads or writes: up to `reach - 1` before
+        // the first one, and the `window` (+ the re-forwarded clean one) it runs.
+        let held = match (reach, chunks) {
+            (Some(r), Some(n)) => n.min(r + window),
+            (Some(r), None) => r + window,
+            (None, Some(n)) => n,
+            (None, None) => candle_core::bail!(
+                "an endless MAGI-1 walk needs noise2clean_kvrange (without it every chunk \
+                 attends to all earlier ones); give the video a length"
+            ),
+        };
         let mode = &cfg.engine_config.shortcut_mode;
         Ok(Self {
+            cache: MagiKvCache::new(&dit, held * chunk_tokens)?,
             dit,
             cfg: cfg.clone(),
             captions,
-            cache: MagiKvCache::new(dit, frames * (h / p) * (w / p))?,
-            x: noise,
+            noise,
+            chunks,
+            latent,
+            x: None,
+            base: 0,
             ts: timesteps(rc.num_steps, mode, 3.0),
             intervals: intervals(rc.num_steps, mode),
-            stages: stages(chunks, window, 0),
-            counts: vec![0; chunks],
+            counts: Vec::new(),
             step: 0,
-            total: per_stage * (chunks + window - 1),
             chunk_tokens,
+            reach,
         })
     }
 
-    /// Forwards in the whole walk.
-    pub fn total_steps(&self) -> usize {
-        self.total
+    /// Forwards in the whole walk; `None` for an endless one.
+    pub fn total_steps(&self) -> Option<usize> {
+        let rc = &self.cfg.runtime_config;
+        let window = rc.window_size.max(1);
+        self.chunks
+            .map(|n| rc.num_steps / window * (n + window - 1))
     }
 
-    /// The latents of every chunk as they stand.
-    pub fn latents(&self) -> &Tensor {
-        &self.x
+    /// Chunks in the video (`None`: endless).
+    pub fn chunks(&self) -> Option<usize> {
+        self.chunks
     }
 
-    /// One forward and its Euler step; `None` once the walk is over.
+    /// Steps taken so far.
+    pub fn steps_taken(&self) -> usize {
+        self.step
+    }
+
+    /// The latents of the chunks held (from [`MagiWalk::first_held`]) as they stand.
+    pub fn latents(&self) -> Option<&Tensor> {
+        self.x.as_ref()
+    }
+
+    /// The first chunk whose latents and keys are still held.
+    pub fn first_held(&self) -> usize {
+        self.base
+    }
+
+    /// Replaces the prompt (a walk with [`WalkCaptions::Prompt`]): from the next forward,
+    /// every chunk not finished yet follows it.
+    pub fn set_prompt(&mut self, text: Tensor, mask: Tensor) -> candle_core::Result<()> {
+        match &mut self.captions {
+            WalkCaptions::Prompt(p) => {
+                p.text = text;
+                p.mask = mask;
+                Ok(())
+            }
+            WalkCaptions::PerChunk(_) => {
+                candle_core::bail!("this walk's captions are given per chunk")
+            }
+        }
+    }
+
+    /// The captions of chunks `cs..ce`: `(text, text mask, null, null mask)`.
+    fn caption_rows(
+        &self,
+        cs: usize,
+        ce: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor, Tensor)> {
+        match &self.captions {
+            WalkCaptions::PerChunk(c) => Ok((
+                c.text.narrow(0, cs, ce - cs)?,
+                c.text_mask.narrow(0, cs, ce - cs)?,
+                c.null.narrow(0, cs, ce - cs)?,
+                c.null_mask.narrow(0, cs, ce - cs)?,
+            )),
+            WalkCaptions::Prompt(p) => {
+                let (mut text, mut masks) = (Vec::new(), Vec::new());
+                for c in cs..ce {
+                    // Chunks left, this one included (at least 8 in an endless walk).
+                    let left = self.chunks.map_or(8, |n| n - c);
+                    let (e, m) = pad_special_tokens_chunk(&p.text, &p.mask, &p.specials, left)?;
+                    text.push(e);
+                    masks.push(m);
+                }
+                let n = ce - cs;
+                let null = p.null.unsqueeze(0)?.repeat((n, 1, 1))?;
+                let null_mask = p.null_mask.unsqueeze(0)?.repeat((n, 1))?;
+                Ok((
+                    Tensor::stack(&text, 0)?,
+                    Tensor::stack(&masks, 0)?,
+                    null,
+                    null_mask,
+                ))
+            }
+        }
+    }
+
+    /// Forgets chunks before `first` (latents, keys, step counts).
+    fn drop_before(&mut self, first: usize) -> candle_core::Result<()> {
+        if first <= self.base {
+            return Ok(());
+        }
+        let n = first - self.base;
+        let cw = self.cfg.runtime_config.chunk_width;
+        if let Some(x) = &self.x {
+            let held = x.dim(2)? / cw;
+            self.x = (held > n)
+                .then(|| x.narrow(2, n * cw, (held - n) * cw))
+                .transpose()?;
+        }
+        self.cache.drop_front(n * self.chunk_tokens)?;
+        self.counts.drain(..n.min(self.counts.len()));
+        self.base = first;
+        Ok(())
+    }
+
+    /// Makes sure chunks up to `end` (exclusive) are held, drawing their noise.
+    fn grow_to(&mut self, end: usize) -> candle_core::Result<()> {
+        let cw = self.cfg.runtime_config.chunk_width;
+        let (c, h, w) = self.latent;
+        let dev = self.dit.device().clone();
+        loop {
+            let held = match &self.x {
+                Some(x) => x.dim(2)? / cw,
+                None => 0,
+            };
+            let next = self.base + held;
+            if next >= end {
+                return Ok(());
+            }
+            let chunk = match &mut self.noise {
+                WalkNoise::Explicit(all) => all.narrow(2, next * cw, cw)?,
+                WalkNoise::Seeded(rng) => rng.randn((1, c, cw, h, w), &dev)?,
+            };
+            let chunk = chunk.to_dtype(DType::F32)?.to_device(&dev)?;
+            self.x = Some(match &self.x {
+                Some(x) => Tensor::cat(&[x, &chunk], 2)?,
+                None => chunk,
+            });
+            self.counts.push(0);
+        }
+    }
+
+    /// One forward and its Euler step; `None` once a finite walk is over.
     pub fn step(&mut self) -> candle_core::Result<Option<WalkStep>> {
-        if self.step >= self.total {
+        if self.total_steps().is_some_and(|t| self.step >= t) {
             return Ok(None);
         }
-        let rc = self.cfg.runtime_config.clone();
-        let cw = rc.chunk_width;
-        let per_stage = rc.num_steps / rc.window_size.max(1);
-        let (stage, idx) = (self.step / per_stage, self.step % per_stage);
-        let st = self.stages[stage];
+        let rc = &self.cfg.runtime_config;
+        let (cw, num_steps, clean_t) = (rc.chunk_width, rc.num_steps, rc.clean_t);
+        let window = rc.window_size.max(1);
+        let per_stage = num_steps / window;
+        let (k_stage, idx) = (self.step / per_stage, self.step % per_stage);
+        let st = stage(k_stage, self.chunks.unwrap_or(usize::MAX), window, 0);
         let (cs, ce) = (st.chunk_start, st.chunk_end);
         let clean = cs > 0 && idx == 0;
-
         // The window's chunks (the finished one first when it is re-forwarded).
         let first = if clean { cs - 1 } else { cs };
-        let x_chunk = self.x.narrow(2, first * cw, (ce - first) * cw)?;
+        if let Some(r) = self.reach {
+            self.drop_before((first + 1).saturating_sub(r))?;
+        }
+        self.grow_to(ce)?;
+        let base = self.base;
+        let Some(all) = self.x.clone() else {
+            candle_core::bail!("no chunk held at step {}", self.step)
+        };
+        let x_chunk = all.narrow(2, (first - base) * cw, (ce - first) * cw)?;
+
         let mut t: Vec<f64> = Vec::new();
         let mut denoise_steps: Vec<usize> = Vec::new();
         if clean {
-            t.push(rc.clean_t as f32 as f64);
-            denoise_steps.push(rc.num_steps);
+            t.push(clean_t as f32 as f64);
+            denoise_steps.push(num_steps);
         }
         for i in (st.t_start..st.t_end).rev() {
             let k = i * per_stage + idx;
@@ -149,23 +393,15 @@ impl<'a> MagiWalk<'a> {
             t.push(self.ts[k] as f64);
         }
         // Captions: the null caption (its first chunk's) for the clean chunk.
-        let caps = &self.captions;
-        let (mut text, mut text_mask) = (
-            caps.text.narrow(0, cs, ce - cs)?,
-            caps.text_mask.narrow(0, cs, ce - cs)?,
-        );
-        let (mut null, mut null_mask) = (
-            caps.null.narrow(0, cs, ce - cs)?,
-            caps.null_mask.narrow(0, cs, ce - cs)?,
-        );
+        let (mut text, mut text_mask, mut null, mut null_mask) = self.caption_rows(cs, ce)?;
         if clean {
-            let (c0, m0) = (caps.null.narrow(0, 0, 1)?, caps.null_mask.narrow(0, 0, 1)?);
+            let (_, _, c0, m0) = self.caption_rows(0, 1)?;
             text = Tensor::cat(&[&c0, &text], 0)?;
             text_mask = Tensor::cat(&[&m0, &text_mask], 0)?;
             null = Tensor::cat(&[&c0, &null], 0)?;
             null_mask = Tensor::cat(&[&m0, &null_mask], 0)?;
         }
-        let slice_point = first;
+        let slice_point = first - base;
         let kv_range = self.kv_ranges(slice_point, &denoise_steps);
         let near =
             t[usize::from(clean)] > self.cfg.engine_config.distill_nearly_clean_chunk_threshold;
@@ -174,12 +410,13 @@ impl<'a> MagiWalk<'a> {
             t: &t,
             kv_range: &kv_range,
             slice_point,
+            chunk_offset: base,
             clean,
             near,
-            num_steps: rc.num_steps,
+            num_steps,
             interval: self.intervals[idx],
         };
-        let v = if rc.cfg_number == 3 {
+        let v = if self.cfg.runtime_config.cfg_number == 3 {
             self.three_pass(&fwd, (&text, &text_mask), (&null, &null_mask))?
         } else {
             self.one_pass(&fwd, &text, &text_mask)?
@@ -198,24 +435,25 @@ impl<'a> MagiWalk<'a> {
             parts.push((xj + (v.narrow(2, j * cw, cw)? * dt)?)?);
         }
         let x_new = Tensor::cat(&parts, 2)?;
-        self.x = self.x.slice_assign(
+        let all = all.slice_assign(
             &[
                 0..1,
-                0..self.x.dim(1)?,
-                cs * cw..ce * cw,
-                0..self.x.dim(3)?,
-                0..self.x.dim(4)?,
+                0..all.dim(1)?,
+                (cs - base) * cw..(ce - base) * cw,
+                0..all.dim(3)?,
+                0..all.dim(4)?,
             ],
             &x_new,
         )?;
         for c in cs..ce {
-            self.counts[c] += 1;
+            self.counts[c - base] += 1;
         }
-        let finished = if self.counts[cs] == rc.num_steps {
-            Some((cs, self.x.narrow(2, cs * cw, cw)?))
+        let finished = if self.counts[cs - base] == num_steps {
+            Some((cs, all.narrow(2, (cs - base) * cw, cw)?))
         } else {
             None
         };
+        self.x = Some(all);
         self.step += 1;
         Ok(Some(WalkStep {
             velocity: v,
@@ -268,12 +506,13 @@ impl<'a> MagiWalk<'a> {
             null_condition,
             kv_range: f.kv_range,
             slice_point: f.slice_point,
+            chunk_offset: f.chunk_offset,
             num_steps: f.num_steps,
             distill_interval: Some(f.interval),
         };
         let cache = cache.map(|(update, skip)| CacheUse {
             cache: &mut self.cache,
-            active: f.clean || f.slice_point > 0,
+            active: f.clean || f.slice_point + f.chunk_offset > 0,
             update,
             skip_last_chunks: skip,
         });
@@ -348,6 +587,7 @@ impl<'a> MagiWalk<'a> {
                 t: &f.t[j..j + 1],
                 kv_range: &range,
                 slice_point: 0,
+                chunk_offset: 0,
                 clean: false,
                 ..*f
             };
@@ -374,6 +614,7 @@ struct Fwd<'b> {
     t: &'b [f64],
     kv_range: &'b [(usize, usize)],
     slice_point: usize,
+    chunk_offset: usize,
     clean: bool,
     near: bool,
     num_steps: usize,
