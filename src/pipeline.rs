@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::generate::{BlockStats, FinishedBlock, Generator, GeneratorSettings, NoiseSource};
 use crate::model::config::TransformerConfig;
+use crate::model::magi::stream::{MagiModel, MagiStream, MagiStreamSettings};
 use crate::model::t5::{UMT5Config, UMT5Encoder, encode_prompts};
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::transformer::Transformer;
@@ -24,10 +25,53 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
 }
 
+/// Which kind of model a pipeline runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// SkyReels-V2 diffusion forcing (Wan 2.1 DiT, Wan VAE, umT5).
+    SkyReelsV2,
+    /// MAGI-1 (chunk-wise DiT, ViT VAE, T5 v1.1).
+    Magi1,
+}
+
+impl ModelFamily {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelFamily::SkyReelsV2 => "SkyReels-V2",
+            ModelFamily::Magi1 => "MAGI-1",
+        }
+    }
+}
+
+/// Settings (under the element's property names) that MAGI-1 has no use for: its guidance
+/// and schedule come from its config file (the base model's guidance tables, `t^2` with
+/// shift 3, `chunk_width`, `window_size`), its unconditional pass uses the null caption, and
+/// its MotionCache variant does not exist yet.
+pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
+    "negative-prompt",
+    "guidance-scale",
+    "shift",
+    "causal-block-size",
+    "ar-step",
+    "window",
+    "overlap",
+    "cache-mode",
+    "warmup-steps",
+    "motion-threshold",
+    "refresh-interval",
+    "uniform-updates",
+    "weight-floor",
+    "min-update-ratio",
+    "temporal-consistency",
+];
+
 /// What a model generates by default.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub name: String,
+    pub family: ModelFamily,
+    /// Settings (element property names) this model ignores.
+    pub unused_settings: &'static [&'static str],
     /// Pixel frame size.
     pub width: usize,
     pub height: usize,
@@ -264,13 +308,23 @@ impl Files {
     }
 }
 
-/// Transformer, VAE, text encoder and tokenizer of one model.
-pub struct Pipeline {
+/// The components of a SkyReels-V2 model.
+struct WanModel {
     transformer: Arc<Transformer>,
     vae: WanVae,
     text_encoder: UMT5Encoder,
     tokenizer: PromptTokenizer,
     scheduler: SchedulerConfig,
+}
+
+enum Model {
+    Wan(Box<WanModel>),
+    Magi(Arc<MagiModel>),
+}
+
+/// One loaded model (SkyReels-V2 or MAGI-1): its components and defaults.
+pub struct Pipeline {
+    model: Model,
     info: ModelInfo,
     device: Device,
 }
@@ -285,14 +339,7 @@ impl Pipeline {
         if files.exists("model_index.json") {
             Self::load_diffusers(&files, dir.display().to_string(), device, dtype)
         } else if crate::model::magi::is_magi_dir(dir) {
-            // Every file is located first, so that a missing one is named.
-            let m = crate::model::magi::MagiFiles::locate(dir)?;
-            Err(Error::model(
-                &m.config_path,
-                "a MAGI-1 directory: its DiT, VAE and sampling walk exist in the library \
-                 (motioncache::model::magi), streaming it through this pipeline and the element \
-                 is not implemented yet",
-            ))
+            Self::load_magi(dir, device, dtype)
         } else if files.exists("Wan2.1_VAE.pth") || files.exists("config.json") {
             Self::load_original(dir, device, dtype)
         } else {
@@ -549,6 +596,8 @@ impl Pipeline {
         let fps = gd.fps.unwrap_or(24);
         let info = ModelInfo {
             name,
+            family: ModelFamily::SkyReelsV2,
+            unused_settings: &[],
             width: gd.width.unwrap_or(960),
             height: gd.height.unwrap_or(544),
             fps_num: fps,
@@ -557,15 +606,74 @@ impl Pipeline {
             text_len: gd.text_len.unwrap_or(512),
         };
         let p = Self {
-            transformer: Arc::new(transformer),
-            vae,
-            text_encoder,
-            tokenizer,
-            scheduler,
+            model: Model::Wan(Box::new(WanModel {
+                transformer: Arc::new(transformer),
+                vae,
+                text_encoder,
+                tokenizer,
+                scheduler,
+            })),
             info,
             device: dev.clone(),
         };
         p.latent_shape(p.info.width, p.info.height)?;
+        Ok(p)
+    }
+
+    /// Loads a MAGI-1 directory; its defaults come from its config (size, fps, steps).
+    fn load_magi(dir: &Path, dev: &Device, dtype: DType) -> Result<Self> {
+        let m = MagiModel::load(dir, dev, dtype)?;
+        let cfg = m.config().clone();
+        let rc = &cfg.runtime_config;
+        let steps = rc.num_steps;
+        let cw = rc.chunk_width;
+        let defaults = GeneratorSettings {
+            steps,
+            shift: 3.0,
+            guidance_scale: 1.0,
+            causal_block_size: cw,
+            ar_step: 0,
+            window: cw * rc.window_size.max(1),
+            overlap: 0,
+            addnoise_condition: 0.0,
+            fps_class: 1,
+            total_frames: None,
+            cache: crate::cache::CacheSettings::for_schedule(
+                crate::cache::CacheMode::MotionCache,
+                steps,
+            ),
+        };
+        let config_path = m.files.config_path.clone();
+        defaults
+            .validate()
+            .map_err(|e| Error::model(&config_path, format!("unusable settings: {e}")))?;
+        let fps = i32::try_from(rc.fps)
+            .ok()
+            .filter(|f| (1..=240).contains(f))
+            .ok_or_else(|| {
+                Error::model(
+                    &config_path,
+                    format!("runtime_config.fps {} is outside 1..=240", rc.fps),
+                )
+            })?;
+        let info = ModelInfo {
+            name: dir.display().to_string(),
+            family: ModelFamily::Magi1,
+            unused_settings: MAGI_UNUSED_SETTINGS,
+            width: rc.video_size_w.unwrap_or(720),
+            height: rc.video_size_h.unwrap_or(720),
+            fps_num: fps,
+            fps_den: 1,
+            defaults,
+            text_len: cfg.model_config.caption_max_length,
+        };
+        let p = Self {
+            model: Model::Magi(Arc::new(m)),
+            info,
+            device: dev.clone(),
+        };
+        p.latent_shape(p.info.width, p.info.height)
+            .map_err(|e| Error::model(&config_path, format!("runtime_config video size: {e}")))?;
         Ok(p)
     }
 
@@ -577,31 +685,92 @@ impl Pipeline {
         &self.device
     }
 
-    pub fn transformer(&self) -> &Arc<Transformer> {
-        &self.transformer
+    fn wan(&self) -> Option<&WanModel> {
+        match &self.model {
+            Model::Wan(w) => Some(w),
+            Model::Magi(_) => None,
+        }
     }
 
-    pub fn vae(&self) -> &WanVae {
-        &self.vae
+    /// The SkyReels-V2 pieces, or an error naming what needed them.
+    fn need_wan(&self, what: &str) -> Result<&WanModel> {
+        self.wan().ok_or_else(|| {
+            Error::setting(
+                "model",
+                &self.info.name,
+                format!("{what} is for SkyReels-V2 models, this is a MAGI-1 model"),
+            )
+        })
     }
 
-    pub fn scheduler(&self) -> &SchedulerConfig {
-        &self.scheduler
+    /// The SkyReels-V2 transformer (`None` for MAGI-1).
+    pub fn transformer(&self) -> Option<&Arc<Transformer>> {
+        self.wan().map(|w| &w.transformer)
+    }
+
+    /// The SkyReels-V2 VAE (`None` for MAGI-1).
+    pub fn vae(&self) -> Option<&WanVae> {
+        self.wan().map(|w| &w.vae)
+    }
+
+    /// The SkyReels-V2 scheduler config (`None` for MAGI-1).
+    pub fn scheduler(&self) -> Option<&SchedulerConfig> {
+        self.wan().map(|w| &w.scheduler)
+    }
+
+    /// The MAGI-1 model (`None` for SkyReels-V2).
+    pub fn magi(&self) -> Option<&Arc<MagiModel>> {
+        match &self.model {
+            Model::Magi(m) => Some(m),
+            Model::Wan(_) => None,
+        }
+    }
+
+    /// Pixels per latent: `(spatial, temporal)`.
+    fn compression(&self) -> (usize, usize) {
+        match &self.model {
+            Model::Wan(w) => {
+                let v = w.vae.config();
+                (v.spatial_compression(), v.temporal_compression())
+            }
+            Model::Magi(m) => m.factors(),
+        }
+    }
+
+    /// Latent frames a video of `pixel_frames` frames needs, in whole causal blocks
+    /// (chunks) of `block` latent frames. SkyReels-V2's first latent frame decodes to one
+    /// frame, every other to the VAE's temporal factor; all of MAGI-1's to its factor.
+    pub fn latent_frames_for(&self, pixel_frames: usize, block: usize) -> usize {
+        let first_alone = matches!(self.model, Model::Wan(_));
+        latent_frames(pixel_frames, self.compression().1, first_alone, block)
     }
 
     /// The frame sizes this model can make: multiples of its spatial stride (the VAE's
     /// compression times the patch size) up to the range of its position embedding (and
     /// at most [`MAX_FRAME_SIDE`]).
     pub fn size_range(&self) -> SizeRange {
-        let s = self.vae.config().spatial_compression();
-        let patch = self.transformer.config().patch_size;
-        let m = s * patch[1].max(patch[2]);
-        let rope = self.transformer.config().rope_max_seq_len;
-        let max = |p: usize| (rope.saturating_mul(p * s)).min(MAX_FRAME_SIDE) / m * m;
-        SizeRange {
-            multiple: m,
-            max_width: max(patch[2]).max(m),
-            max_height: max(patch[1]).max(m),
+        match &self.model {
+            Model::Wan(wm) => {
+                let s = wm.vae.config().spatial_compression();
+                let patch = wm.transformer.config().patch_size;
+                let m = s * patch[1].max(patch[2]);
+                let rope = wm.transformer.config().rope_max_seq_len;
+                let max = |p: usize| (rope.saturating_mul(p * s)).min(MAX_FRAME_SIDE) / m * m;
+                SizeRange {
+                    multiple: m,
+                    max_width: max(patch[2]).max(m),
+                    max_height: max(patch[1]).max(m),
+                }
+            }
+            Model::Magi(mm) => {
+                // Learned RoPE frequencies over rescaled positions: no fixed range.
+                let m = mm.pixel_multiple();
+                SizeRange {
+                    multiple: m,
+                    max_width: (MAX_FRAME_SIDE / m * m).max(m),
+                    max_height: (MAX_FRAME_SIDE / m * m).max(m),
+                }
+            }
         }
     }
 
@@ -616,8 +785,12 @@ impl Pipeline {
                 r.describe(),
             ));
         }
-        let s = self.vae.config().spatial_compression();
-        Ok((self.vae.config().z_dim, height / s, width / s))
+        let s = self.compression().0;
+        let z = match &self.model {
+            Model::Wan(w) => w.vae.config().z_dim,
+            Model::Magi(m) => m.dit().config().latent_channels(),
+        };
+        Ok((z, height / s, width / s))
     }
 
     /// Memory that generating `width x height` frames with `settings` needs on top of the
@@ -628,11 +801,15 @@ impl Pipeline {
         (width, height): (usize, usize),
     ) -> Result<MemoryEstimate> {
         let (_, h, w) = self.latent_shape(width, height)?;
-        let tc = self.transformer.config();
+        let wm = match &self.model {
+            Model::Wan(wm) => wm,
+            Model::Magi(m) => return Ok(magi_memory(m, settings, (h, w), (width, height))),
+        };
+        let tc = wm.transformer.config();
         let dim = (tc.num_attention_heads * tc.attention_head_dim) as u64;
         let per_frame = ((h / tc.patch_size[1]) * (w / tc.patch_size[2])) as u64;
         let window_tokens = (settings.window.div_ceil(tc.patch_size[0])) as u64 * per_frame;
-        let el = self.transformer.dtype().size_in_bytes() as u64;
+        let el = wm.transformer.dtype().size_in_bytes() as u64;
         // Two guidance branches' keys and values per layer, preallocated for the window.
         let kv_cache = 2 * 2 * tc.num_layers as u64 * window_tokens * dim * el;
         // A pass over the whole window: its hidden states, the feed-forward's inner
@@ -640,7 +817,7 @@ impl Pipeline {
         let activations = 2 * window_tokens * (tc.ffn_dim as u64 + 12 * dim) * 4;
         // The VAE decodes one latent frame at a time: a few live feature maps of up to
         // `temporal_compression` frames at each resolution level.
-        let v = self.vae.config();
+        let v = wm.vae.config();
         let base = v.decoder_base_dim.unwrap_or(v.base_dim) as u64;
         let pixels = (width * height) as u64;
         let peak = v
@@ -694,10 +871,12 @@ impl Pipeline {
 
     /// The text context of a prompt, `[1, text_len, d_model]` (cleaned, tokenized,
     /// encoded, zeroed after the real tokens, as the reference pipeline does).
+    /// SkyReels-V2 only (MAGI-1 encodes its captions per stream: [`VideoStream::set_prompt`]).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let w = self.need_wan("encode_prompt")?;
         Ok(encode_prompts(
-            &self.text_encoder,
-            &self.tokenizer,
+            &w.text_encoder,
+            &w.tokenizer,
             &[prompt],
             self.info.text_len,
         )?)
@@ -727,6 +906,21 @@ impl Pipeline {
         size: (usize, usize),
     ) -> Result<VideoStream> {
         self.latent_shape(size.0, size.1)?;
+        if let Model::Magi(m) = &self.model {
+            let chunks = settings
+                .total_frames
+                .map(|f| f.div_ceil(m.config().runtime_config.chunk_width.max(1)));
+            let s = MagiStreamSettings {
+                steps: settings.steps,
+                chunks,
+                size,
+            };
+            let stream = MagiStream::new(m.clone(), prompt, &s, seed)?;
+            return Ok(VideoStream {
+                pipeline: self.clone(),
+                kind: StreamKind::Magi(Box::new(stream)),
+            });
+        }
         let cond = self.encode_prompt(prompt)?;
         let neg = self.encode_prompt(negative)?;
         self.stream_with_contexts(&cond, &neg, settings, NoiseSource::Seed(seed), size)
@@ -742,9 +936,10 @@ impl Pipeline {
         noise: NoiseSource,
         size: (usize, usize),
     ) -> Result<VideoStream> {
+        let w = self.need_wan("stream_with_contexts")?;
         let generator = Generator::new(
-            self.transformer.clone(),
-            self.scheduler.clone(),
+            w.transformer.clone(),
+            w.scheduler.clone(),
             settings,
             cond,
             Some(negative),
@@ -753,10 +948,68 @@ impl Pipeline {
         )?;
         Ok(VideoStream {
             pipeline: self.clone(),
-            generator,
-            decoder: self.vae.stream_decoder(),
+            kind: StreamKind::Wan(Box::new(WanStream {
+                generator,
+                decoder: w.vae.stream_decoder(),
+            })),
         })
     }
+}
+
+/// [`Pipeline::memory_estimate`] of a MAGI-1 stream: the KV cache of the chunks a walk
+/// holds, a forward over the window (+ the re-forwarded clean chunk and the nearly-clean
+/// copy), and the ViT VAE decoding one 256 x 256 tile of `fps / 2` frames.
+fn magi_memory(
+    m: &MagiModel,
+    settings: &GeneratorSettings,
+    (h, w): (usize, usize),
+    (width, height): (usize, usize),
+) -> MemoryEstimate {
+    let c = m.dit().config();
+    let rc = &m.config().runtime_config;
+    let p = c.patch_size.max(1);
+    let chunk_tokens = (rc.chunk_width * (h / p) * (w / p)) as u64;
+    let window = rc.window_size.max(1) as u64;
+    let reach = rc
+        .noise2clean_kvrange
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1) as u64;
+    let held = match settings.total_frames {
+        Some(f) => (f.div_ceil(rc.chunk_width.max(1)) as u64).min(reach + window),
+        None => reach + window,
+    };
+    let el = m.dit().dtype().size_in_bytes() as u64;
+    let kv = (c.num_query_groups * c.kv_channels * 2) as u64;
+    let kv_cache = c.num_layers as u64 * held * chunk_tokens * kv * el;
+    let d = c.hidden_size as u64;
+    let fwd_tokens = (window + 2) * chunk_tokens;
+    let activations = fwd_tokens * (c.ffn_hidden_size as u64 * 2 + 12 * d) * 4;
+    let v = &m.vae().config;
+    let (s, t) = m.factors();
+    let tile = (256 / s.max(1)).pow(2) as u64 * (rc.fps / 2).div_ceil(t.max(1)).max(1) as u64;
+    let frames = (rc.chunk_width * t) as u64;
+    let vae = tile * v.embed_dim as u64 * 16 * 4 + 2 * 3 * frames * (width * height) as u64 * 4;
+    MemoryEstimate {
+        kv_cache,
+        activations,
+        vae,
+    }
+}
+
+/// Latent frames for `pixel_frames` frames at `per_latent` frames per latent frame (the
+/// first latent frame alone giving one frame when `first_alone`), in whole blocks of
+/// `block`.
+fn latent_frames(pixel_frames: usize, per_latent: usize, first_alone: bool, block: usize) -> usize {
+    let per = per_latent.max(1);
+    let latent = if first_alone {
+        1 + pixel_frames.saturating_sub(1).div_ceil(per)
+    } else {
+        pixel_frames.div_ceil(per).max(1)
+    };
+    latent.div_ceil(block.max(1)) * block.max(1)
 }
 
 /// A decoded causal block.
@@ -771,33 +1024,67 @@ pub struct DecodedBlock {
     pub video: Tensor,
 }
 
-/// A running video: generator plus streaming VAE decoder.
+/// A running video: SkyReels-V2's generator and streaming VAE decoder, or a MAGI-1 walk.
 pub struct VideoStream {
     pipeline: Arc<Pipeline>,
+    kind: StreamKind,
+}
+
+enum StreamKind {
+    Wan(Box<WanStream>),
+    Magi(Box<MagiStream>),
+}
+
+struct WanStream {
     generator: Generator,
     decoder: VaeStreamDecoder,
 }
 
 impl VideoStream {
-    /// Runs until the next causal block is finished and decodes it; `None` when the
-    /// requested length is reached. See [`Generator::next_block`] for `cancel`.
+    /// Runs until the next causal block (MAGI-1: chunk) is finished and decodes it; `None`
+    /// when the requested length is reached. See [`Generator::next_block`] for `cancel`.
     pub fn next_block(&mut self, cancel: &AtomicBool) -> Result<Option<DecodedBlock>> {
-        match self.generator.next_block(cancel)? {
-            Some(block) => Ok(Some(self.decode(block)?)),
-            None => Ok(None),
+        match &mut self.kind {
+            StreamKind::Wan(ws) => match ws.generator.next_block(cancel)? {
+                Some(block) => Ok(Some(self.decode(block)?)),
+                None => Ok(None),
+            },
+            StreamKind::Magi(stream) => {
+                let Some(chunk) = stream.next_chunk(cancel)? else {
+                    return Ok(None);
+                };
+                let started = std::time::Instant::now();
+                let mut stats = chunk.stats;
+                let video = stream.model().decode(&chunk.latents)?;
+                let frames = to_rgb24_truncated(&video)?;
+                let (h, w) = (video.dim(2)?, video.dim(3)?);
+                stats.compute += started.elapsed();
+                Ok(Some(DecodedBlock {
+                    frames,
+                    width: w,
+                    height: h,
+                    stats,
+                    video,
+                }))
+            }
         }
     }
 
-    /// Decodes a finished block into frames; blocks must be decoded in the order the
-    /// generator produced them (the decoder is causal and keeps a cache of the last ones).
+    /// Decodes a finished SkyReels-V2 block into frames; blocks must be decoded in the
+    /// order the generator produced them (the decoder is causal and keeps a cache of the
+    /// last ones).
     pub fn decode(&mut self, block: FinishedBlock) -> Result<DecodedBlock> {
+        let (StreamKind::Wan(ws), Some(vae)) = (&mut self.kind, self.pipeline.vae()) else {
+            return Err(Error::setting(
+                "model",
+                &self.pipeline.info.name,
+                "decoding generator blocks is for SkyReels-V2 streams",
+            ));
+        };
         let started = std::time::Instant::now();
         let mut stats = block.stats;
-        let z = self
-            .pipeline
-            .vae
-            .denormalize_latents(&block.latents.unsqueeze(0)?)?;
-        let video = self.decoder.decode_next(&z)?; // [1, 3, T, H, W] in [-1, 1]
+        let z = vae.denormalize_latents(&block.latents.unsqueeze(0)?)?;
+        let video = ws.decoder.decode_next(&z)?; // [1, 3, T, H, W] in [-1, 1]
         let video = video.squeeze(0)?;
         let frames = to_rgb24(&video)?;
         let (h, w) = (video.dim(2)?, video.dim(3)?);
@@ -811,36 +1098,81 @@ impl VideoStream {
         })
     }
 
-    /// Latents of the next finished block without decoding (benchmarks, tests).
-    pub fn generator(&mut self) -> &mut Generator {
-        &mut self.generator
+    /// The SkyReels-V2 generator, for latents without decoding (benchmarks, tests);
+    /// `None` for a MAGI-1 stream.
+    pub fn generator(&mut self) -> Option<&mut Generator> {
+        match &mut self.kind {
+            StreamKind::Wan(ws) => Some(&mut ws.generator),
+            StreamKind::Magi(_) => None,
+        }
     }
 
+    /// New SkyReels-V2 text contexts (from [`Pipeline::encode_prompt`]).
     pub fn set_contexts(&mut self, cond: &Tensor, negative: &Tensor) -> Result<()> {
-        self.generator.set_contexts(cond, Some(negative))
+        match &mut self.kind {
+            StreamKind::Wan(ws) => ws.generator.set_contexts(cond, Some(negative)),
+            StreamKind::Magi(_) => Err(Error::setting(
+                "model",
+                &self.pipeline.info.name,
+                "a MAGI-1 stream takes prompts (set_prompt), not encoded contexts",
+            )),
+        }
     }
 
+    /// A new prompt from the next transformer pass (MAGI-1 has no negative prompt: its
+    /// unconditional pass uses the model's null caption).
     pub fn set_prompt(&mut self, prompt: &str, negative: &str) -> Result<()> {
+        if let StreamKind::Magi(stream) = &mut self.kind {
+            return stream.set_prompt(prompt);
+        }
         let c = self.pipeline.encode_prompt(prompt)?;
         let n = self.pipeline.encode_prompt(negative)?;
         self.set_contexts(&c, &n)
     }
 
+    /// New settings. A MAGI-1 stream keeps its schedule (`steps`) and ignores what does
+    /// not apply to it ([`ModelInfo::unused_settings`]).
     pub fn set_settings(&mut self, s: GeneratorSettings) -> Result<()> {
-        self.generator.set_settings(s)
+        match &mut self.kind {
+            StreamKind::Wan(ws) => ws.generator.set_settings(s),
+            StreamKind::Magi(stream) if s.steps != stream.steps() => Err(Error::setting(
+                "steps",
+                s.steps,
+                format!(
+                    "a MAGI-1 stream keeps its {} steps per chunk (its chunks in flight are \
+                     staggered by them); the new value applies to the next stream",
+                    stream.steps()
+                ),
+            )),
+            StreamKind::Magi(_) => Ok(()),
+        }
     }
 }
 
-/// `[3, T, H, W]` in [-1, 1] -> packed RGB24 frames.
+/// `[3, T, H, W]` in [-1, 1] -> packed RGB24 frames, rounded to the nearest value (as
+/// diffusers' video processor).
 pub fn to_rgb24(video: &Tensor) -> Result<Vec<Vec<u8>>> {
+    rgb24(video, true)
+}
+
+/// `[3, T, H, W]` -> packed RGB24 frames as MAGI-1's pipeline converts them
+/// (`VaeHelper.decode`: `(x * 127.5 + 127.5).clamp(0, 255)` cast to uint8, truncating).
+pub fn to_rgb24_truncated(video: &Tensor) -> Result<Vec<Vec<u8>>> {
+    rgb24(video, false)
+}
+
+fn rgb24(video: &Tensor, round: bool) -> Result<Vec<Vec<u8>>> {
     let (c, t, _, _) = video.dims4()?;
     if c != 3 {
         return Err(Error::setting("frames", c, "expected 3 colour channels"));
     }
-    let v = ((video.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .permute((1, 2, 3, 0))?
-        .to_dtype(DType::U8)?;
+    let x = video.to_dtype(DType::F32)?;
+    let v = if round {
+        ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?
+    } else {
+        ((x * 127.5)? + 127.5)?.clamp(0f32, 255f32)?.floor()?
+    };
+    let v = v.permute((1, 2, 3, 0))?.to_dtype(DType::U8)?;
     let mut frames = Vec::with_capacity(t);
     for i in 0..t {
         frames.push(v.get(i)?.flatten_all()?.to_vec1::<u8>()?);
@@ -875,5 +1207,25 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Device::new_cuda_with_stream(n).map_err(|e| Error::setting("device", s, e.to_string()))
         }
         None => Err(Error::setting("device", s, "expected cpu, cuda or cuda:N")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::latent_frames;
+
+    #[test]
+    fn pixel_frames_become_whole_blocks_of_latent_frames() {
+        // No temporal compression (the tiny model), blocks of 3.
+        assert_eq!(latent_frames(48, 1, true, 3), 48);
+        assert_eq!(latent_frames(49, 1, true, 3), 51);
+        assert_eq!(latent_frames(1, 1, true, 3), 3);
+        // Wan: 4 frames per latent frame after the first, blocks of 5.
+        assert_eq!(latent_frames(97, 4, true, 5), 25);
+        assert_eq!(latent_frames(98, 4, true, 5), 30);
+        // MAGI-1: 4 frames per latent frame, chunks of 6.
+        assert_eq!(latent_frames(96, 4, false, 6), 24);
+        assert_eq!(latent_frames(97, 4, false, 6), 30);
+        assert_eq!(latent_frames(1, 4, false, 6), 6);
     }
 }

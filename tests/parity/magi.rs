@@ -252,17 +252,28 @@ fn magi_directory_layout_and_errors() {
     write(&cfg);
     let e = MagiFiles::locate(&root).unwrap_err().to_string();
     assert!(e.contains("t5") && e.contains("t5_pretrained"), "{e}");
-    std::fs::create_dir_all(root.join("t5")).unwrap();
-    std::fs::write(root.join("t5/config.json"), "{}").unwrap();
+    // Upstream's T5Embedder layout: `t5_pretrained/t5-v1_1-xxl/`.
+    std::fs::create_dir_all(root.join("t5/t5-v1_1-xxl")).unwrap();
+    std::fs::write(root.join("t5/t5-v1_1-xxl/config.json"), "{}").unwrap();
+    let e = MagiFiles::locate(&root).unwrap_err().to_string();
+    assert!(e.contains("special_tokens.npz"), "{e}");
+    std::fs::copy(
+        dir().join("special_tokens.npz"),
+        root.join("special_tokens.npz"),
+    )
+    .unwrap();
     let m = MagiFiles::locate(&root).unwrap();
     assert_eq!(m.dit_weights.len(), 1);
-    assert!(m.vae_dir.ends_with("vae") && m.t5_dir.ends_with("t5"));
-    // The SkyReels pipeline recognises the layout and says what is not there yet.
+    assert!(m.vae_dir.ends_with("vae") && m.t5_dir.ends_with("t5/t5-v1_1-xxl"));
+    // The pipeline loads it as MAGI-1: here the T5 folder has no tokenizer, named.
     let e = motioncache::pipeline::Pipeline::load(&root, &common::device(), DType::F32)
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("MAGI-1") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("spiece.model") && e.contains("t5-v1_1-xxl"),
+        "{e}"
+    );
     // Weights that are not there, fp8 checkpoints and SkyReels configs are refused by name.
     cfg["runtime_config"]["load"] = root.join("nowhere").display().to_string().into();
     write(&cfg);

@@ -145,15 +145,33 @@ impl ObjectImpl for MotionCacheSrc {
         // Settings before state, as in start(): a change either lands before start() takes
         // its final look at the settings, or sees the running worker.
         let mut settings = lock(&self.settings);
-        let running = lock(&self.state)
-            .as_ref()
-            .map(|s| (s.worker.clone(), s.info.defaults.clone()));
+        let running = lock(&self.state).as_ref().map(|s| {
+            (
+                s.worker.clone(),
+                s.info.defaults.clone(),
+                s.info.unused_settings,
+            )
+        });
         let started = self.started.load(Ordering::SeqCst);
         if started && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
             drop(settings);
             self.warn(format!(
                 "property '{name}' cannot change while the element is running (set it in the \
                  READY or NULL state); the change is refused"
+            ));
+            return;
+        }
+
+        let unused = lock(&self.state)
+            .as_ref()
+            .filter(|s| s.info.unused_settings.contains(&name))
+            .map(|s| (s.info.family, s.info.name.clone()));
+        if let Some((family, model)) = unused {
+            drop(settings);
+            self.warn(format!(
+                "property '{name}' does not apply to {} models (model {model}); the change is \
+                 refused",
+                family.name()
             ));
             return;
         }
@@ -215,7 +233,7 @@ impl ObjectImpl for MotionCacheSrc {
             }
             "overlay" => {
                 s.overlay = value.get::<OverlayProp>().expect("type checked upstream");
-                if let Some((Some(worker), _)) = &running {
+                if let Some((Some(worker), _, _)) = &running {
                     worker.set_overlay(s.overlay == OverlayProp::Recompute);
                 }
             }
@@ -223,7 +241,7 @@ impl ObjectImpl for MotionCacheSrc {
         }
         gst::debug!(CAT, imp = self, "{name} set to {value:?}");
         let empty_prompt = name == "prompt" && settings.prompt.trim().is_empty();
-        let problem = running.and_then(|(worker, defaults)| {
+        let problem = running.and_then(|(worker, defaults, unused)| {
             if settings.prompt != old.prompt || settings.negative_prompt != old.negative_prompt {
                 // Before the stream starts, it reads the prompts from the settings.
                 if let Some(w) = worker {
@@ -231,7 +249,7 @@ impl ObjectImpl for MotionCacheSrc {
                 }
                 return None;
             }
-            match settings.generator_settings(&defaults) {
+            match settings.without(unused).generator_settings(&defaults) {
                 Ok(mut g) => {
                     if let Some(state) = lock(&self.state).as_mut() {
                         // The stream's length (from num-buffers) is not a property here.
@@ -300,14 +318,6 @@ impl ObjectImpl for MotionCacheSrc {
             name => unimplemented!("property {name}"),
         }
     }
-}
-
-/// Latent frames to generate for `pixel_frames` output frames: the first latent frame
-/// decodes to one frame, each further one to `per_latent`; rounded up to whole causal
-/// blocks of `block` latent frames.
-fn stream_latent_frames(pixel_frames: usize, per_latent: usize, block: usize) -> usize {
-    let latent = 1 + pixel_frames.saturating_sub(1).div_ceil(per_latent.max(1));
-    latent.div_ceil(block.max(1)) * block.max(1)
 }
 
 /// The `motioncache-stats` structure of a block (element message and `stats` property).
@@ -557,12 +567,15 @@ impl MotionCacheSrc {
     /// when the caps are set.
     fn begin(&self, settings: &Settings, pipeline: Arc<Pipeline>) -> Result<(), gst::ErrorMessage> {
         let info = pipeline.info().clone();
-        let generator = settings.generator_settings(&info.defaults).map_err(|e| {
-            gst::error_msg!(
-                gst::LibraryError::Settings,
-                ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
-            )
-        })?;
+        let generator = settings
+            .without(info.unused_settings)
+            .generator_settings(&info.defaults)
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::LibraryError::Settings,
+                    ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
+                )
+            })?;
         let range = pipeline.size_range();
         let (fw, fh) = settings.fixed_size();
         for (name, v, max) in [
@@ -609,22 +622,21 @@ impl MotionCacheSrc {
         size: (usize, usize),
     ) -> Result<(), gst::ErrorMessage> {
         let pipeline = &s.pipeline;
-        let mut generator = settings.generator_settings(&s.info.defaults).map_err(|e| {
-            gst::error_msg!(
-                gst::LibraryError::Settings,
-                ["cannot start generating: {}", e]
-            )
-        })?;
+        let mut generator = settings
+            .without(s.info.unused_settings)
+            .generator_settings(&s.info.defaults)
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::LibraryError::Settings,
+                    ["cannot start generating: {}", e]
+                )
+            })?;
         // With num-buffers the generator stops once it has made that many frames (whole
         // causal blocks) instead of filling its queue after EOS.
         let num_buffers = self.obj().property::<i32>("num-buffers");
         if num_buffers > 0 {
-            let per_latent = pipeline.vae().config().temporal_compression().max(1);
-            generator.total_frames = Some(stream_latent_frames(
-                num_buffers as usize,
-                per_latent,
-                generator.causal_block_size,
-            ));
+            generator.total_frames =
+                Some(pipeline.latent_frames_for(num_buffers as usize, generator.causal_block_size));
         }
         let memory = pipeline
             .check_memory(&generator, size)
@@ -643,13 +655,12 @@ impl MotionCacheSrc {
                     ["cannot start generating: {}", e]
                 )
             })?;
-        let worker = Worker::spawn(pipeline.clone(), stream, QUEUE_BLOCKS, self.callbacks())
-            .map_err(|e| {
-                gst::error_msg!(
-                    gst::CoreError::Thread,
-                    ["cannot start the generator thread: {}", e]
-                )
-            })?;
+        let worker = Worker::spawn(stream, QUEUE_BLOCKS, self.callbacks()).map_err(|e| {
+            gst::error_msg!(
+                gst::CoreError::Thread,
+                ["cannot start the generator thread: {}", e]
+            )
+        })?;
         worker.set_overlay(settings.overlay == OverlayProp::Recompute);
         gst::info!(
             CAT,
@@ -676,12 +687,32 @@ impl MotionCacheSrc {
     /// it holds no lock.
     fn finish_start(&self, pipeline: Arc<Pipeline>) -> Result<Option<String>, gst::ErrorMessage> {
         let now = lock(&self.settings);
+        let info = pipeline.info().clone();
         self.begin(&now, pipeline)?;
-        Ok(now
-            .prompt
-            .trim()
-            .is_empty()
-            .then(|| "property 'prompt' is empty: the video follows no text".to_string()))
+        let mut warnings = Vec::new();
+        if now.prompt.trim().is_empty() {
+            warnings.push("property 'prompt' is empty: the video follows no text".to_string());
+        }
+        let unused: Vec<String> = info
+            .unused_settings
+            .iter()
+            .filter(|n| now.is_set(n))
+            .map(|n| format!("'{n}'"))
+            .collect();
+        if !unused.is_empty() {
+            warnings.push(format!(
+                "{} {} not apply to {} models (model {}): ignored",
+                if unused.len() == 1 {
+                    "property"
+                } else {
+                    "properties"
+                },
+                unused.join(", ") + if unused.len() == 1 { " does" } else { " do" },
+                info.family.name(),
+                info.name
+            ));
+        }
+        Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
     }
 
     /// Live latency, (min, max): a frame can leave only when its whole block is finished,
@@ -1158,21 +1189,5 @@ impl PushSrcImpl for MotionCacheSrc {
         }
         gst::trace!(CAT, imp = self, "frame {index} at {pts}");
         Ok(CreateSuccess::NewBuffer(buffer))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stream_latent_frames;
-
-    #[test]
-    fn num_buffers_become_whole_blocks_of_latent_frames() {
-        // No temporal compression (the tiny model), blocks of 3.
-        assert_eq!(stream_latent_frames(48, 1, 3), 48);
-        assert_eq!(stream_latent_frames(49, 1, 3), 51);
-        assert_eq!(stream_latent_frames(1, 1, 3), 3);
-        // Wan: 4 frames per latent frame after the first, blocks of 5.
-        assert_eq!(stream_latent_frames(97, 4, 5), 25);
-        assert_eq!(stream_latent_frames(98, 4, 5), 30);
     }
 }

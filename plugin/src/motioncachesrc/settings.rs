@@ -150,6 +150,59 @@ impl Settings {
         }
     }
 
+    /// Whether the property `name` differs from its default (a value the user set).
+    pub fn is_set(&self, name: &str) -> bool {
+        let d = Settings::default();
+        match name {
+            "negative-prompt" => self.negative_prompt != d.negative_prompt,
+            "steps" => self.steps != d.steps,
+            "guidance-scale" => self.guidance_scale != d.guidance_scale,
+            "shift" => self.shift != d.shift,
+            "causal-block-size" => self.causal_block_size != d.causal_block_size,
+            "ar-step" => self.ar_step != d.ar_step,
+            "window" => self.window != d.window,
+            "overlap" => self.overlap != d.overlap,
+            "cache-mode" => self.cache_mode != d.cache_mode,
+            "warmup-steps" => self.warmup_steps != d.warmup_steps,
+            "motion-threshold" => self.motion_threshold != d.motion_threshold,
+            "refresh-interval" => self.refresh_interval != d.refresh_interval,
+            "uniform-updates" => self.uniform_updates != d.uniform_updates,
+            "weight-floor" => self.weight_floor != d.weight_floor,
+            "min-update-ratio" => self.min_update_ratio != d.min_update_ratio,
+            "temporal-consistency" => self.temporal_consistency != d.temporal_consistency,
+            _ => false,
+        }
+    }
+
+    /// These settings with the properties `names` back at their defaults (what a model
+    /// that ignores them runs with).
+    pub fn without(&self, names: &[&str]) -> Settings {
+        let d = Settings::default();
+        let mut s = self.clone();
+        for name in names {
+            match *name {
+                "negative-prompt" => s.negative_prompt = d.negative_prompt.clone(),
+                "steps" => s.steps = d.steps,
+                "guidance-scale" => s.guidance_scale = d.guidance_scale,
+                "shift" => s.shift = d.shift,
+                "causal-block-size" => s.causal_block_size = d.causal_block_size,
+                "ar-step" => s.ar_step = d.ar_step,
+                "window" => s.window = d.window,
+                "overlap" => s.overlap = d.overlap,
+                "cache-mode" => s.cache_mode = d.cache_mode,
+                "warmup-steps" => s.warmup_steps = d.warmup_steps,
+                "motion-threshold" => s.motion_threshold = d.motion_threshold,
+                "refresh-interval" => s.refresh_interval = d.refresh_interval,
+                "uniform-updates" => s.uniform_updates = d.uniform_updates,
+                "weight-floor" => s.weight_floor = d.weight_floor,
+                "min-update-ratio" => s.min_update_ratio = d.min_update_ratio,
+                "temporal-consistency" => s.temporal_consistency = d.temporal_consistency,
+                _ => {}
+            }
+        }
+        s
+    }
+
     /// The fixed output rate the user asked for, if any.
     pub fn fixed_fps(&self) -> Option<(i32, i32)> {
         (self.fps.0 > 0 && self.fps.1 > 0).then_some(self.fps)

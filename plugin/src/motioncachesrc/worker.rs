@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use motioncache::generate::{BlockStats, GeneratorSettings};
-use motioncache::pipeline::{DecodedBlock, Pipeline, VideoStream};
+use motioncache::pipeline::{DecodedBlock, VideoStream};
 
 /// What the streaming thread gets from [`Worker::pop`].
 pub enum Popped {
@@ -72,7 +72,6 @@ impl Worker {
     /// Starts generating `stream` at once; at most `capacity` finished blocks wait in the
     /// queue.
     pub fn spawn(
-        pipeline: Arc<Pipeline>,
         stream: VideoStream,
         capacity: usize,
         callbacks: Callbacks,
@@ -87,7 +86,7 @@ impl Worker {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("motioncache-gen".into())
-            .spawn(move || run(pipeline, stream, &thread_shared, callbacks))?;
+            .spawn(move || run(stream, &thread_shared, callbacks))?;
         Ok(Worker {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -164,11 +163,11 @@ impl Drop for Worker {
     }
 }
 
-fn run(pipeline: Arc<Pipeline>, mut stream: VideoStream, shared: &Shared, cb: Callbacks) {
+fn run(mut stream: VideoStream, shared: &Shared, cb: Callbacks) {
     // A panic (a bug, or a callback's) becomes the stream's error instead of a thread that
     // silently ends while the streaming thread waits for it.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        generate(&pipeline, &mut stream, shared, &cb)
+        generate(&mut stream, shared, &cb)
     }));
     // Drop the stream (and with it the K/V caches) before telling anyone we are done.
     drop(stream);
@@ -190,28 +189,19 @@ fn run(pipeline: Arc<Pipeline>, mut stream: VideoStream, shared: &Shared, cb: Ca
     shared.changed.notify_all();
 }
 
-fn generate(
-    pipeline: &Pipeline,
-    stream: &mut VideoStream,
-    shared: &Shared,
-    cb: &Callbacks,
-) -> motioncache::Result<()> {
+fn generate(stream: &mut VideoStream, shared: &Shared, cb: &Callbacks) -> motioncache::Result<()> {
     loop {
         let (prompts, settings) = {
             let mut q = shared.lock();
             (q.pending_prompt.take(), q.pending_settings.take())
         };
-        if let Some((prompt, negative)) = prompts {
-            let encoded = pipeline
-                .encode_prompt(&prompt)
-                .and_then(|c| Ok((c, pipeline.encode_prompt(&negative)?)))
-                .and_then(|(c, n)| stream.set_contexts(&c, &n));
-            if let Err(e) = encoded {
-                (cb.on_warning)(format!(
-                    "cannot use the new prompt {prompt:?} (negative {negative:?}): {e}; \
-                     keeping the previous one"
-                ));
-            }
+        if let Some((prompt, negative)) = prompts
+            && let Err(e) = stream.set_prompt(&prompt, &negative)
+        {
+            (cb.on_warning)(format!(
+                "cannot use the new prompt {prompt:?} (negative {negative:?}): {e}; \
+                 keeping the previous one"
+            ));
         }
         if let Some(s) = settings
             && let Err(e) = stream.set_settings(s)
@@ -254,7 +244,9 @@ mod tests {
     /// with an error that says so, instead of leaving `pop` waiting forever.
     #[test]
     fn a_panic_on_the_worker_becomes_the_stream_error() {
-        let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
+        let p = Arc::new(
+            motioncache::pipeline::Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap(),
+        );
         let mut s = p.info().defaults.clone();
         s.total_frames = Some(s.window);
         let stream = p.stream("a red circle moving right", "", s, 1).unwrap();
@@ -262,7 +254,7 @@ mod tests {
             on_block: Box::new(|_, _| panic!("injected fault")),
             on_warning: Box::new(|_| {}),
         };
-        let w = Worker::spawn(p, stream, 2, cb).unwrap();
+        let w = Worker::spawn(stream, 2, cb).unwrap();
         match w.pop() {
             Popped::Failed(m) => {
                 assert!(

@@ -98,7 +98,9 @@ pub fn run(a: Args) -> BoxResult<()> {
                 NoiseSource::Seed(2048 + i as u64),
                 size,
             )?;
-            let g = st.generator();
+            let g = st
+                .generator()
+                .ok_or("calibrate fits SkyReels-V2's cache policies; this is not one")?;
             g.record_distances(true);
             while g.next_block(&cancel)?.is_some() {}
             let got = g.take_distances();

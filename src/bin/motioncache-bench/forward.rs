@@ -167,7 +167,10 @@ fn config(name: &str) -> BoxResult<(TransformerConfig, usize)> {
         "1.3b" => Ok((TransformerConfig::skyreels_v2_df_1_3b(), 512)),
         "tiny" => {
             let p = motioncache::pipeline::Pipeline::load_embedded(&Device::Cpu, DType::F32)?;
-            Ok((p.transformer().config().clone(), p.info().text_len))
+            let t = p
+                .transformer()
+                .ok_or("the embedded model is a SkyReels-V2 model")?;
+            Ok((t.config().clone(), p.info().text_len))
         }
         path => Ok((TransformerConfig::from_file(Path::new(path))?, 512)),
     }

@@ -266,7 +266,10 @@ pub fn generate(
     };
     loop {
         let t0 = Instant::now();
-        let Some(b) = st.generator().next_block(&cancel)? else {
+        let g = st.generator().ok_or_else(|| {
+            motioncache::Error::setting("model", &p.info().name, "a SkyReels-V2 model")
+        })?;
+        let Some(b) = g.next_block(&cancel)? else {
             break;
         };
         o.transformer_seconds += t0.elapsed().as_secs_f64();

@@ -298,6 +298,11 @@ impl MagiDit {
         &self.device
     }
 
+    /// The weights' (and the KV cache's) data type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The null caption embedding `[caption_max_length, caption_channels]` (the
     /// unconditional and clean-chunk caption; upstream treats its first 50 rows as valid).
     pub fn null_caption(&self) -> &Tensor {

@@ -21,8 +21,13 @@ pub struct MagiFiles {
     pub dit_weights: Vec<PathBuf>,
     /// The VAE folder (checked to hold `config.json`).
     pub vae_dir: PathBuf,
-    /// The T5 folder (checked to hold `config.json`).
+    /// The T5 folder (checked to hold `config.json`): `t5_pretrained` itself or its
+    /// `t5-v1_1-xxl/` (where upstream's `T5Embedder` looks).
     pub t5_dir: PathBuf,
+    /// Upstream's special-token table (`example/assets/special_tokens.npz` of the GitHub
+    /// repository), found beside the config, in its `example/assets/`, or in the DiT
+    /// checkpoint folder.
+    pub special_tokens: PathBuf,
 }
 
 /// Whether `dir` looks like a MAGI-1 directory: its `config.json` has a `model_config`.
@@ -56,8 +61,12 @@ impl MagiFiles {
         let dit_weights = dit_weight_files(dir, &config_path, &config)?;
         let folder = |entry: &Option<String>, fallback: &str, what: &str, key: &str| {
             let d = resolve(dir, entry, fallback);
+            // Upstream's T5Embedder reads `<t5_pretrained>/t5-v1_1-xxl/`.
+            let nested = d.join("t5-v1_1-xxl");
             if d.join("config.json").is_file() {
                 Ok(d)
+            } else if key == "t5_pretrained" && nested.join("config.json").is_file() {
+                Ok(nested)
             } else {
                 Err(Error::model(
                     d.join("config.json"),
@@ -70,12 +79,28 @@ impl MagiFiles {
         };
         let vae_dir = folder(&rc.vae_pretrained, "vae", "VAE", "vae_pretrained")?;
         let t5_dir = folder(&rc.t5_pretrained, "t5", "T5 text encoder", "t5_pretrained")?;
+        let ckpt = resolve(dir, &rc.load, ".");
+        let special_tokens = [
+            dir.join("special_tokens.npz"),
+            dir.join("example/assets/special_tokens.npz"),
+            ckpt.join("special_tokens.npz"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::model(
+                dir.join("special_tokens.npz"),
+                "missing MAGI-1 special-token table (copy example/assets/special_tokens.npz of \
+                 the SandAI-org/MAGI-1 repository beside the config)",
+            )
+        })?;
         Ok(Self {
             config_path,
             config,
             dit_weights,
             vae_dir,
             t5_dir,
+            special_tokens,
         })
     }
 }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dit;
 pub mod files;
+pub mod stream;
 pub mod text;
 pub mod vae;
 pub mod walk;

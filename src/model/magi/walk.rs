@@ -76,6 +76,8 @@ pub struct WalkStep {
     /// The guided velocity of the chunks denoised at this step (the re-forwarded clean
     /// chunk excluded), `[1, C, frames, H, W]`.
     pub velocity: Tensor,
+    /// The chunks denoised at this step, `[start, end)`.
+    pub denoised: (usize, usize),
     /// A chunk that finished at this step: its index and clean latents `[1, C, width, H, W]`.
     pub finished: Option<(usize, Tensor)>,
 }
@@ -457,6 +459,7 @@ impl MagiWalk {
         self.step += 1;
         Ok(Some(WalkStep {
             velocity: v,
+            denoised: (cs, ce),
             finished,
         }))
     }

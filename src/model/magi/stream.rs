@@ -1,0 +1,396 @@
+//! MAGI-1 from prompt to frames (upstream `MagiPipeline._run`, text to video): the T5
+//! caption with its special tokens per chunk, the chunk-wise walk, and each finished chunk
+//! decoded by the ViT VAE with the pipeline's tiling (`post_chunk_process`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::MagiConfig;
+use super::dit::MagiDit;
+use super::files::MagiFiles;
+use super::text::{SpecialTokens, load_t5_tokenizer};
+use super::vae::{MagiVae, MagiVaeTiling};
+use super::walk::{MagiWalk, PromptCaption, WalkNoise};
+use crate::error::{Error, Result};
+use crate::generate::{BlockStats, NoiseRng};
+use crate::model::t5::{T5Config, T5Encoder};
+use crate::model::tokenizer::{PromptTokenizer, prompt_clean};
+use crate::model::weights::{mmap_safetensors, safetensors_files};
+
+/// A loaded MAGI-1 model: DiT, VAE, T5 encoder and tokenizer, special tokens.
+pub struct MagiModel {
+    pub files: MagiFiles,
+    dit: Arc<MagiDit>,
+    vae: MagiVae,
+    t5: T5Encoder,
+    tokenizer: PromptTokenizer,
+    specials: SpecialTokens,
+}
+
+impl MagiModel {
+    /// Loads the MAGI-1 directory `dir` (see [`MagiFiles`]); every file is located before
+    /// anything is read, so that a missing one is named.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let files = MagiFiles::locate(dir)?;
+        let specials_path = files.special_tokens.clone();
+        let spiece = files.t5_dir.join("spiece.model");
+        if !spiece.is_file() {
+            return Err(Error::model(
+                &spiece,
+                "missing T5 tokenizer (the SentencePiece model of the t5-v1_1-xxl folder)",
+            ));
+        }
+        let t5_config = files.t5_dir.join("config.json");
+        let t5_weights =
+            safetensors_files(&files.t5_dir, &["model", "pytorch_model"]).map_err(|e| {
+                Error::model(
+                    &files.t5_dir,
+                    format!(
+                        "{e} (the T5 encoder's weights as safetensors: convert \
+                         pytorch_model*.bin with safetensors' convert script)"
+                    ),
+                )
+            })?;
+
+        let cfg = &files.config;
+        let vb = mmap_safetensors(&files.dit_weights, dtype, device)?;
+        let dit = MagiDit::new(&cfg.model_config, cfg.engine_config.distill, vb).map_err(|e| {
+            Error::model(
+                &files.dit_weights[0],
+                format!("weights do not match {}: {e}", files.config_path.display()),
+            )
+        })?;
+        // The VAE and the text encoder run in f32 as upstream's (small next to the DiT;
+        // the T5 is asked for in float by the pipeline).
+        let vae = MagiVae::load(&files.vae_dir, DType::F32, device)?;
+        let t5_cfg = T5Config::from_json_file(&t5_config)?;
+        let vb = mmap_safetensors(&t5_weights, DType::F32, device)?;
+        let t5 = T5Encoder::new(&t5_cfg, vb).map_err(|e| {
+            Error::model(
+                &t5_weights[0],
+                format!("does not match {}: {e}", t5_config.display()),
+            )
+        })?;
+        let tokenizer = load_t5_tokenizer(&spiece)?;
+        let specials = SpecialTokens::from_npz(&specials_path, device)?;
+
+        let mc = &cfg.model_config;
+        let mismatch = |what: String| Err(Error::model(&files.config_path, what));
+        if vae.config.z_chans != mc.latent_channels() {
+            return mismatch(format!(
+                "the DiT takes {} latent channels but the VAE ({}) makes {}",
+                mc.latent_channels(),
+                files.vae_dir.display(),
+                vae.config.z_chans
+            ));
+        }
+        if t5_cfg.d_model != mc.caption_channels {
+            return mismatch(format!(
+                "the DiT takes captions of {} channels but the T5 ({}) makes {}",
+                mc.caption_channels,
+                files.t5_dir.display(),
+                t5_cfg.d_model
+            ));
+        }
+        if specials.other_tokens.dim(1)? != mc.caption_channels {
+            return Err(Error::model(
+                &specials_path,
+                format!(
+                    "special tokens of width {} for captions of {} channels",
+                    specials.other_tokens.dim(1)?,
+                    mc.caption_channels
+                ),
+            ));
+        }
+        Ok(Self {
+            files,
+            dit: Arc::new(dit),
+            vae,
+            t5,
+            tokenizer,
+            specials,
+        })
+    }
+
+    pub fn config(&self) -> &MagiConfig {
+        &self.files.config
+    }
+
+    pub fn dit(&self) -> &Arc<MagiDit> {
+        &self.dit
+    }
+
+    pub fn vae(&self) -> &MagiVae {
+        &self.vae
+    }
+
+    /// Pixels per latent: `(spatial, temporal)`.
+    pub fn factors(&self) -> (usize, usize) {
+        self.vae.factors()
+    }
+
+    /// Tokens per latent frame side: the VAE's factor times the DiT's patch.
+    pub fn pixel_multiple(&self) -> usize {
+        self.vae.factors().0 * self.dit.config().patch_size
+    }
+
+    /// The prompt's T5 caption `([caption_max_length, D], mask [caption_max_length])`:
+    /// upstream's `T5Embedder.get_text_embeddings` (padding to `caption_max_length`,
+    /// truncation, the encoder run with the attention mask). Upstream cleans the text
+    /// with IF's `clean_caption`; here diffusers' basic clean and lower case stand in
+    /// for it (the same text for plain prompts).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        let len = self.dit.config().caption_max_length;
+        let text = prompt_clean(prompt).to_lowercase();
+        let tokens = self.tokenizer.encode_cleaned(&[text.as_str()], len)?;
+        let (ids, mask) = tokens.to_tensors(self.t5.device())?;
+        let n = tokens.seq_lens()[0].max(1);
+        // Only the real tokens: padded keys are masked and their outputs are masked in
+        // the cross-attention, so they are left at zero.
+        let hidden = self
+            .t5
+            .forward(&ids.narrow(1, 0, n)?, &mask.narrow(1, 0, n)?)?;
+        let hidden = hidden.squeeze(0)?.to_dtype(DType::F32)?;
+        let d = hidden.dim(1)?;
+        let hidden = if n < len {
+            Tensor::cat(
+                &[
+                    &hidden,
+                    &Tensor::zeros((len - n, d), DType::F32, hidden.device())?,
+                ],
+                0,
+            )?
+        } else {
+            hidden
+        };
+        let mask = mask.squeeze(0)?.to_dtype(DType::F32)?;
+        Ok((hidden, mask))
+    }
+
+    /// Upstream's `decode_chunk`: `latents / scale_factor` through the VAE with the
+    /// pipeline's tiling; `[1, C, T, h, w]` -> `[3, 4T, H, W]` (about [-1, 1]).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let rc = &self.config().runtime_config;
+        let z = (latents.to_dtype(DType::F32)? / rc.scale_factor)?;
+        let video = self
+            .vae
+            .decode_tiled(&z, &MagiVaeTiling::pipeline(rc.fps))?;
+        Ok(video.squeeze(0)?)
+    }
+}
+
+/// The settings of one MAGI-1 stream.
+#[derive(Debug, Clone)]
+pub struct MagiStreamSettings {
+    /// Denoising steps per chunk (a multiple of `window_size` and of the key-range stages).
+    pub steps: usize,
+    /// Chunks to make; `None`: endless.
+    pub chunks: Option<usize>,
+    /// `(width, height)` in pixels (multiples of [`MagiModel::pixel_multiple`]).
+    pub size: (usize, usize),
+}
+
+/// A finished chunk: its index, clean latents `[1, C, chunk_width, h, w]` and what making it
+/// took.
+pub struct MagiChunk {
+    pub index: usize,
+    pub latents: Tensor,
+    pub stats: BlockStats,
+}
+
+/// A running MAGI-1 video.
+pub struct MagiStream {
+    model: Arc<MagiModel>,
+    walk: MagiWalk,
+    steps: usize,
+    grid: (usize, usize, usize),
+    /// Forwards each unfinished chunk was part of.
+    passes: BTreeMap<usize, usize>,
+    last_emit: Instant,
+    compute: Duration,
+    poisoned: bool,
+}
+
+impl MagiStream {
+    /// A new video of `prompt` from the seeded noise `seed`.
+    pub fn new(
+        model: Arc<MagiModel>,
+        prompt: &str,
+        settings: &MagiStreamSettings,
+        seed: u64,
+    ) -> Result<Self> {
+        let noise = WalkNoise::Seeded(NoiseRng::new(seed));
+        Self::with_noise(model, prompt, settings, noise)
+    }
+
+    /// Like [`MagiStream::new`] with any noise source (explicit noise for parity runs).
+    pub fn with_noise(
+        model: Arc<MagiModel>,
+        prompt: &str,
+        settings: &MagiStreamSettings,
+        noise: WalkNoise,
+    ) -> Result<Self> {
+        let mut cfg = model.config().clone();
+        let rc = &cfg.runtime_config;
+        let window = rc.window_size.max(1);
+        let stages = rc.noise2clean_kvrange.len().max(1);
+        if settings.steps == 0
+            || !settings.steps.is_multiple_of(window)
+            || !settings.steps.is_multiple_of(stages)
+        {
+            return Err(Error::setting(
+                "steps",
+                settings.steps,
+                format!(
+                    "MAGI-1 needs a positive multiple of window_size {window} and of the {stages} \
+                     key-range stages of {}",
+                    model.files.config_path.display()
+                ),
+            ));
+        }
+        let chunk_width = rc.chunk_width;
+        cfg.runtime_config.num_steps = settings.steps;
+        let (w, h) = settings.size;
+        let m = model.pixel_multiple();
+        if w == 0 || h == 0 || !w.is_multiple_of(m) || !h.is_multiple_of(m) {
+            return Err(Error::setting(
+                "size",
+                format!("{w}x{h}"),
+                format!("MAGI-1 frames are multiples of {m} pixels per side"),
+            ));
+        }
+        let s = model.factors().0;
+        let latent = (model.dit.config().latent_channels(), h / s, w / s);
+        let (text, mask) = model.encode_prompt(prompt)?;
+        let (null, null_mask) = PromptCaption::null_of(&model.dit)?;
+        let caption = PromptCaption {
+            text,
+            mask,
+            specials: model.specials.clone(),
+            null,
+            null_mask,
+        };
+        let walk = MagiWalk::streaming(
+            model.dit.clone(),
+            &cfg,
+            latent,
+            settings.chunks,
+            noise,
+            caption,
+        )?;
+        let p = model.dit.config().patch_size;
+        let pt = model.dit.config().t_patch_size.max(1);
+        let grid = (chunk_width / pt, latent.1 / p, latent.2 / p);
+        Ok(Self {
+            model,
+            walk,
+            steps: settings.steps,
+            grid,
+            passes: BTreeMap::new(),
+            last_emit: Instant::now(),
+            compute: Duration::ZERO,
+            poisoned: false,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<MagiModel> {
+        &self.model
+    }
+
+    /// Replaces the prompt: from the next forward, every unfinished chunk follows it.
+    pub fn set_prompt(&mut self, prompt: &str) -> Result<()> {
+        let (text, mask) = self.model.encode_prompt(prompt)?;
+        Ok(self.walk.set_prompt(text, mask)?)
+    }
+
+    /// Denoising steps per chunk of this stream.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Runs the walk until the next chunk is finished; `None` when the video is complete.
+    /// `cancel` is checked before every forward; after [`Error::Cancelled`] (or any error)
+    /// the stream must be dropped.
+    pub fn next_chunk(&mut self, cancel: &AtomicBool) -> Result<Option<MagiChunk>> {
+        if self.poisoned {
+            return Err(Error::setting(
+                "stream",
+                "stopped",
+                "an earlier error or cancellation left it unusable; create a new one",
+            ));
+        }
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                self.poisoned = true;
+                return Err(Error::Cancelled);
+            }
+            let started = Instant::now();
+            let passes = if self.model.config().runtime_config.cfg_number == 3 {
+                3
+            } else {
+                1
+            };
+            let step = match self.walk.step() {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(e.into());
+                }
+            };
+            self.compute += started.elapsed();
+            // Every chunk of this step's window went through `passes` forwards.
+            for c in step.denoised.0..step.denoised.1 {
+                *self.passes.entry(c).or_insert(0) += passes;
+            }
+            if let Some((index, latents)) = step.finished {
+                let forwards = self.passes.remove(&index).unwrap_or(0);
+                let cw = self.model.config().runtime_config.chunk_width;
+                let now = Instant::now();
+                let (gt, gh, gw) = self.grid;
+                let tokens = gt * gh * gw;
+                let flops = forwards as f64 * self.chunk_flops();
+                let stats = BlockStats {
+                    index,
+                    frames: cw,
+                    steps: self.steps,
+                    full_forwards: forwards,
+                    partial_forwards: 0,
+                    skipped_forwards: 0,
+                    tokens_recomputed: tokens * forwards,
+                    tokens_total: tokens * forwards,
+                    token_recomputes: vec![forwards as u32; tokens],
+                    grid: self.grid,
+                    flops,
+                    vanilla_flops: flops,
+                    wall: now - self.last_emit,
+                    compute: std::mem::take(&mut self.compute),
+                };
+                self.last_emit = now;
+                return Ok(Some(MagiChunk {
+                    index,
+                    latents,
+                    stats,
+                }));
+            }
+        }
+    }
+
+    /// Linear-layer FLOPs of one forward over one chunk's tokens (attention left out).
+    fn chunk_flops(&self) -> f64 {
+        let c = self.model.dit.config();
+        let (gt, gh, gw) = self.grid;
+        let tokens = (gt * gh * gw) as f64;
+        let d = c.hidden_size as f64;
+        let q = (c.num_attention_heads * c.kv_channels) as f64;
+        let kv = (c.num_query_groups * c.kv_channels) as f64;
+        let ffn = c.ffn_hidden_size as f64 * if c.gated_linear_unit { 3.0 } else { 2.0 };
+        let per_token = d * (2.0 * q + 2.0 * kv) + 2.0 * q * d + ffn * d;
+        2.0 * tokens * per_token * c.num_layers as f64
+    }
+}
