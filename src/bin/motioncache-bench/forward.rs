@@ -6,6 +6,8 @@
 //!     motioncache-bench forward [--config 1.3b|tiny|PATH] [--frames F] [--height H]
 //!         [--width W] [--prefix-frames P] [--text-len L] [--dtypes f32,bf16] [--reps N]
 //!         [--python EXE|none] [--out DIR]
+//!     motioncache-bench forward --config magi-4.5b [--layers N] [--chunks C]
+//!         [--chunk-frames F] [--caption-len L] [--magi CHECKOUT] ...   (forward_magi.rs)
 //!
 //! The forward is what the pipeline calls once per block and step: text projection and
 //! cross-attention keys/values, timestep modulation, patch embedding, every layer over all
@@ -110,35 +112,52 @@ impl SimpleBackend for Recorded {
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
-    /// 1.3b, tiny (the embedded model) or a transformer config.json.
+    /// 1.3b, tiny (the embedded model), a transformer config.json, magi-4.5b or a MAGI-1
+    /// MagiConfig JSON (see forward_magi.rs).
     #[arg(long, default_value = "1.3b")]
-    config: String,
+    pub(crate) config: String,
     /// Latent frames, height and width (before patching).
     #[arg(long, default_value_t = 3)]
-    frames: usize,
+    pub(crate) frames: usize,
     #[arg(long, default_value_t = 16)]
-    height: usize,
+    pub(crate) height: usize,
     #[arg(long, default_value_t = 32)]
-    width: usize,
+    pub(crate) width: usize,
     /// Latent frames of cached keys/values before the block, attended to by its tokens.
     #[arg(long, default_value_t = 0)]
-    prefix_frames: usize,
+    pub(crate) prefix_frames: usize,
     /// Text positions (default: 512, the embedded model's own for tiny).
     #[arg(long)]
-    text_len: Option<usize>,
+    pub(crate) text_len: Option<usize>,
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
-    dtypes: Vec<DType>,
+    pub(crate) dtypes: Vec<DType>,
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
-    reps: u64,
+    pub(crate) reps: u64,
     /// Python with torch and diffusers for the PyTorch side, or `none`
     /// (default: $MOTIONCACHE_PYTHON, else python3).
     #[arg(long)]
-    python: Option<String>,
+    pub(crate) python: Option<String>,
     #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
+    /// MAGI-1: the first N of the model's layers (default: all).
+    #[arg(long)]
+    pub(crate) layers: Option<usize>,
+    /// MAGI-1: chunks in the forward.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) chunks: usize,
+    /// MAGI-1: latent frames per chunk.
+    #[arg(long, default_value_t = 6)]
+    pub(crate) chunk_frames: usize,
+    /// MAGI-1: valid caption rows per chunk (of 800).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) caption_len: usize,
+    /// MAGI-1: the SandAI-org/MAGI-1 checkout the PyTorch side imports (default:
+    /// $MAGI_ROOT; without one, only candle runs).
+    #[arg(long)]
+    pub(crate) magi: Option<PathBuf>,
     /// cpu, cuda or cuda:N (a `cuda` build), for both sides.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
 }
 
 fn parse_dtype(d: &str) -> Result<DType, String> {
@@ -151,7 +170,7 @@ fn parse_dtype(d: &str) -> Result<DType, String> {
 }
 
 impl Args {
-    fn python(&self) -> Option<String> {
+    pub(crate) fn python(&self) -> Option<String> {
         let p = self
             .python
             .clone()
@@ -176,6 +195,14 @@ fn config(name: &str) -> BoxResult<(TransformerConfig, usize)> {
     }
 }
 
+/// Whether `path` is an upstream MagiConfig JSON (it has a `model_config`).
+fn is_magi_config(path: &str) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("model_config").is_some())
+}
+
 /// The configuration in diffusers' `transformer/config.json` form, for the PyTorch side.
 pub(crate) fn diffusers_json(c: &TransformerConfig) -> serde_json::Value {
     serde_json::json!({
@@ -198,7 +225,7 @@ pub(crate) fn diffusers_json(c: &TransformerConfig) -> serde_json::Value {
     })
 }
 
-fn dtype_name(d: DType) -> &'static str {
+pub(crate) fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -208,7 +235,7 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 /// Best-of-`reps` GFLOP/s of a square matrix multiply (after one warm-up).
-fn matmul_peak(dev: &Device, dtype: DType, n: usize, reps: usize) -> BoxResult<f64> {
+pub(crate) fn matmul_peak(dev: &Device, dtype: DType, n: usize, reps: usize) -> BoxResult<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     a.matmul(&b)?;
@@ -365,13 +392,16 @@ fn torch_forward(
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]
 }
 
 pub fn run(o: Args) -> BoxResult<()> {
+    if o.config.starts_with("magi") || is_magi_config(&o.config) {
+        return super::forward_magi::run(o);
+    }
     let (cfg, default_text) = config(&o.config)?;
     let text_len = o.text_len.unwrap_or(default_text);
     std::fs::create_dir_all(&o.out)?;

@@ -25,6 +25,7 @@
 
 mod calibrate;
 mod forward;
+mod forward_magi;
 mod make_model;
 mod ops;
 mod plot;
