@@ -466,7 +466,8 @@ impl MagiDit {
                 keys: rows.len() - start,
             });
         }
-        let idx = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
+        let n_rows = rows.len();
+        let idx = Tensor::from_vec(rows, n_rows, &self.device)?;
         let y_flat = y
             .reshape((chunks * mask[0].len(), y.dim(2)?))?
             .index_select(&idx, 0)?

@@ -18,6 +18,7 @@
 //! blended with the end of the previous tile along that axis, then cropped and
 //! concatenated. Tiled output differs from a whole decode, so it is part of the reference.
 
+use crate::model::vae::conv::ConvLayer;
 use std::path::Path;
 
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
@@ -390,9 +391,8 @@ impl Trunk {
 struct Decoder {
     proj_in: Linear,
     trunk: Trunk,
-    /// `[27 C_u, 3]`, rows in `(dt, dy, dx, c)` order.
-    conv_w: Tensor,
-    conv_b: Tensor,
+    /// `last_layer`: `Conv3d(C_u -> 3, k 3, pad 1)`.
+    conv: ConvLayer,
     unpatch_channels: usize,
     pt: usize,
     ps: usize,
@@ -401,15 +401,11 @@ struct Decoder {
 impl Decoder {
     fn new(c: &MagiVaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let cu = c.embed_dim / (c.patch_size * c.patch_size * c.patch_length);
-        let w = vb.get((3, cu, 3, 3, 3), "last_layer.weight")?;
+        let conv = ConvLayer::conv3d(cu, 3, (3, 3), 1, 1, vb.pp("last_layer"))?;
         Ok(Self {
             proj_in: linear(c.z_chans, c.embed_dim, true, vb.pp("proj_in"))?,
             trunk: Trunk::new(c, vb.clone())?,
-            conv_w: w
-                .permute((2, 3, 4, 1, 0))?
-                .reshape((27 * cu, 3))?
-                .contiguous()?,
-            conv_b: vb.get(3, "last_layer.bias")?,
+            conv,
             unpatch_channels: cu,
             pt: c.patch_length,
             ps: c.patch_size,
@@ -432,37 +428,10 @@ impl Decoder {
         self.conv3(&x)?.permute((0, 4, 1, 2, 3))?.contiguous()
     }
 
-    /// `Conv3d(C_u -> 3, k 3, stride 1, pad 1)` on channels-last `[B, T, H, W, C_u]`, one
-    /// output frame at a time (im2col by 27 shifted views).
+    /// `Conv3d(C_u -> 3, k 3, stride 1, pad 1)` on channels-last `[B, T, H, W, C_u]`: the
+    /// shared convolution with the two zero frames of temporal padding put around `x`.
     fn conv3(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, h, w, _) = x.dims5()?;
-        let xp = x
-            .pad_with_zeros(1, 1, 1)?
-            .pad_with_zeros(2, 1, 1)?
-            .pad_with_zeros(3, 1, 1)?;
-        let wmat = self.conv_w.to_dtype(x.dtype())?;
-        let bias = self.conv_b.to_dtype(x.dtype())?;
-        let mut frames = Vec::with_capacity(t);
-        for ti in 0..t {
-            let mut cols = Vec::with_capacity(27);
-            for dt in 0..3 {
-                let f = xp.narrow(1, ti + dt, 1)?;
-                for dy in 0..3 {
-                    let r = f.narrow(2, dy, h)?;
-                    for dx in 0..3 {
-                        cols.push(r.narrow(3, dx, w)?);
-                    }
-                }
-            }
-            let col = Tensor::cat(&cols, 4)?;
-            let k = col.dim(4)?;
-            let y = col
-                .reshape((b * h * w, k))?
-                .matmul(&wmat)?
-                .broadcast_add(&bias)?;
-            frames.push(y.reshape((b, 1, h, w, 3))?);
-        }
-        Tensor::cat(&frames, 1)
+        self.conv.forward(&x.pad_with_zeros(1, 1, 1)?)
     }
 }
 

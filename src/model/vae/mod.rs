@@ -11,7 +11,7 @@
 //! ([`VaeStreamDecoder`]), which is what lets finished diffusion-forcing blocks be shown
 //! before the rest of the video exists.
 
-mod conv;
+pub(crate) mod conv;
 mod layers;
 
 use std::sync::Arc;
