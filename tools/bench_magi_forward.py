@@ -37,7 +37,7 @@ t/y embedders, rope, all layers, final layer, unpatchify):
 chunk_tokens = F * (H / patch) * (W / patch); tokens T = C * chunk_tokens.
 
 Weights: built on the "meta" device (as upstream's _build_dit_model does), dtypes set as upstream
-runs them (--dtype bf16: params_dtype bfloat16 then upstream `_high_precision_promoter`, which keeps
+runs them (--dtype bf16 (or f16): params_dtype bfloat16 then upstream `_high_precision_promoter`, which keeps
 the embedders, final linear, rope, q/k layernorms and post-norms in f32; --dtype f32: params_dtype
 float32, everything f32), then allocated once in that dtype and filled from a seeded random period
 (randn * 0.02, 1_000_003 values, rotated by a random offset per tensor: no minutes of RNG for a
@@ -47,8 +47,8 @@ after the projection).
 """
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import resource
 import sys
@@ -125,6 +125,44 @@ def install_autocast_shim():
 
 
 # ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def load_config(path):
+    """Upstream MagiConfig.from_json; a JSON that lacks some fields (from_json wants every one of
+    them) gets the dataclass defaults for those (model_name: videodit_ardf), listed on stderr,
+    then upstream's own check (cfg_number 1 for a distill model, 3 for a base one)."""
+    from inference.common import EngineConfig, MagiConfig, ModelConfig, RuntimeConfig
+
+    try:
+        return MagiConfig.from_json(path)
+    except ValueError as e:
+        if "Missing fields" not in str(e):
+            raise
+    with open(path) as f:
+        d = json.load(f)
+    dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
+    parts = {}
+    for name, cls in (("model_config", ModelConfig), ("runtime_config", RuntimeConfig), ("engine_config", EngineConfig)):
+        sub = dict(d.get(name, {}))
+        if name == "model_config":
+            sub.setdefault("model_name", "videodit_ardf")
+            if isinstance(sub.get("params_dtype"), str):
+                sub["params_dtype"] = dtypes[sub["params_dtype"]]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(sub) - names)
+        if unknown:
+            raise SystemExit(f"{path}: {name} has unknown fields {unknown}")
+        missing = sorted(names - set(sub))
+        if missing:
+            log(f"config: {name} lacks {missing}: upstream defaults used")
+        parts[name] = cls(**sub)
+    cfg = MagiConfig(**parts)
+    distill = cfg.engine_config.fp8_quant or cfg.engine_config.distill
+    assert cfg.runtime_config.cfg_number == (1 if distill else 3), "cfg_number must be 1 (distill/fp8) or 3 (base)"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
 def build_model(dmod, dm, cfg, dtype, seed):
@@ -184,24 +222,23 @@ def main():
     ap.add_argument("--width", type=int, default=16, help="latent width before patching")
     ap.add_argument("--caption-len", type=int, default=64, help="valid caption rows per chunk")
     ap.add_argument("--num-steps", type=int, default=64)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="bf16")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="bf16",
+                    help="params_dtype (bf16 / f16: upstream's _high_precision_promoter keeps norms etc. in f32)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
 
     magi_shim.install(a.magi)
     magi_shim.selftest()
     install_autocast_shim()
-    from inference.common import MagiConfig  # noqa: E402
-
     dm, dmod = magi_shim.patch_upstream()
     import inference.pipeline.video_generate as vg  # noqa: E402  (init_intervel: the walk's distill_interval)
 
-    cfg = MagiConfig.from_json(a.config)
+    cfg = load_config(a.config)
     mc, rc, ec = cfg.model_config, cfg.runtime_config, cfg.engine_config
     if a.layers is not None:
         mc.num_layers = a.layers

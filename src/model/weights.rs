@@ -4,8 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 
 use crate::error::{Error, Result};
 
@@ -60,6 +61,99 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         out.push(p);
     }
     Ok(out)
+}
+
+/// The PyTorch pickles of a model as transformers saves them without safetensors:
+/// `stem.bin`, or the shards listed in `stem.bin.index.json`.
+pub fn pytorch_files(dir: &Path, stems: &[&str]) -> Result<Vec<PathBuf>> {
+    for stem in stems {
+        let single = dir.join(format!("{stem}.bin"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{stem}.bin.index.json"));
+        if index.is_file() {
+            return shards_from_index(&index);
+        }
+    }
+    Err(Error::model(
+        dir,
+        format!(
+            "no PyTorch weights found: expected one of {}",
+            stems
+                .iter()
+                .map(|s| format!("{s}.bin or {s}.bin.index.json"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// Tensors of several PyTorch pickles, each read from its file when asked for (the files
+/// are zip archives: nothing is mapped, a tensor's bytes are read and converted).
+struct PthShards(Vec<candle_core::pickle::PthTensors>);
+
+impl PthShards {
+    fn find(&self, name: &str) -> candle_core::Result<Tensor> {
+        for shard in &self.0 {
+            if let Some(t) = shard.get(name)? {
+                return Ok(t);
+            }
+        }
+        Err(candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        }
+        .bt())
+    }
+}
+
+impl SimpleBackend for PthShards {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.find(name)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {s:?}, got {:?}",
+                t.shape()
+            );
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.find(name)?.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.iter().any(|s| s.tensor_infos().contains_key(name))
+    }
+}
+
+/// A VarBuilder over PyTorch pickle files (see [`pytorch_files`]); an unreadable file is
+/// an error naming it.
+pub fn pth_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    dev: &Device,
+) -> Result<VarBuilder<'static>> {
+    let shards = files
+        .iter()
+        .map(|f| {
+            candle_core::pickle::PthTensors::new(f, None)
+                .map_err(|e| Error::model(f, format!("cannot read PyTorch weights: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(VarBuilder::from_backend(
+        Box::new(PthShards(shards)),
+        dtype,
+        dev.clone(),
+    ))
 }
 
 /// Memory-maps safetensors files after checking each parses (a truncated file is an error

@@ -151,3 +151,31 @@ fn special_tokens_match_upstream() {
         assert_eq!(diff(&masks, want_m), 0.0, "{chunks} chunks: masks");
     }
 }
+
+/// The same T5 saved as PyTorch pickle shards (`tools/fixtures/magi_t5_bin.py`, the layout
+/// transformers wrote without safetensors) loads through `load_t5` and gives the same
+/// outputs as the safetensors folder; a folder with neither is an error naming the files.
+#[test]
+fn t5_from_pytorch_shards_matches_safetensors() {
+    use motioncache::model::magi::stream::load_t5;
+    let dev = common::device();
+    let (_, st) = load_t5(&dir().join("t5"), &dev).expect("safetensors folder");
+    let (_, pt) = load_t5(&dir().join("t5-bin"), &dev).expect("pickle shards");
+    let io = load("t5_io.safetensors");
+    for i in 0..3 {
+        let ids = &io[&format!("ids_{i}")];
+        let mask = &io[&format!("mask_{i}")];
+        let a = st.forward(ids, mask).unwrap();
+        let b = pt.forward(ids, mask).unwrap();
+        assert_eq!(rel_l2(&a, &b), 0.0, "batch {i}");
+    }
+    let empty = std::env::temp_dir().join(format!("mc-t5-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::copy(dir().join("t5/config.json"), empty.join("config.json")).unwrap();
+    let e = load_t5(&empty, &dev).err().unwrap().to_string();
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&empty).unwrap();
+}

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::generate::{BlockStats, NoiseRng};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::tokenizer::{PromptTokenizer, prompt_clean};
-use crate::model::weights::{mmap_safetensors, safetensors_files};
+use crate::model::weights::{mmap_safetensors, pth_var_builder, pytorch_files, safetensors_files};
 
 /// A loaded MAGI-1 model: DiT, VAE, T5 encoder and tokenizer, special tokens.
 pub struct MagiModel {
@@ -45,18 +45,6 @@ impl MagiModel {
                 "missing T5 tokenizer (the SentencePiece model of the t5-v1_1-xxl folder)",
             ));
         }
-        let t5_config = files.t5_dir.join("config.json");
-        let t5_weights =
-            safetensors_files(&files.t5_dir, &["model", "pytorch_model"]).map_err(|e| {
-                Error::model(
-                    &files.t5_dir,
-                    format!(
-                        "{e} (the T5 encoder's weights as safetensors: convert \
-                         pytorch_model*.bin with safetensors' convert script)"
-                    ),
-                )
-            })?;
-
         let cfg = &files.config;
         let vb = mmap_safetensors(&files.dit_weights, dtype, device)?;
         let dit = MagiDit::new(&cfg.model_config, cfg.engine_config.distill, vb).map_err(|e| {
@@ -68,14 +56,7 @@ impl MagiModel {
         // The VAE and the text encoder run in f32 as upstream's (small next to the DiT;
         // the T5 is asked for in float by the pipeline).
         let vae = MagiVae::load(&files.vae_dir, DType::F32, device)?;
-        let t5_cfg = T5Config::from_json_file(&t5_config)?;
-        let vb = mmap_safetensors(&t5_weights, DType::F32, device)?;
-        let t5 = T5Encoder::new(&t5_cfg, vb).map_err(|e| {
-            Error::model(
-                &t5_weights[0],
-                format!("does not match {}: {e}", t5_config.display()),
-            )
-        })?;
+        let (t5_cfg, t5) = load_t5(&files.t5_dir, device)?;
         let tokenizer = load_t5_tokenizer(&spiece)?;
         let specials = SpecialTokens::from_npz(&specials_path, device)?;
 
@@ -182,6 +163,37 @@ impl MagiModel {
             .decode_tiled(&z, &MagiVaeTiling::pipeline(rc.fps))?;
         Ok(video.squeeze(0)?)
     }
+}
+
+/// The T5 encoder of a MAGI-1 T5 folder, in f32: `config.json` and the weights as
+/// safetensors (`model.safetensors` or its shards) or, as transformers saves them without
+/// safetensors, PyTorch pickles (`pytorch_model.bin` or the shards of its index).
+pub fn load_t5(dir: &Path, device: &Device) -> Result<(T5Config, T5Encoder)> {
+    let config = dir.join("config.json");
+    let cfg = T5Config::from_json_file(&config)?;
+    let (vb, first) = match safetensors_files(dir, &["model"]) {
+        Ok(files) => (
+            mmap_safetensors(&files, DType::F32, device)?,
+            files[0].clone(),
+        ),
+        Err(_) => {
+            let files = pytorch_files(dir, &["pytorch_model"]).map_err(|_| {
+                Error::model(
+                    dir,
+                    "no T5 encoder weights: expected model.safetensors, \
+                     model.safetensors.index.json, pytorch_model.bin or \
+                     pytorch_model.bin.index.json",
+                )
+            })?;
+            (
+                pth_var_builder(&files, DType::F32, device)?,
+                files[0].clone(),
+            )
+        }
+    };
+    let t5 = T5Encoder::new(&cfg, vb)
+        .map_err(|e| Error::model(&first, format!("does not match {}: {e}", config.display())))?;
+    Ok((cfg, t5))
 }
 
 /// The settings of one MAGI-1 stream.
