@@ -46,7 +46,8 @@ fn upstream_json(mc: &serde_json::Value) -> serde_json::Value {
 }
 
 /// FLOPs of one forward: every layer's projections and MLP over the tokens, their
-/// self-attention over the causal key ranges and cross-attention over the caption rows.
+/// self-attention over the causal key ranges and cross-attention over the caption rows,
+/// and the caption projection (once per forward, so `--layers` scales all but it).
 fn flops(c: &MagiModelConfig, chunk_tokens: usize, chunks: usize, caption: usize) -> f64 {
     let tokens = (chunk_tokens * chunks) as f64;
     let d = c.hidden_size as f64;
@@ -62,7 +63,11 @@ fn flops(c: &MagiModelConfig, chunk_tokens: usize, chunks: usize, caption: usize
         .sum();
     let attention = 4.0 * q * (keys + tokens * caption as f64);
     let caption_kv = 2.0 * (chunks * caption) as f64 * d * 2.0 * kv;
-    c.num_layers as f64 * (linear + attention + caption_kv)
+    // Once per forward: every caption row (all 800, as upstream) projected for the
+    // cross-attention.
+    let caption_proj =
+        2.0 * (chunks * c.caption_max_length * c.caption_channels * c.xattn_dim()) as f64;
+    c.num_layers as f64 * (linear + attention + caption_kv) + caption_proj
 }
 
 fn candle_forward(
