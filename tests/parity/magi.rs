@@ -97,6 +97,7 @@ fn magi_dit_matches_upstream_forwards() {
                         chunk_offset: 0,
                         num_steps,
                         distill_interval,
+                        cancel: None,
                     };
                     dit.forward(&inp, None).unwrap()
                 })
@@ -114,6 +115,7 @@ fn magi_dit_matches_upstream_forwards() {
                 chunk_offset: 0,
                 num_steps,
                 distill_interval,
+                cancel: None,
             };
             let cache = if call["inference_params_is_none"].as_bool().unwrap() {
                 None
@@ -324,6 +326,7 @@ fn magi_dit_runs_in_bf16() {
             chunk_offset: 0,
             num_steps: 8,
             distill_interval: Some(1.0),
+            cancel: None,
         };
         let out = dit.forward(&inp, None).unwrap();
         let e = rel_l2(&out, &get("out"));

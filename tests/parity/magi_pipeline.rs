@@ -124,3 +124,59 @@ fn magi_distill_pipeline_matches_upstream() {
 fn magi_base_pipeline_matches_upstream() {
     run("base", "tiny-base");
 }
+
+/// A stop request ends a stream within one DiT layer: the walk's step fails with the
+/// cancellation (checked before every layer), the stream reports `Cancelled` and is then
+/// unusable, as SkyReels-V2's generator.
+#[test]
+fn magi_stream_stops_within_a_forward() {
+    use motioncache::model::magi::dit::CANCELLED;
+    use motioncache::model::magi::walk::{MagiWalk, PromptCaption};
+    let dev = common::device();
+    let p = Pipeline::load(&dir().join("tiny"), &dev, DType::F32).expect("load");
+    let model = p.magi().unwrap().clone();
+    let set = AtomicBool::new(true);
+    // The walk: the flag is seen at the first layer of the first forward.
+    let (text, mask) = model.encode_prompt("a red fox").unwrap();
+    let (null, null_mask) = PromptCaption::null_of(model.dit()).unwrap();
+    let specials = motioncache::model::magi::text::SpecialTokens::from_npz(
+        dir().join("tiny/special_tokens.npz"),
+        &dev,
+    )
+    .unwrap();
+    let caption = PromptCaption {
+        text,
+        mask,
+        specials,
+        null,
+        null_mask,
+    };
+    let mut walk = MagiWalk::streaming(
+        model.dit().clone(),
+        model.config(),
+        (4, 8, 8),
+        None,
+        WalkNoise::Seeded(motioncache::generate::NoiseRng::new(1)),
+        caption,
+    )
+    .unwrap();
+    let e = walk.step_cancellable(Some(&set)).err().unwrap().to_string();
+    assert!(e.contains(CANCELLED), "{e}");
+    // The stream.
+    let settings = MagiStreamSettings {
+        steps: 8,
+        chunks: None,
+        size: (64, 64),
+    };
+    let mut stream = MagiStream::new(model, "a red fox", &settings, 1).unwrap();
+    assert!(matches!(
+        stream.next_chunk(&set),
+        Err(motioncache::Error::Cancelled)
+    ));
+    let e = stream
+        .next_chunk(&AtomicBool::new(false))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("create a new one"), "{e}");
+}

@@ -112,6 +112,7 @@ fn candle_forward(
         chunk_offset: 0,
         num_steps: 64,
         distill_interval: Some(1.0),
+        cancel: None,
     };
     let once = || -> candle_core::Result<Tensor> { dit.forward(&inp, None) };
     once()?;

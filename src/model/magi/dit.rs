@@ -13,6 +13,8 @@
 //! each with its own timestep, caption and range of keys; keys of earlier chunks come from
 //! a [`MagiKvCache`], as upstream's `InferenceParams` keeps them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
@@ -208,7 +210,12 @@ pub struct MagiInput<'a> {
     pub num_steps: usize,
     /// The distill model's shortcut interval (only used with 12 steps).
     pub distill_interval: Option<f64>,
+    /// Checked before every layer: once set, the forward stops with [`CANCELLED`].
+    pub cancel: Option<&'a AtomicBool>,
 }
+
+/// The message of a forward stopped by [`MagiInput::cancel`].
+pub const CANCELLED: &str = "MAGI-1 forward cancelled";
 
 /// The MAGI-1 DiT.
 pub struct MagiDit {
@@ -507,6 +514,9 @@ impl MagiDit {
 
         x = x.to_dtype(self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            if inp.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                candle_core::bail!("{CANCELLED}");
+            }
             let layer_cache = cache.as_mut().map(|u| (&mut *u, l));
             x = self.layer_forward(
                 layer,

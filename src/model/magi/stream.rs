@@ -326,7 +326,7 @@ impl MagiStream {
     }
 
     /// Runs the walk until the next chunk is finished; `None` when the video is complete.
-    /// `cancel` is checked before every forward; after [`Error::Cancelled`] (or any error)
+    /// `cancel` is checked before every DiT layer; after [`Error::Cancelled`] (or any error)
     /// the stream must be dropped.
     pub fn next_chunk(&mut self, cancel: &AtomicBool) -> Result<Option<MagiChunk>> {
         if self.poisoned {
@@ -347,9 +347,13 @@ impl MagiStream {
             } else {
                 1
             };
-            let step = match self.walk.step() {
+            let step = match self.walk.step_cancellable(Some(cancel)) {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(None),
+                Err(_) if cancel.load(Ordering::SeqCst) => {
+                    self.poisoned = true;
+                    return Err(Error::Cancelled);
+                }
                 Err(e) => {
                     self.poisoned = true;
                     return Err(e.into());

@@ -11,6 +11,7 @@
 //! model combines three passes (text, null text, no context) with per-`t` guidance scales.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Tensor};
 
@@ -360,6 +361,15 @@ impl MagiWalk {
 
     /// One forward and its Euler step; `None` once a finite walk is over.
     pub fn step(&mut self) -> candle_core::Result<Option<WalkStep>> {
+        self.step_cancellable(None)
+    }
+
+    /// [`MagiWalk::step`] checking `cancel` before every DiT layer: once it is set the
+    /// step fails with [`super::dit::CANCELLED`] and the walk must be dropped.
+    pub fn step_cancellable(
+        &mut self,
+        cancel: Option<&AtomicBool>,
+    ) -> candle_core::Result<Option<WalkStep>> {
         if self.total_steps().is_some_and(|t| self.step >= t) {
             return Ok(None);
         }
@@ -417,6 +427,7 @@ impl MagiWalk {
             near,
             num_steps,
             interval: self.intervals[idx],
+            cancel,
         };
         let v = if self.cfg.runtime_config.cfg_number == 3 {
             self.three_pass(&fwd, (&text, &text_mask), (&null, &null_mask))?
@@ -512,6 +523,7 @@ impl MagiWalk {
             chunk_offset: f.chunk_offset,
             num_steps: f.num_steps,
             distill_interval: Some(f.interval),
+            cancel: f.cancel,
         };
         let cache = cache.map(|(update, skip)| CacheUse {
             cache: &mut self.cache,
@@ -622,6 +634,7 @@ struct Fwd<'b> {
     near: bool,
     num_steps: usize,
     interval: f64,
+    cancel: Option<&'b AtomicBool>,
 }
 
 /// `(prev_chunk_scale, text_scale)` of the bin of `cfg_t_range` (shifted down by 1e-7)
