@@ -496,7 +496,7 @@ fn nfc(text: &str) -> String {
 
 /// The covered part of `ftfy.fix_text` (see the module docs): per line, the fixers in ftfy's
 /// order, repeated until nothing changes.
-fn fix_text(text: &str) -> String {
+pub(crate) fn fix_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     // ftfy turns HTML unescaping off for the rest of the text at the first line with a '<'.
     let mut unescape = true;

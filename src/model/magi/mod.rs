@@ -1,6 +1,7 @@
 //! MAGI-1 (Sand AI, SandAI-org/MAGI-1): the chunk-wise autoregressive DiT on weights
 //! under the upstream names, and its settings (see `shared/docs/MAGI1.md`).
 
+pub mod caption;
 pub mod config;
 pub mod dit;
 pub mod files;

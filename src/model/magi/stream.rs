@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::caption::text_preprocessing;
 use super::config::MagiConfig;
 use super::dit::MagiDit;
 use super::files::MagiFiles;
@@ -19,7 +20,7 @@ use super::walk::{MagiWalk, PromptCaption, WalkNoise};
 use crate::error::{Error, Result};
 use crate::generate::{BlockStats, NoiseRng};
 use crate::model::t5::{T5Config, T5Encoder};
-use crate::model::tokenizer::{PromptTokenizer, prompt_clean};
+use crate::model::tokenizer::PromptTokenizer;
 use crate::model::weights::{mmap_safetensors, pth_var_builder, pytorch_files, safetensors_files};
 
 /// A loaded MAGI-1 model: DiT, VAE, T5 encoder and tokenizer, special tokens.
@@ -121,13 +122,12 @@ impl MagiModel {
     }
 
     /// The prompt's T5 caption `([caption_max_length, D], mask [caption_max_length])`:
-    /// upstream's `T5Embedder.get_text_embeddings` (padding to `caption_max_length`,
-    /// truncation, the encoder run with the attention mask). Upstream cleans the text
-    /// with IF's `clean_caption`; here diffusers' basic clean and lower case stand in
-    /// for it (the same text for plain prompts).
+    /// upstream's `T5Embedder.get_text_embeddings`: the prompt cleaned by IF's
+    /// `clean_caption` twice ([`text_preprocessing`]), padded to `caption_max_length`,
+    /// truncated, the encoder run with the attention mask.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
         let len = self.dit.config().caption_max_length;
-        let text = prompt_clean(prompt).to_lowercase();
+        let text = text_preprocessing(prompt);
         let tokens = self.tokenizer.encode_cleaned(&[text.as_str()], len)?;
         let (ids, mask) = tokens.to_tensors(self.t5.device())?;
         let n = tokens.seq_lens()[0].max(1);
