@@ -3,11 +3,23 @@
 
 mod common;
 
-use std::sync::mpsc;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use common::*;
 use gst::prelude::*;
+
+/// The memory test reads the process's RSS: it runs alone, the other tests of this binary
+/// beside each other.
+static RSS_EXCLUSIVE: RwLock<()> = RwLock::new(());
+
+fn beside_others() -> RwLockReadGuard<'static, ()> {
+    RSS_EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    RSS_EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner())
+}
 
 fn harness(props: &[(&str, &str)], sink_caps: Option<&str>) -> gst_check::Harness {
     let src = new_src();
@@ -39,6 +51,7 @@ fn negotiated(h: &mut gst_check::Harness, frames: usize) -> (gst_video::VideoInf
 
 #[test]
 fn downstream_caps_choose_the_frame_size() {
+    let _others = beside_others();
     with_timeout(300, || {
         // Open caps: the model's native size (the embedded model: 64x64).
         let (v, _) = negotiated(&mut harness(&[], None), 1);
@@ -68,6 +81,7 @@ fn downstream_caps_choose_the_frame_size() {
 
 #[test]
 fn a_size_the_model_cannot_make_names_the_constraint() {
+    let _others = beside_others();
     with_timeout(120, || {
         // Through the caps: not negotiated, with the constraint.
         let pipeline = launch(&format!(
@@ -98,6 +112,7 @@ fn a_size_the_model_cannot_make_names_the_constraint() {
 /// naming the sizes.
 #[test]
 fn a_stream_that_does_not_fit_in_memory_names_the_sizes() {
+    let _others = beside_others();
     with_timeout(120, || {
         let pipeline = launch(&format!(
             "motioncachesrc num-buffers=3 window=1023 {} ! \
@@ -117,6 +132,7 @@ fn a_stream_that_does_not_fit_in_memory_names_the_sizes() {
 /// runs, and NULL abandons it at once; the next start loads and plays normally.
 #[test]
 fn null_during_a_slow_model_load_returns_at_once() {
+    let _others = beside_others();
     with_timeout(120, || {
         let pipeline = launch(&format!(
             "motioncachesrc num-buffers=3 {} ! fakesink",
@@ -165,6 +181,7 @@ fn null_during_a_slow_model_load_returns_at_once() {
 /// stops mid-stream): each stop is prompt and memory does not grow after the first ten.
 #[test]
 fn a_hundred_playing_null_cycles_do_not_grow() {
+    let _alone = alone();
     with_timeout(600, || {
         let pipeline = launch(&format!(
             "motioncachesrc {} ! video/x-raw,width=16,height=16 ! fakesink sync=false",
@@ -207,6 +224,7 @@ fn a_hundred_playing_null_cycles_do_not_grow() {
 /// later block, without an error or a gap.
 #[test]
 fn cache_mode_guidance_and_prompt_switch_while_playing() {
+    let _others = beside_others();
     with_timeout(300, || {
         let pipeline = launch(&format!(
             "motioncachesrc name=src cache-mode=vanilla {} ! fakesink sync=false",
