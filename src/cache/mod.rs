@@ -4,6 +4,7 @@
 //! and `motioncache-reference` per token (arXiv 2605.01725).
 
 mod chunk;
+pub mod magi;
 mod motion;
 mod settings;
 

@@ -98,6 +98,7 @@ fn magi_dit_matches_upstream_forwards() {
                         num_steps,
                         distill_interval,
                         cancel: None,
+                        tokens: None,
                     };
                     dit.forward(&inp, None).unwrap()
                 })
@@ -116,6 +117,7 @@ fn magi_dit_matches_upstream_forwards() {
                 num_steps,
                 distill_interval,
                 cancel: None,
+                tokens: None,
             };
             let cache = if call["inference_params_is_none"].as_bool().unwrap() {
                 None
@@ -154,7 +156,7 @@ fn magi_dit_matches_upstream_forwards() {
 /// Runs the upstream-recorded walk of `group` ("distill": one pass with the nearly-clean
 /// copy; "base": three-pass guidance) from its recorded noise; checks the recorded steps'
 /// guided velocities and the final latents.
-fn walk_matches(group: &str) {
+fn walk_matches(group: &str, idle_cache: bool) {
     use motioncache::model::magi::walk::{MagiCaptions, MagiWalk};
     let dev = common::device();
     let (mut cfg, dit) = load_dit(&dir().join("dit"), DType::F32, &dev).unwrap();
@@ -193,6 +195,21 @@ fn walk_matches(group: &str) {
     };
     let noise = fx["distill.noise"].narrow(0, 0, 1).unwrap();
     let mut walk = MagiWalk::new(std::sync::Arc::new(dit), &cfg, noise, caps).unwrap();
+    if idle_cache {
+        // MotionCache that never reuses: the bookkeeping (keys/values written by every
+        // forward, per-chunk plans) must not change upstream's result
+        use motioncache::cache::magi::MagiCacheParams;
+        use motioncache::model::magi::walk::WalkCacheSettings;
+        walk.set_cache(Some(WalkCacheSettings {
+            params: MagiCacheParams {
+                chunk_threshold: 0.0,
+                token_threshold: 0.0,
+                ..Default::default()
+            },
+            reference: false,
+        }))
+        .unwrap();
+    }
     assert_eq!(walk.total_steps(), Some(12));
     let (mut finished, mut checked) = (Vec::new(), 0);
     let mut k = 0;
@@ -219,13 +236,20 @@ fn walk_matches(group: &str) {
 /// clean-chunk re-forwards and the nearly-clean mix.
 #[test]
 fn magi_distill_walk_matches_upstream() {
-    walk_matches("distill");
+    walk_matches("distill", false);
+}
+
+/// The same walk with MotionCache on but never reusing (thresholds 0, upstream's
+/// semantics: the default, not the reference's).
+#[test]
+fn magi_distill_walk_with_idle_motioncache_matches_upstream() {
+    walk_matches("distill", true);
 }
 
 /// The base model's walk with three-pass guidance and its per-t scales.
 #[test]
 fn magi_base_walk_matches_upstream() {
-    walk_matches("base");
+    walk_matches("base", false);
 }
 
 /// A MAGI-1 directory's files are located from its config; each missing or unsupported
@@ -327,6 +351,7 @@ fn magi_dit_runs_in_bf16() {
             num_steps: 8,
             distill_interval: Some(1.0),
             cancel: None,
+            tokens: None,
         };
         let out = dit.forward(&inp, None).unwrap();
         let e = rel_l2(&out, &get("out"));

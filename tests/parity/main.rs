@@ -9,6 +9,7 @@ mod common;
 
 mod magi;
 mod magi_caption;
+mod magi_motioncache;
 mod magi_pipeline;
 mod magi_t5;
 mod magi_vae;

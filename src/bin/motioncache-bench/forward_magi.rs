@@ -113,6 +113,7 @@ fn candle_forward(
         num_steps: 64,
         distill_interval: Some(1.0),
         cancel: None,
+        tokens: None,
     };
     let once = || -> candle_core::Result<Tensor> { dit.forward(&inp, None) };
     once()?;

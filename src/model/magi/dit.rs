@@ -19,6 +19,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::MagiModelConfig;
+use crate::cache::Plan;
 use crate::model::kernels::{Group, sdpa_grouped};
 
 /// PyTorch `LayerNorm` over the last axis, optionally with zero-centred gamma; always in
@@ -212,6 +213,102 @@ pub struct MagiInput<'a> {
     pub distill_interval: Option<f64>,
     /// Checked before every layer: once set, the forward stops with [`CANCELLED`].
     pub cancel: Option<&'a AtomicBool>,
+    /// Per chunk, which of its tokens go through the transformer (MotionCache); `None`:
+    /// all. The others keep the keys/values the cache holds for them (the forward must
+    /// write the cache) and their output is 0.
+    pub tokens: Option<&'a [Plan]>,
+}
+
+/// The rows a forward computes when its input's [`MagiInput::tokens`] leaves some out.
+struct Selection {
+    /// Per chunk, its rows among the computed ones.
+    counts: Vec<usize>,
+    /// The computed rows (forward-local token indices), ascending.
+    rows: Tensor,
+    /// For every token of the forward, where its keys/values come from in
+    /// `[cached rows of the forward's tokens (written) | computed rows]`.
+    merge: Tensor,
+    /// For every token, `1 + its computed row`, or 0 (a zero row) when not computed.
+    scatter: Tensor,
+    written: usize,
+}
+
+impl Selection {
+    /// `None` when every token is computed.
+    fn new(
+        plans: Option<&[Plan]>,
+        chunk_tokens: usize,
+        written_chunks: usize,
+        device: &Device,
+    ) -> candle_core::Result<Option<Self>> {
+        let Some(plans) = plans else { return Ok(None) };
+        if plans.iter().all(|p| *p == Plan::Full) {
+            return Ok(None);
+        }
+        let written = written_chunks * chunk_tokens;
+        let n = plans.len() * chunk_tokens;
+        let (mut rows, mut counts) = (Vec::new(), Vec::with_capacity(plans.len()));
+        for (i, plan) in plans.iter().enumerate() {
+            let start = rows.len();
+            match plan {
+                Plan::Full => rows.extend((0..chunk_tokens).map(|k| (i * chunk_tokens + k) as u32)),
+                Plan::Skip => {}
+                Plan::Tokens(t) => {
+                    if t.windows(2).any(|w| w[0] >= w[1])
+                        || t.last().is_some_and(|&k| k as usize >= chunk_tokens)
+                    {
+                        candle_core::bail!(
+                            "chunk {i}: token selection is not ascending below {chunk_tokens}"
+                        );
+                    }
+                    rows.extend(t.iter().map(|&k| (i * chunk_tokens) as u32 + k));
+                }
+            }
+            if (i + 1) * chunk_tokens > written && rows.len() - start != chunk_tokens {
+                candle_core::bail!(
+                    "chunk {i} is not written to the cache: it must be computed whole"
+                );
+            }
+            counts.push(rows.len() - start);
+        }
+        let mut merge: Vec<u32> = (0..n as u32).collect();
+        let mut scatter = vec![0u32; n];
+        for (j, &r) in rows.iter().enumerate() {
+            merge[r as usize] = (written + j) as u32;
+            scatter[r as usize] = j as u32 + 1;
+        }
+        let m = rows.len();
+        if m == 0 {
+            candle_core::bail!("a forward with no token to compute");
+        }
+        Ok(Some(Self {
+            counts,
+            rows: Tensor::from_vec(rows, m, device)?,
+            merge: Tensor::from_vec(merge, n, device)?,
+            scatter: Tensor::from_vec(scatter, n, device)?,
+            written,
+        }))
+    }
+
+    /// Query groups of the computed rows, chunk by chunk, with `keys(i)` of chunk `i`.
+    fn groups(&self, keys: impl Fn(usize) -> (usize, usize)) -> Vec<Group> {
+        let mut start = 0;
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, &q_len)| {
+                let (k_start, keys) = keys(i);
+                let g = Group {
+                    q_start: start,
+                    q_len,
+                    k_start,
+                    keys,
+                };
+                start += q_len;
+                g
+            })
+            .collect()
+    }
 }
 
 /// The message of a forward stopped by [`MagiInput::cancel`].
@@ -316,6 +413,27 @@ impl MagiDit {
         &self.null_caption
     }
 
+    /// The patch embedding (upstream's `x_embedder`: a bias-free Conv3d with kernel =
+    /// stride) of latents `[1, C, T, H, W]`: `[T/pt * H/p * W/p, hidden]` f32, tokens
+    /// frame-major. MAGI-1's MotionCache measures change on it.
+    pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let (pt, p) = (c.t_patch_size, c.patch_size);
+        let (_, ch, frames, hh, ww) = x.dims5()?;
+        let (gt, gh, gw) = (frames / pt, hh / p, ww / p);
+        let s = gt * gh * gw;
+        let mut x = (x.to_dtype(DType::F32)? * c.x_rescale_factor)?;
+        if c.half_channel_vae {
+            x = Tensor::cat(&[&x, &x], 1)?;
+        }
+        let ch = if c.half_channel_vae { 2 * ch } else { ch };
+        let patches = x
+            .reshape(vec![ch, gt, pt, gh, p, gw, p])?
+            .permute(vec![1, 3, 5, 0, 2, 4, 6])?
+            .reshape((s, ch * pt * p * p))?;
+        patches.matmul(&self.x_embedder.t()?)
+    }
+
     /// Upstream's sinusoidal timestep embedding (256 wide, `[cos | sin]`, argument
     /// `t * 1000`), computed in f32 as upstream does.
     fn timestep_embedding(&self, t: &[f32]) -> candle_core::Result<Tensor> {
@@ -396,7 +514,7 @@ impl MagiDit {
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
         let (pt, p) = (c.t_patch_size, c.patch_size);
-        let (b, ch, frames, hh, ww) = inp.x.dims5()?;
+        let (b, _, frames, hh, ww) = inp.x.dims5()?;
         let chunks = inp.t.len();
         if b != 1 || chunks == 0 || frames % (chunks * pt) != 0 || hh % p != 0 || ww % p != 0 {
             candle_core::bail!(
@@ -415,22 +533,22 @@ impl MagiDit {
         let s = gt * gh * gw;
         let chunk_tokens = s / chunks;
 
-        // Patch embedding (bias-free Conv3d with kernel = stride) on [C, T, H, W].
-        let mut x = (inp.x.to_dtype(DType::F32)? * c.x_rescale_factor)?;
-        if c.half_channel_vae {
-            x = Tensor::cat(&[&x, &x], 1)?;
-        }
-        let ch = if c.half_channel_vae { 2 * ch } else { ch };
-        let patches = x
-            .reshape(vec![ch, gt, pt, gh, p, gw, p])?
-            .permute(vec![1, 3, 5, 0, 2, 4, 6])?
-            .reshape((s, ch * pt * p * p))?;
-        let mut x = patches.matmul(&self.x_embedder.t()?)?;
+        let mut x = self.embed_patches(inp.x)?;
 
         // RoPE over the cached chunks' frames too; this forward's rows are the last ones.
         let frames_per_chunk = gt / chunks;
         let t_total = gt + frames_per_chunk * (inp.slice_point + inp.chunk_offset);
-        let (sin, cos) = self.rope(t_total, gt, gh, gw)?;
+        let (mut sin, mut cos) = self.rope(t_total, gt, gh, gw)?;
+        let written_chunks = match &cache {
+            Some(u) if u.active && u.update => chunks - u.skip_last_chunks.min(chunks),
+            _ => 0,
+        };
+        let sel = Selection::new(inp.tokens, chunk_tokens, written_chunks, &self.device)?;
+        if let Some(sel) = &sel {
+            x = x.index_select(&sel.rows, 0)?;
+            sin = sin.index_select(&sel.rows, 0)?;
+            cos = cos.index_select(&sel.rows, 0)?;
+        }
 
         // Condition per chunk: timestep (+ distill step size) + the null caption's adaLN row.
         let tf: Vec<f32> = inp.t.iter().map(|&t| t as f32).collect();
@@ -455,6 +573,7 @@ impl MagiDit {
         let mask = inp.caption_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut rows = Vec::new();
         let mut cross_groups = Vec::with_capacity(chunks);
+        let mut caption_keys = Vec::with_capacity(chunks);
         for (i, m) in mask.iter().enumerate() {
             let start = rows.len();
             rows.extend(
@@ -472,6 +591,7 @@ impl MagiDit {
                 k_start: start,
                 keys: rows.len() - start,
             });
+            caption_keys.push((start, rows.len() - start));
         }
         let n_rows = rows.len();
         let idx = Tensor::from_vec(rows, n_rows, &self.device)?;
@@ -485,7 +605,7 @@ impl MagiDit {
             Some(u) if u.active => inp.slice_point * chunk_tokens,
             _ => 0,
         };
-        let self_groups: Vec<Group> = inp
+        let mut self_groups: Vec<Group> = inp
             .kv_range
             .iter()
             .enumerate()
@@ -496,6 +616,10 @@ impl MagiDit {
                 keys: e.saturating_sub(a),
             })
             .collect();
+        if let Some(sel) = &sel {
+            self_groups = sel.groups(|i| (self_groups[i].k_start, self_groups[i].keys));
+            cross_groups = sel.groups(|i| caption_keys[i]);
+        }
         if let Some(u) = &cache
             && u.active
         {
@@ -531,13 +655,18 @@ impl MagiDit {
                     self_groups: &self_groups,
                     cond_act: &cond_act,
                     slice_point: inp.slice_point,
+                    sel: sel.as_ref(),
                 },
                 layer_cache,
             )?;
         }
 
         let x = self.final_norm.forward(&x)?;
-        let out = self.final_linear.forward(&x)?;
+        let mut out = self.final_linear.forward(&x)?;
+        if let Some(sel) = &sel {
+            let zero = Tensor::zeros((1, out.dim(1)?), out.dtype(), out.device())?;
+            out = Tensor::cat(&[&zero, &out], 0)?.index_select(&sel.scatter, 0)?;
+        }
         let co = c.out_channels;
         let v = out
             .reshape(vec![gt, gh, gw, pt, p, p, co])?
@@ -570,14 +699,19 @@ impl MagiDit {
         let k = layer.k.forward(&h)?.reshape((s, groups, hd))?;
         let k = rope(&layer.k_norm.forward(&k)?)?.to_dtype(self.dtype)?;
         let v = layer.v.forward(&h)?.reshape((s, groups, hd))?;
-        let kv = Tensor::cat(&[&k, &v], 2)?;
+        let mut kv = Tensor::cat(&[&k, &v], 2)?;
 
         let kv_all = match cache {
             Some((u, l)) if u.active => {
                 let start = cx.slice_point * cx.chunk_tokens;
                 let buf = &u.cache.layers[l];
+                if let Some(sel) = cx.sel {
+                    // the tokens not computed keep the keys/values the cache holds
+                    let old = buf.narrow(0, start, sel.written)?.to_dtype(kv.dtype())?;
+                    kv = Tensor::cat(&[&old, &kv], 0)?.index_select(&sel.merge, 0)?;
+                }
                 if u.update {
-                    let n = s - u.skip_last_chunks * cx.chunk_tokens;
+                    let n = cx.chunks * cx.chunk_tokens - u.skip_last_chunks * cx.chunk_tokens;
                     buf.slice_set(
                         &kv.narrow(0, 0, n)?.to_dtype(buf.dtype())?.contiguous()?,
                         0,
@@ -624,9 +758,22 @@ impl MagiDit {
         let gates = layer.ada.forward(cx.cond_act)?.tanh()?;
         let d = c.hidden_size;
         let gate = |t: &Tensor, i: usize| -> candle_core::Result<Tensor> {
-            t.reshape((cx.chunks, cx.chunk_tokens, d))?
-                .broadcast_mul(&gates.narrow(1, i * d, d)?.unsqueeze(1)?)?
-                .reshape((s, d))
+            let g = gates.narrow(1, i * d, d)?;
+            let Some(sel) = cx.sel else {
+                return t
+                    .reshape((cx.chunks, cx.chunk_tokens, d))?
+                    .broadcast_mul(&g.unsqueeze(1)?)?
+                    .reshape((s, d));
+            };
+            let mut parts = Vec::with_capacity(cx.chunks);
+            let mut start = 0;
+            for (c, &n) in sel.counts.iter().enumerate() {
+                if n > 0 {
+                    parts.push(t.narrow(0, start, n)?.broadcast_mul(&g.narrow(0, c, 1)?)?);
+                }
+                start += n;
+            }
+            Tensor::cat(&parts, 0)
         };
         let x32 = x.to_dtype(DType::F32)?;
         let x1 = (layer.attn_post.forward(&gate(&a, 0)?)? + x32)?.to_dtype(self.dtype)?;
@@ -654,6 +801,7 @@ struct LayerCtx<'a> {
     self_groups: &'a [Group],
     cond_act: &'a Tensor,
     slice_point: usize,
+    sel: Option<&'a Selection>,
 }
 
 /// Rotate-half RoPE (flash-attn's non-interleaved `apply_rotary_emb`) on the first

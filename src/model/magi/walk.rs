@@ -10,6 +10,7 @@
 //! "nearly clean" copy of its oldest chunk while that chunk's `t` is above 0.3; the base
 //! model combines three passes (text, null text, no context) with per-`t` guidance scales.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -18,6 +19,8 @@ use candle_core::{DType, Tensor};
 use super::config::MagiConfig;
 use super::dit::{CacheUse, MagiDit, MagiInput, MagiKvCache};
 use super::text::{SpecialTokens, pad_special_tokens_chunk};
+use crate::cache::Plan;
+use crate::cache::magi::{MagiCacheParams, MagiChunkCache, frame_weights, metric_change};
 use crate::generate::NoiseRng;
 use crate::schedule::magi::{intervals, stage, timesteps};
 
@@ -72,6 +75,31 @@ pub enum WalkNoise {
     Seeded(NoiseRng),
 }
 
+/// MotionCache on a walk (MAGI-1's variant, [`crate::cache::magi`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalkCacheSettings {
+    pub params: MagiCacheParams,
+    /// Reproduce the reference code (ywlq/MotionCache, MotionCache4MAGI-1) rather than
+    /// upstream MAGI-1: no clean-chunk re-forward (a finished chunk keeps the keys/values
+    /// of its last denoising step, computed with the text caption), no nearly-clean mix,
+    /// and its key-range bug (a partially recomputed chunk that is not the oldest in the
+    /// window attends with the oldest chunk's key range).
+    pub reference: bool,
+}
+
+/// The cache state of a walk.
+struct WalkCache {
+    settings: WalkCacheSettings,
+    /// Per chunk (global index) in the window.
+    states: HashMap<usize, MagiChunkCache>,
+    /// The previous step's metric of each chunk then in the window.
+    prev_metric: HashMap<usize, Tensor>,
+    /// Motion weights per global latent frame, one per token of the frame (1 until set).
+    weights: HashMap<usize, Vec<f32>>,
+    /// Per chunk: its latent delta at its last integrated step.
+    residual: HashMap<usize, Tensor>,
+}
+
 /// What one step of the walk produced.
 pub struct WalkStep {
     /// The guided velocity of the chunks denoised at this step (the re-forwarded clean
@@ -81,6 +109,10 @@ pub struct WalkStep {
     pub denoised: (usize, usize),
     /// A chunk that finished at this step: its index and clean latents `[1, C, width, H, W]`.
     pub finished: Option<(usize, Tensor)>,
+    /// Per denoised chunk, what the cache had it compute (all `Full` without the cache).
+    pub plans: Vec<Plan>,
+    /// Tokens per chunk.
+    pub chunk_tokens: usize,
 }
 
 /// A text-to-video walk, finite or endless. An endless walk (and a long finite one) keeps
@@ -107,6 +139,7 @@ pub struct MagiWalk {
     chunk_tokens: usize,
     /// The most chunks (itself included) any chunk attends to; `None`: every earlier one.
     reach: Option<usize>,
+    cache_state: Option<WalkCache>,
 }
 
 /// Upstream's `prev_chunks_scale` (env, default 0.7): weight of the nearly-clean chunk's
@@ -232,7 +265,43 @@ impl MagiWalk {
             step: 0,
             chunk_tokens,
             reach,
+            cache_state: None,
         })
+    }
+
+    /// Turns MotionCache on (or off with `None`) from the next step. Changed settings keep
+    /// the chunks' accumulated state; turning the reference behaviour on or off needs a
+    /// new walk (it changes what the cache holds).
+    pub fn set_cache(&mut self, settings: Option<WalkCacheSettings>) -> candle_core::Result<()> {
+        let Some(settings) = settings else {
+            self.cache_state = None;
+            return Ok(());
+        };
+        if self.cfg.runtime_config.cfg_number != 1 {
+            candle_core::bail!(
+                "MotionCache for MAGI-1 runs the distill model's single pass; this config has \
+                 cfg_number {}",
+                self.cfg.runtime_config.cfg_number
+            );
+        }
+        match &mut self.cache_state {
+            Some(c) if c.settings.reference == settings.reference => c.settings = settings,
+            _ if self.step > 0 => {
+                candle_core::bail!(
+                    "MotionCache's reference behaviour is chosen before the walk starts"
+                )
+            }
+            c => {
+                *c = Some(WalkCache {
+                    settings,
+                    states: HashMap::new(),
+                    prev_metric: HashMap::new(),
+                    weights: HashMap::new(),
+                    residual: HashMap::new(),
+                })
+            }
+        }
+        Ok(())
     }
 
     /// Forwards in the whole walk; `None` for an endless one.
@@ -380,7 +449,11 @@ impl MagiWalk {
         let (k_stage, idx) = (self.step / per_stage, self.step % per_stage);
         let st = stage(k_stage, self.chunks.unwrap_or(usize::MAX), window, 0);
         let (cs, ce) = (st.chunk_start, st.chunk_end);
-        let clean = cs > 0 && idx == 0;
+        let reference = self
+            .cache_state
+            .as_ref()
+            .is_some_and(|c| c.settings.reference);
+        let clean = cs > 0 && idx == 0 && !reference;
         // The window's chunks (the finished one first when it is re-forwarded).
         let first = if clean { cs - 1 } else { cs };
         if let Some(r) = self.reach {
@@ -414,9 +487,24 @@ impl MagiWalk {
             null_mask = Tensor::cat(&[&m0, &null_mask], 0)?;
         }
         let slice_point = first - base;
-        let kv_range = self.kv_ranges(slice_point, &denoise_steps);
-        let near =
-            t[usize::from(clean)] > self.cfg.engine_config.distill_nearly_clean_chunk_threshold;
+        let mut kv_range = self.kv_ranges(slice_point, &denoise_steps);
+        let near = !reference
+            && t[usize::from(clean)] > self.cfg.engine_config.distill_nearly_clean_chunk_threshold;
+        let plans = self.plan_chunks(cs, ce, &all)?;
+        let mut forward_plans = Vec::new();
+        if clean {
+            forward_plans.push(Plan::Full);
+        }
+        forward_plans.extend(plans.iter().cloned());
+        if reference {
+            // the reference's sparse forward of a chunk that is not the oldest in the window
+            // attends with the oldest chunk's key range
+            for j in 1..plans.len() {
+                if matches!(plans[j], Plan::Tokens(_)) {
+                    kv_range[j] = kv_range[0];
+                }
+            }
+        }
         let fwd = Fwd {
             x: &x_chunk,
             t: &t,
@@ -428,8 +516,15 @@ impl MagiWalk {
             num_steps,
             interval: self.intervals[idx],
             cancel,
+            tokens: self
+                .cache_state
+                .is_some()
+                .then_some(forward_plans.as_slice()),
         };
-        let v = if self.cfg.runtime_config.cfg_number == 3 {
+        let v = if !clean && plans.iter().all(|p| *p == Plan::Skip) {
+            // every chunk reuses its last delta: no forward at all
+            x_chunk.zeros_like()?
+        } else if self.cfg.runtime_config.cfg_number == 3 {
             self.three_pass(&fwd, (&text, &text_mask), (&null, &null_mask))?
         } else {
             self.one_pass(&fwd, &text, &text_mask)?
@@ -445,7 +540,27 @@ impl MagiWalk {
             let k = i * per_stage + idx;
             let dt = (self.ts[k + 1] - self.ts[k]) as f64;
             let xj = x.narrow(2, j * cw, cw)?;
-            parts.push((xj + (v.narrow(2, j * cw, cw)? * dt)?)?);
+            let euler = || v.narrow(2, j * cw, cw)? * dt;
+            let c = cs + j;
+            let delta = match (&plans[j], self.cache_state.as_ref()) {
+                (Plan::Full, _) | (_, None) => euler()?,
+                (plan, Some(cache)) => {
+                    let Some(residual) = cache.residual.get(&c) else {
+                        candle_core::bail!("chunk {c} reuses a delta it never computed")
+                    };
+                    match plan {
+                        Plan::Tokens(tokens) => {
+                            let mask = self.token_mask(tokens)?.broadcast_as(residual.shape())?;
+                            mask.where_cond(&euler()?, residual)?
+                        }
+                        _ => residual.clone(),
+                    }
+                }
+            };
+            if let Some(cache) = self.cache_state.as_mut() {
+                cache.residual.insert(c, delta.clone());
+            }
+            parts.push((xj + delta)?);
         }
         let x_new = Tensor::cat(&parts, 2)?;
         let all = all.slice_assign(
@@ -461,6 +576,7 @@ impl MagiWalk {
         for c in cs..ce {
             self.counts[c - base] += 1;
         }
+        self.update_weights(cs, ce, &all)?;
         let finished = if self.counts[cs - base] == num_steps {
             Some((cs, all.narrow(2, (cs - base) * cw, cw)?))
         } else {
@@ -468,11 +584,106 @@ impl MagiWalk {
         };
         self.x = Some(all);
         self.step += 1;
+        if let (Some((c, _)), Some(cache)) = (&finished, self.cache_state.as_mut()) {
+            cache.states.remove(c);
+            cache.residual.remove(c);
+        }
         Ok(Some(WalkStep {
             velocity: v,
             denoised: (cs, ce),
             finished,
+            plans,
+            chunk_tokens: self.chunk_tokens,
         }))
+    }
+
+    /// What the cache has each chunk of `cs..ce` compute at this step (all `Full`
+    /// without it). `all`: the held latents before the step.
+    fn plan_chunks(
+        &mut self,
+        cs: usize,
+        ce: usize,
+        all: &Tensor,
+    ) -> candle_core::Result<Vec<Plan>> {
+        let total = self.total_steps();
+        let (step, base, ct) = (self.step, self.base, self.chunk_tokens);
+        let cw = self.cfg.runtime_config.chunk_width;
+        let Some(cache) = self.cache_state.as_mut() else {
+            return Ok(vec![Plan::Full; ce - cs]);
+        };
+        // no decision at the walk's first and last steps (the reference's)
+        let decide = step > 0 && total.is_none_or(|t| step + 1 < t);
+        let tokens_per_frame = ct / cw;
+        let mut metrics = HashMap::new();
+        let mut plans = Vec::with_capacity(ce - cs);
+        for c in cs..ce {
+            let m = self
+                .dit
+                .embed_patches(&all.narrow(2, (c - base) * cw, cw)?)?;
+            let r = match cache.prev_metric.get(&c) {
+                Some(prev) if decide => Some(metric_change(&m, prev)?),
+                _ => None,
+            };
+            metrics.insert(c, m);
+            let weights: Vec<f32> = (c * cw..(c + 1) * cw)
+                .flat_map(|f| match cache.weights.get(&f) {
+                    Some(w) => w.clone(),
+                    None => vec![1.0; tokens_per_frame],
+                })
+                .collect();
+            let state = cache
+                .states
+                .entry(c)
+                .or_insert_with(|| MagiChunkCache::new(ct));
+            let count = self.counts[c - base];
+            plans.push(state.decide(&cache.settings.params, count, r, &weights));
+        }
+        cache.prev_metric = metrics;
+        Ok(plans)
+    }
+
+    /// After a step: the motion weights of the frames of chunks `cs..ce` from the held
+    /// latents `all` (a frame whose predecessor is no longer held keeps its weights).
+    fn update_weights(&mut self, cs: usize, ce: usize, all: &Tensor) -> candle_core::Result<()> {
+        let cw = self.cfg.runtime_config.chunk_width;
+        let first = self.base * cw;
+        let p = self.dit.config().patch_size;
+        let Some(cache) = self.cache_state.as_mut() else {
+            return Ok(());
+        };
+        let params = &cache.settings.params;
+        for f in (cs * cw..ce * cw).filter(|&f| f > first) {
+            let frame = |g: usize| all.narrow(2, g - first, 1)?.squeeze(2)?.squeeze(0);
+            let w = frame_weights(
+                &frame(f)?,
+                &frame(f - 1)?,
+                p,
+                params.weight_floor,
+                params.weight_power,
+            )?;
+            cache.weights.insert(f, w);
+        }
+        cache.weights.retain(|&f, _| f >= first);
+        Ok(())
+    }
+
+    /// `[1, 1, chunk_width, H, W]` true where a token of `tokens` (chunk-local, frame-major)
+    /// lies.
+    fn token_mask(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let cw = self.cfg.runtime_config.chunk_width;
+        let (_, h, w) = self.latent;
+        let p = self.dit.config().patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let mut m = vec![0u8; cw * h * w];
+        for &k in tokens {
+            let k = k as usize;
+            let (f, y, x) = (k / (gh * gw), (k / gw) % gh, k % gw);
+            for dy in 0..p {
+                let row = f * h * w + (y * p + dy) * w + x * p;
+                m[row..row + p].fill(1);
+            }
+        }
+        Tensor::from_vec(m, (1, 1, cw, h, w), self.dit.device())
     }
 
     /// Key ranges (`generate_kvrange_for_denoising_video`): each chunk sees itself and the
@@ -524,10 +735,11 @@ impl MagiWalk {
             num_steps: f.num_steps,
             distill_interval: Some(f.interval),
             cancel: f.cancel,
+            tokens: f.tokens,
         };
         let cache = cache.map(|(update, skip)| CacheUse {
             cache: &mut self.cache,
-            active: f.clean || f.slice_point + f.chunk_offset > 0,
+            active: f.tokens.is_some() || f.clean || f.slice_point + f.chunk_offset > 0,
             update,
             skip_last_chunks: skip,
         });
@@ -552,10 +764,16 @@ impl MagiWalk {
         t.push(f.t[s]);
         let text = Tensor::cat(&[text, &text.narrow(0, s, 1)?], 0)?;
         let mask = Tensor::cat(&[mask, &mask.narrow(0, s, 1)?], 0)?;
+        let tokens = f.tokens.map(|p| {
+            let mut p = p.to_vec();
+            p.push(Plan::Full);
+            p
+        });
         let with_copy = Fwd {
             x: &x,
             t: &t,
             kv_range: &kv,
+            tokens: tokens.as_deref(),
             ..*f
         };
         let out = self.forward(&with_copy, (&text, &mask), false, Some((true, 1)))?;
@@ -604,6 +822,7 @@ impl MagiWalk {
                 slice_point: 0,
                 chunk_offset: 0,
                 clean: false,
+                tokens: None,
                 ..*f
             };
             let c = self.forward(
@@ -635,6 +854,9 @@ struct Fwd<'b> {
     num_steps: usize,
     interval: f64,
     cancel: Option<&'b AtomicBool>,
+    /// Per chunk of `x`, the tokens the cache computes; `Some` also makes every forward
+    /// write its keys/values (a reused token keeps its last ones).
+    tokens: Option<&'b [Plan]>,
 }
 
 /// `(prev_chunk_scale, text_scale)` of the bin of `cfg_t_range` (shifted down by 1e-7)
