@@ -345,15 +345,34 @@ fn prompt_change_changes_frames() {
     });
 }
 
+/// Names of this process's threads that are still running: a thread that has exited but
+/// is not reaped yet (state Z or X in its `stat`) does not count.
 fn thread_names() -> Vec<String> {
     std::fs::read_dir("/proc/self/task")
         .map(|d| {
             d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .map(|c| c.trim().to_string())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                .filter_map(|stat| {
+                    let open = stat.find('(')?;
+                    let close = stat.rfind(')')?;
+                    let state = stat[close + 1..].split_whitespace().next()?;
+                    (!matches!(state, "Z" | "X" | "x")).then(|| stat[open + 1..close].to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Polls `thread_names` until `ok` holds or 10 s have passed; a thread that leaked stays,
+/// one that was joined leaves /proc as soon as the (possibly CPU-throttled) kernel reaps it.
+fn thread_names_when(ok: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut names = thread_names();
+    while !ok(&names) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        names = thread_names();
+    }
+    names
 }
 
 #[test]
@@ -386,12 +405,9 @@ fn stop_is_prompt_and_restarts_do_not_leak() {
             while bus.pop().is_some() {}
             // The thread is joined by then; the kernel may list an exited thread for a
             // moment after its join returned (it is reaped after waking the joiner).
-            let mut names = thread_names();
-            let until = Instant::now() + Duration::from_millis(500);
-            while names.iter().any(|n| n == "motioncache-gen") && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-                names = thread_names();
-            }
+            let names = thread_names_when(|n| {
+                !n.iter().any(|n| n == "motioncache-gen") && (cycle == 0 || n.len() <= baseline + 1)
+            });
             assert!(
                 !names.iter().any(|n| n == "motioncache-gen"),
                 "generator thread left after cycle {cycle}: {names:?}"
