@@ -46,7 +46,8 @@ impl ModelFamily {
 /// Settings (under the element's property names) that MAGI-1 has no use for: its guidance
 /// and schedule come from its config file (the base model's guidance tables, `t^2` with
 /// shift 3, `chunk_width`, `window_size`), its unconditional pass uses the null caption, and
-/// its MotionCache variant does not exist yet.
+/// its MotionCache variant (`crate::cache::magi`) has no staleness bound and no minimum
+/// update ratio.
 pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "negative-prompt",
     "guidance-scale",
@@ -55,12 +56,7 @@ pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "ar-step",
     "window",
     "overlap",
-    "cache-mode",
-    "warmup-steps",
-    "motion-threshold",
     "refresh-interval",
-    "uniform-updates",
-    "weight-floor",
     "min-update-ratio",
     "temporal-consistency",
 ];
@@ -638,7 +634,7 @@ impl Pipeline {
             addnoise_condition: 0.0,
             fps_class: 1,
             total_frames: None,
-            cache: crate::cache::CacheSettings::for_schedule(
+            cache: crate::cache::CacheSettings::for_magi(
                 crate::cache::CacheMode::MotionCache,
                 steps,
             ),
@@ -914,6 +910,7 @@ impl Pipeline {
                 steps: settings.steps,
                 chunks,
                 size,
+                cache: settings.cache.clone(),
             };
             let stream = MagiStream::new(m.clone(), prompt, &s, seed)?;
             return Ok(VideoStream {
@@ -1144,7 +1141,7 @@ impl VideoStream {
                     stream.steps()
                 ),
             )),
-            StreamKind::Magi(_) => Ok(()),
+            StreamKind::Magi(stream) => stream.set_cache(&s.cache),
         }
     }
 }

@@ -132,18 +132,24 @@ fn magi_refuses_properties_that_do_not_apply() {
         )
         .expect("a first chunk");
         src.set_property("shift", 5.0f64);
-        src.set_property_from_str("cache-mode", "none");
+        src.set_property("min-update-ratio", 0.5f64);
+        // MAGI-1's cache properties apply while playing
+        src.set_property_from_str("cache-mode", "teacache");
+        src.set_property("motion-threshold", 0.01f64);
         assert_eq!(src.property::<f64>("shift"), -1.0, "value kept");
         let mut out = Outcome::default();
         drain(&bus, &mut out, Duration::from_secs(1));
         pipeline.set_state(gst::State::Null).unwrap();
         assert!(out.errors.is_empty(), "{:?}", out.errors);
         let w = out.warnings.join("\n");
-        for p in ["'shift'", "'cache-mode'"] {
+        for p in ["'shift'", "'min-update-ratio'"] {
             assert!(
                 w.contains(p) && w.contains("does not apply to MAGI-1"),
                 "{p}: {w}"
             );
+        }
+        for p in ["'cache-mode'", "'motion-threshold'"] {
+            assert!(!w.contains(p), "{p}: {w}");
         }
     });
 }
@@ -173,5 +179,53 @@ fn magi_directory_without_its_t5_is_an_error_naming_it() {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
+
+/// MAGI-1's MotionCache behind the same properties: `none` computes every token of every
+/// step; `motioncache` at a threshold the tiny model reaches reuses whole chunks and
+/// token subsets (its stats say which), `teacache` whole chunks only; a chunk-wise phase
+/// longer than the schedule is an error naming the property.
+#[test]
+fn magi_cache_modes_reuse_and_report_it() {
+    with_timeout(400, || {
+        let stats = |extra: &str| {
+            let pipeline = launch(&format!(
+                "motioncachesrc model=\"{}\" num-buffers=16 seed=1 {extra} ! fakesink sync=false",
+                tiny()
+            ));
+            let out = run(&pipeline, 120);
+            assert!(
+                out.eos && out.errors.is_empty(),
+                "{extra}: {:?}",
+                out.errors
+            );
+            assert_eq!(out.stats.len(), 2, "{extra}: {:?}", out.stats);
+            out.stats
+        };
+        for st in stats("cache-mode=none") {
+            assert_eq!(st.recomputed_fraction, 1.0, "{st:?}");
+            assert_eq!((st.full, st.partial, st.skipped), (8, 0, 0), "{st:?}");
+        }
+        let mc = stats("cache-mode=motioncache motion-threshold=0.1");
+        let partial: u32 = mc.iter().map(|s| s.partial).sum();
+        let skipped: u32 = mc.iter().map(|s| s.skipped).sum();
+        assert!(partial > 0 && skipped > 0, "{mc:?}");
+        for st in &mc {
+            assert!(st.recomputed_fraction < 0.9, "{st:?}");
+            assert_eq!(st.full + st.partial + st.skipped, 8, "{st:?}");
+        }
+        for st in stats("cache-mode=teacache motion-threshold=0.1") {
+            assert_eq!(st.partial, 0, "{st:?}");
+            assert!(st.skipped > 0, "{st:?}");
+        }
+        let pipeline = launch(&format!(
+            "motioncachesrc model=\"{}\" num-buffers=8 cache-mode=motioncache \
+             uniform-updates=30 ! fakesink",
+            tiny()
+        ));
+        let out = run(&pipeline, 60);
+        let e = out.errors.join("\n");
+        assert!(e.contains("uniform-updates") && e.contains("30"), "{e}");
     });
 }

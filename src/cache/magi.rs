@@ -71,7 +71,7 @@ impl MagiCacheParams {
     pub fn phase(&self, count: usize) -> MagiPhase {
         if count < self.warmup_steps {
             MagiPhase::Warmup
-        } else if count < self.warmup_steps + self.chunk_steps {
+        } else if count < self.warmup_steps.saturating_add(self.chunk_steps) {
             MagiPhase::ChunkWise
         } else {
             MagiPhase::TokenWise

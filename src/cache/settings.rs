@@ -118,9 +118,22 @@ pub enum Reuse {
     Forecast,
 }
 
+/// Which model's variant of the method the settings drive: their defaults and the
+/// meaning of some fields differ (see [`CacheSettings::for_magi`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheVariant {
+    /// SkyReels-V2 / Wan 2.1: per-block policies inside the generator.
+    #[default]
+    Wan,
+    /// MAGI-1: the three-phase chunk / token cache of MotionCache4MAGI-1
+    /// ([`crate::cache::magi`]).
+    Magi,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
     pub mode: CacheMode,
+    pub variant: CacheVariant,
     /// Full steps per block before any reuse.
     pub warmup_steps: usize,
     /// Accumulated weighted distance that triggers a token's recompute (MotionCache).
@@ -191,6 +204,7 @@ impl CacheSettings {
         let steps = steps.max(1);
         let reference = Self {
             mode,
+            variant: CacheVariant::Wan,
             warmup_steps: REFERENCE_WARMUP.min(steps),
             motion_threshold: 0.1,
             refresh_interval: 0,
@@ -247,12 +261,46 @@ impl CacheSettings {
         ((steps as f64 * 0.1).round() as usize).max(2).min(steps)
     }
 
-    /// `mode`'s defaults for `steps` steps with this model's rescale polynomial (the rest
-    /// of `self` is not kept): what "the mode's default" means for a model.
-    pub fn defaults_for(&self, mode: CacheMode, steps: usize) -> Self {
+    /// MAGI-1's defaults of `mode` for `steps` steps. The fields mean there:
+    /// `warmup_steps` the full steps of every chunk, `uniform_updates` the steps of the
+    /// chunk-wise phase that follows (whole-chunk reuse), `motion_threshold` the threshold
+    /// of both the chunk-wise and the token-wise accumulators, `weight_floor` the lowest
+    /// motion weight; `teacache_threshold` / `flowcache_threshold` those of the chunk-level
+    /// baselines (whole-chunk reuse after the warm-up). `motioncache-reference` keeps the
+    /// reference's numbers (5 + 20 steps, 0.0065, floor 0.6, for its 64-step schedule);
+    /// `motioncache` scales the phases to the schedule (5/64 and 20/64 of the steps).
+    pub fn for_magi(mode: CacheMode, steps: usize) -> Self {
+        let steps = steps.max(1);
+        let (warmup, chunk) = match mode {
+            CacheMode::MotionCacheReference => (5, 20),
+            _ => (
+                ((steps as f64 * 5.0 / 64.0).round() as usize).max(1),
+                (steps as f64 * 20.0 / 64.0).round() as usize,
+            ),
+        };
+        let warmup = warmup.min(steps);
         Self {
-            rescale: self.rescale.clone(),
+            variant: CacheVariant::Magi,
+            warmup_steps: warmup,
+            uniform_updates: chunk.min(steps - warmup),
+            motion_threshold: 0.0065,
+            weight_floor: 0.6,
+            teacache_threshold: 0.0065,
+            flowcache_threshold: 0.0065,
             ..Self::for_schedule(mode, steps)
+        }
+    }
+
+    /// `mode`'s defaults for `steps` steps for this model (its variant and rescale
+    /// polynomial; the rest of `self` is not kept): what "the mode's default" means for a
+    /// model.
+    pub fn defaults_for(&self, mode: CacheMode, steps: usize) -> Self {
+        match self.variant {
+            CacheVariant::Magi => Self::for_magi(mode, steps),
+            CacheVariant::Wan => Self {
+                rescale: self.rescale.clone(),
+                ..Self::for_schedule(mode, steps)
+            },
         }
     }
 
@@ -298,6 +346,23 @@ impl CacheSettings {
                 "warmup-steps",
                 self.warmup_steps,
                 format!("larger than the {steps} denoising steps"),
+            ));
+        }
+        if self.variant == CacheVariant::Magi
+            && matches!(
+                self.mode,
+                CacheMode::MotionCache | CacheMode::MotionCacheReference
+            )
+            && self.warmup_steps + self.uniform_updates > steps
+        {
+            return Err(Error::setting(
+                "uniform-updates",
+                self.uniform_updates,
+                format!(
+                    "MAGI-1's chunk-wise phase after {} warm-up steps runs past the {steps} \
+                     denoising steps",
+                    self.warmup_steps
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&self.weight_floor) {
@@ -394,6 +459,32 @@ mod tests {
                 .to_string()
                 .contains("cache-mode")
         );
+    }
+
+    #[test]
+    fn magi_defaults_and_phase_errors() {
+        for steps in [4, 8, 12, 24, 64] {
+            for mode in CacheMode::ALL {
+                let s = CacheSettings::for_magi(mode, steps);
+                assert!(s.validate(steps).is_ok(), "{mode:?} {steps}");
+                assert_eq!(s.defaults_for(mode, steps), s);
+            }
+        }
+        let m = CacheSettings::for_magi(CacheMode::MotionCache, 64);
+        assert_eq!((m.warmup_steps, m.uniform_updates), (5, 20));
+        assert_eq!(m.motion_threshold, 0.0065);
+        let m = CacheSettings::for_magi(CacheMode::MotionCache, 8);
+        assert_eq!((m.warmup_steps, m.uniform_updates), (1, 3));
+        let r = CacheSettings::for_magi(CacheMode::MotionCacheReference, 8);
+        assert_eq!((r.warmup_steps, r.uniform_updates), (5, 3));
+        let e = CacheSettings {
+            uniform_updates: 60,
+            ..CacheSettings::for_magi(CacheMode::MotionCache, 64)
+        }
+        .validate(64)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("uniform-updates") && e.contains("60"), "{e}");
     }
 
     #[test]

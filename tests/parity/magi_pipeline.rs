@@ -63,6 +63,7 @@ fn run(group: &str, folder: &str) {
         steps: 8,
         chunks: Some(chunks),
         size: (64, 64),
+        cache: motioncache::cache::CacheSettings::for_magi(motioncache::cache::CacheMode::None, 8),
     };
     let mut stream = MagiStream::with_noise(
         Arc::clone(&model),
@@ -167,6 +168,7 @@ fn magi_stream_stops_within_a_forward() {
         steps: 8,
         chunks: None,
         size: (64, 64),
+        cache: motioncache::cache::CacheSettings::for_magi(motioncache::cache::CacheMode::None, 8),
     };
     let mut stream = MagiStream::new(model, "a red fox", &settings, 1).unwrap();
     assert!(matches!(

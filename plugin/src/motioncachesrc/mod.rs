@@ -26,17 +26,20 @@ glib::wrapper! {
 #[enum_type(name = "GstMotionCacheMode")]
 pub enum CacheModeProp {
     #[enum_value(
-        name = "Vanilla: recompute the whole window at every step, as diffusers does (baseline)",
+        name = "Vanilla: recompute the whole window at every step, as diffusers does (baseline; \
+                MAGI-1: upstream's walk)",
         nick = "vanilla"
     )]
     Vanilla = 0,
     #[enum_value(
-        name = "None: exact, finished blocks' K/V computed once, nothing reused",
+        name = "None: exact, finished blocks' K/V computed once, nothing reused (MAGI-1: \
+                upstream's walk, which already does that)",
         nick = "none"
     )]
     None = 1,
     #[enum_value(
-        name = "TeaCache: skip whole block-steps while the modulation distance stays small",
+        name = "TeaCache: skip whole block-steps while the modulation distance stays small \
+                (MAGI-1: reuse whole chunks while their input changes little)",
         nick = "teacache"
     )]
     TeaCache = 2,
@@ -47,13 +50,15 @@ pub enum CacheModeProp {
     FlowCache = 3,
     #[enum_value(
         name = "MotionCache: token-level, motion-aware reuse (motion from the predicted clean \
-                latent, phases scaled to the schedule)",
+                latent, phases scaled to the schedule; MAGI-1: MotionCache4MAGI-1's three \
+                phases with correct key ranges)",
         nick = "motioncache"
     )]
     MotionCache = 4,
     #[enum_value(
         name = "MotionCache as the reference implementation computes it (the paper's \
-                settings: 5 full steps, 6 uniform refreshes, stale residuals)",
+                settings: 5 full steps, 6 uniform refreshes, stale residuals; MAGI-1: \
+                MotionCache4MAGI-1 with its key-range bug, no clean-chunk re-forward)",
         nick = "motioncache-reference"
     )]
     MotionCacheReference = 5,

@@ -177,7 +177,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "Warmup steps",
             "Full steps per block before any reuse (-1 = the cache mode's default for \
              this schedule: motioncache a tenth of the steps, at least 2; the reference \
-             and the chunk-level modes 5; at most steps)",
+             and the chunk-level modes 5; at most steps). MAGI-1: full steps of every \
+             chunk (motioncache 5/64 of the steps, the reference 5)",
             1000,
             true,
         ),
@@ -188,7 +189,10 @@ pub fn specs() -> Vec<glib::ParamSpec> {
              motioncache) rescaled modulation distance at which a token (or, for \
              teacache and flowcache, a whole block) is recomputed; with a calibrated \
              model it reads as the relative output change tolerated. Higher = more \
-             reuse, faster (negative = the mode's default: motioncache 0.05, the others 0.1)",
+             reuse, faster (negative = the mode's default: motioncache 0.05, the others 0.1). \
+             MAGI-1: the threshold of the accumulated relative change of a chunk's \
+             patch-embedded input, chunk-wise and (motion-weighted) token-wise, and of \
+             teacache/flowcache's whole-chunk reuse (default 0.0065)",
             1e6,
             true,
         ),
@@ -205,7 +209,9 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "Uniform updates",
             "Refreshes with uniform weights before motion weights apply (-1 = the \
              mode's default: motioncache 0, its motion comes from the predicted clean \
-             latent; the reference 6)",
+             latent; the reference 6). MAGI-1: steps of the chunk-wise phase (whole-chunk \
+             reuse) after the warm-up, before token-wise reuse (motioncache 20/64 of the \
+             steps, the reference 20)",
             1000,
             true,
         ),
@@ -214,7 +220,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "Weight floor",
             "Floor of the motion weights, in [0, 1]: a static token accumulates at \
              least this fraction of a moving one's distance (negative = the mode's \
-             default: motioncache 0.1, the reference 0.6)",
+             default: motioncache 0.1, the reference 0.6; MAGI-1 0.6, from latent frame \
+             differences)",
             1.0,
             true,
         ),

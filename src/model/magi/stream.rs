@@ -16,7 +16,9 @@ use super::dit::MagiDit;
 use super::files::MagiFiles;
 use super::text::{SpecialTokens, load_t5_tokenizer};
 use super::vae::{MagiVae, MagiVaeTiling};
-use super::walk::{MagiWalk, PromptCaption, WalkNoise};
+use super::walk::{MagiWalk, PromptCaption, WalkCacheSettings, WalkNoise};
+use crate::cache::magi::MagiCacheParams;
+use crate::cache::{CacheMode, CacheSettings, Plan};
 use crate::error::{Error, Result};
 use crate::generate::{BlockStats, NoiseRng};
 use crate::model::t5::{T5Config, T5Encoder};
@@ -205,6 +207,46 @@ pub struct MagiStreamSettings {
     pub chunks: Option<usize>,
     /// `(width, height)` in pixels (multiples of [`MagiModel::pixel_multiple`]).
     pub size: (usize, usize),
+    /// The cache ([`CacheSettings::for_magi`]; see [`walk_cache`]).
+    pub cache: CacheSettings,
+}
+
+/// What a walk runs for `cache`: `vanilla` and `none` are upstream's walk (which already
+/// keeps finished chunks' keys and values, computed once by the clean re-forward: exact
+/// reuse); `teacache` and `flowcache` reuse whole chunks after the warm-up (their
+/// thresholds); `motioncache` is MotionCache4MAGI-1's three phases with upstream's walk
+/// and correct key ranges; `motioncache-reference` reproduces the reference code.
+pub fn walk_cache(cache: &CacheSettings) -> Option<WalkCacheSettings> {
+    let motion = MagiCacheParams {
+        chunk_threshold: cache.motion_threshold,
+        token_threshold: cache.motion_threshold,
+        warmup_steps: cache.warmup_steps,
+        chunk_steps: cache.uniform_updates,
+        weight_floor: cache.weight_floor,
+        weight_power: 1.0,
+    };
+    let chunk_level = MagiCacheParams {
+        chunk_threshold: cache.threshold(),
+        chunk_steps: usize::MAX,
+        ..motion.clone()
+    };
+    let (params, reference) = match cache.mode {
+        CacheMode::Vanilla | CacheMode::None => return None,
+        CacheMode::TeaCache | CacheMode::FlowCache => (chunk_level, false),
+        CacheMode::MotionCache => (motion, false),
+        CacheMode::MotionCacheReference => (motion, true),
+    };
+    Some(WalkCacheSettings { params, reference })
+}
+
+/// Per unfinished chunk: what its forwards computed.
+#[derive(Default)]
+struct ChunkTally {
+    full: usize,
+    partial: usize,
+    skipped: usize,
+    tokens: usize,
+    per_token: Vec<u32>,
 }
 
 /// A finished chunk: its index, clean latents `[1, C, chunk_width, h, w]` and what making it
@@ -221,8 +263,8 @@ pub struct MagiStream {
     walk: MagiWalk,
     steps: usize,
     grid: (usize, usize, usize),
-    /// Forwards each unfinished chunk was part of.
-    passes: BTreeMap<usize, usize>,
+    /// What the forwards of each unfinished chunk computed.
+    passes: BTreeMap<usize, ChunkTally>,
     last_emit: Instant,
     compute: Duration,
     poisoned: bool,
@@ -287,7 +329,7 @@ impl MagiStream {
             null,
             null_mask,
         };
-        let walk = MagiWalk::streaming(
+        let mut walk = MagiWalk::streaming(
             model.dit.clone(),
             &cfg,
             latent,
@@ -295,6 +337,9 @@ impl MagiStream {
             noise,
             caption,
         )?;
+        settings.cache.validate(settings.steps)?;
+        walk.set_cache(walk_cache(&settings.cache))
+            .map_err(|e| Error::setting("cache-mode", settings.cache.mode.name(), e.to_string()))?;
         let p = model.dit.config().patch_size;
         let pt = model.dit.config().t_patch_size.max(1);
         let grid = (chunk_width / pt, latent.1 / p, latent.2 / p);
@@ -323,6 +368,14 @@ impl MagiStream {
     /// Denoising steps per chunk of this stream.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// New cache settings, from the next step.
+    pub fn set_cache(&mut self, cache: &CacheSettings) -> Result<()> {
+        cache.validate(self.steps)?;
+        self.walk
+            .set_cache(walk_cache(cache))
+            .map_err(|e| Error::setting("cache-mode", cache.mode.name(), e.to_string()))
     }
 
     /// Runs the walk until the next chunk is finished; `None` when the video is complete.
@@ -360,30 +413,49 @@ impl MagiStream {
                 }
             };
             self.compute += started.elapsed();
-            // Every chunk of this step's window went through `passes` forwards.
-            for c in step.denoised.0..step.denoised.1 {
-                *self.passes.entry(c).or_insert(0) += passes;
+            // Every chunk of this step's window went through `passes` forwards, of the
+            // tokens its plan names.
+            let (gt, gh, gw) = self.grid;
+            let tokens = gt * gh * gw;
+            for (j, c) in (step.denoised.0..step.denoised.1).enumerate() {
+                let t = self.passes.entry(c).or_default();
+                t.per_token.resize(tokens, 0);
+                let plan = step.plans.get(j).unwrap_or(&Plan::Full);
+                match plan {
+                    Plan::Full => t.full += passes,
+                    Plan::Skip => t.skipped += passes,
+                    Plan::Tokens(_) => t.partial += passes,
+                }
+                t.tokens += plan.count(tokens) * passes;
+                match plan {
+                    Plan::Full => t.per_token.iter_mut().for_each(|n| *n += passes as u32),
+                    Plan::Skip => {}
+                    Plan::Tokens(ks) => {
+                        for &k in ks {
+                            t.per_token[k as usize] += passes as u32;
+                        }
+                    }
+                }
             }
             if let Some((index, latents)) = step.finished {
-                let forwards = self.passes.remove(&index).unwrap_or(0);
+                let t = self.passes.remove(&index).unwrap_or_default();
+                let forwards = t.full + t.partial + t.skipped;
                 let cw = self.model.config().runtime_config.chunk_width;
                 let now = Instant::now();
-                let (gt, gh, gw) = self.grid;
-                let tokens = gt * gh * gw;
-                let flops = forwards as f64 * self.chunk_flops();
+                let per_token = self.chunk_flops() / tokens as f64;
                 let stats = BlockStats {
                     index,
                     frames: cw,
                     steps: self.steps,
-                    full_forwards: forwards,
-                    partial_forwards: 0,
-                    skipped_forwards: 0,
-                    tokens_recomputed: tokens * forwards,
+                    full_forwards: t.full,
+                    partial_forwards: t.partial,
+                    skipped_forwards: t.skipped,
+                    tokens_recomputed: t.tokens,
                     tokens_total: tokens * forwards,
-                    token_recomputes: vec![forwards as u32; tokens],
+                    token_recomputes: t.per_token,
                     grid: self.grid,
-                    flops,
-                    vanilla_flops: flops,
+                    flops: t.tokens as f64 * per_token,
+                    vanilla_flops: forwards as f64 * self.chunk_flops(),
                     wall: now - self.last_emit,
                     compute: std::mem::take(&mut self.compute),
                 };

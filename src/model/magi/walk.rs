@@ -96,8 +96,8 @@ struct WalkCache {
     prev_metric: HashMap<usize, Tensor>,
     /// Motion weights per global latent frame, one per token of the frame (1 until set).
     weights: HashMap<usize, Vec<f32>>,
-    /// Per chunk: its latent delta at its last integrated step.
-    residual: HashMap<usize, Tensor>,
+    /// Per chunk: its latent delta at its last integrated step and that step's `dt`.
+    last_delta: HashMap<usize, (Tensor, f64)>,
 }
 
 /// What one step of the walk produced.
@@ -270,8 +270,8 @@ impl MagiWalk {
     }
 
     /// Turns MotionCache on (or off with `None`) from the next step. Changed settings keep
-    /// the chunks' accumulated state; turning the reference behaviour on or off needs a
-    /// new walk (it changes what the cache holds).
+    /// the chunks' accumulated state (turning the reference behaviour on or off starts
+    /// them afresh).
     pub fn set_cache(&mut self, settings: Option<WalkCacheSettings>) -> candle_core::Result<()> {
         let Some(settings) = settings else {
             self.cache_state = None;
@@ -286,18 +286,13 @@ impl MagiWalk {
         }
         match &mut self.cache_state {
             Some(c) if c.settings.reference == settings.reference => c.settings = settings,
-            _ if self.step > 0 => {
-                candle_core::bail!(
-                    "MotionCache's reference behaviour is chosen before the walk starts"
-                )
-            }
             c => {
                 *c = Some(WalkCache {
                     settings,
                     states: HashMap::new(),
                     prev_metric: HashMap::new(),
                     weights: HashMap::new(),
-                    residual: HashMap::new(),
+                    last_delta: HashMap::new(),
                 })
             }
         }
@@ -540,25 +535,33 @@ impl MagiWalk {
             let k = i * per_stage + idx;
             let dt = (self.ts[k + 1] - self.ts[k]) as f64;
             let xj = x.narrow(2, j * cw, cw)?;
-            let euler = || v.narrow(2, j * cw, cw)? * dt;
+            let fresh = (v.narrow(2, j * cw, cw)? * dt)?;
             let c = cs + j;
+            // What a reused token adds: the reference its last delta `v dt_old`, ours its
+            // last velocity times this step's `dt` (the schedule's steps grow with `t^2`: an
+            // old delta under-steps and keeps the change metric flat).
             let delta = match (&plans[j], self.cache_state.as_ref()) {
-                (Plan::Full, _) | (_, None) => euler()?,
+                (Plan::Full, _) | (_, None) => fresh,
                 (plan, Some(cache)) => {
-                    let Some(residual) = cache.residual.get(&c) else {
-                        candle_core::bail!("chunk {c} reuses a delta it never computed")
+                    let Some((last, last_dt)) = cache.last_delta.get(&c) else {
+                        candle_core::bail!("chunk {c} reuses a step it never computed")
+                    };
+                    let reused = if reference {
+                        last.clone()
+                    } else {
+                        (last * (dt / last_dt))?
                     };
                     match plan {
                         Plan::Tokens(tokens) => {
-                            let mask = self.token_mask(tokens)?.broadcast_as(residual.shape())?;
-                            mask.where_cond(&euler()?, residual)?
+                            let mask = self.token_mask(tokens)?.broadcast_as(reused.shape())?;
+                            mask.where_cond(&fresh, &reused)?
                         }
-                        _ => residual.clone(),
+                        _ => reused,
                     }
                 }
             };
             if let Some(cache) = self.cache_state.as_mut() {
-                cache.residual.insert(c, delta.clone());
+                cache.last_delta.insert(c, (delta.clone(), dt));
             }
             parts.push((xj + delta)?);
         }
@@ -586,7 +589,7 @@ impl MagiWalk {
         self.step += 1;
         if let (Some((c, _)), Some(cache)) = (&finished, self.cache_state.as_mut()) {
             cache.states.remove(c);
-            cache.residual.remove(c);
+            cache.last_delta.remove(c);
         }
         Ok(Some(WalkStep {
             velocity: v,
@@ -739,7 +742,9 @@ impl MagiWalk {
         };
         let cache = cache.map(|(update, skip)| CacheUse {
             cache: &mut self.cache,
-            active: f.tokens.is_some() || f.clean || f.slice_point + f.chunk_offset > 0,
+            // Always written, although upstream's first stage reads nothing from it: a
+            // cache turned on mid-walk then finds every chunk's keys and values.
+            active: true,
             update,
             skip_last_chunks: skip,
         });
