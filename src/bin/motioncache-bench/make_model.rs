@@ -11,6 +11,12 @@
 //! frames in a window of 25 with 5 of overlap (SkyReels-V2's 540P settings: 97 frames, 17
 //! of history), synchronous (ar_step 0). `tiny`: the embedded model's configuration. Weights are N(0, 0.02) with
 //! normalisation weights 1, stored in bf16; the directory is loaded once to check it.
+//!
+//! `magi-small`: a MAGI-1 directory (the benchmark's `magi` scenario) whose DiT is larger
+//! than the parity fixture's (6 layers, 256 wide, 8 query / 2 key-value heads, 96 x 96
+//! frames: 72 tokens per chunk) so that its time follows its FLOPs; the VAE, the T5
+//! encoder and the special tokens are those of `--base` (the fixture
+//! `tests/fixtures/magi/tiny` by default), referenced by absolute path.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,12 +70,16 @@ const TINY: &[(&str, &str)] = &[
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// 1.3b (SkyReels-V2-DF-1.3B at 540P) or tiny (the embedded model's sizes).
+    /// 1.3b (SkyReels-V2-DF-1.3B at 540P), tiny (the embedded model's sizes) or
+    /// magi-small (a MAGI-1 directory for the benchmark).
     #[arg(long, default_value = "1.3b")]
     config: String,
     /// The directory to write (created; existing files are overwritten).
     #[arg(long)]
     out: PathBuf,
+    /// `magi-small`: the MAGI-1 directory whose VAE, T5 and special tokens it uses.
+    #[arg(long, default_value = "tests/fixtures/magi/tiny")]
+    base: PathBuf,
 }
 
 /// The configuration files of `config`.
@@ -114,7 +124,9 @@ fn configs(config: &str) -> BoxResult<BTreeMap<&'static str, String>> {
             }
             files.insert("motioncache.json", json(&mc)?);
         }
-        other => return Err(format!("unknown --config {other:?} (1.3b or tiny)").into()),
+        other => {
+            return Err(format!("unknown --config {other:?} (1.3b, tiny or magi-small)").into());
+        }
     }
     Ok(files)
 }
@@ -144,7 +156,70 @@ fn save(
     Ok(params)
 }
 
+/// `make-model --config magi-small`.
+fn make_magi(a: &Args) -> BoxResult<()> {
+    use motioncache::model::magi::{MagiConfig, MagiDit};
+    let base_cfg = a.base.join("config.json");
+    let text = std::fs::read_to_string(&base_cfg)
+        .map_err(|e| format!("--base: {}: {e}", base_cfg.display()))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text)?;
+    let base = std::fs::canonicalize(&a.base)?;
+    let rc0 = MagiConfig::from_file(&base_cfg)?.runtime_config;
+    let abs = |p: &Option<String>, what: &str| -> BoxResult<String> {
+        let p = p.as_deref().ok_or_else(|| {
+            format!(
+                "--base: {} has no runtime_config.{what}",
+                base_cfg.display()
+            )
+        })?;
+        Ok(base.join(p).display().to_string())
+    };
+    let mc = &mut cfg["model_config"];
+    mc["num_layers"] = 6.into();
+    mc["hidden_size"] = 256.into();
+    mc["ffn_hidden_size"] = 768.into();
+    mc["num_attention_heads"] = 8.into();
+    mc["num_query_groups"] = 2.into();
+    mc["kv_channels"] = 32.into();
+    let rc = &mut cfg["runtime_config"];
+    rc["video_size_h"] = 96.into();
+    rc["video_size_w"] = 96.into();
+    rc["num_steps"] = 64.into();
+    rc["load"] = ".".into();
+    rc["vae_pretrained"] = abs(&rc0.vae_pretrained, "vae_pretrained")?.into();
+    rc["t5_pretrained"] = abs(&rc0.t5_pretrained, "t5_pretrained")?.into();
+    std::fs::create_dir_all(a.out.join("inference_weight.distill"))?;
+    std::fs::write(
+        a.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
+    std::fs::copy(
+        base.join("special_tokens.npz"),
+        a.out.join("special_tokens.npz"),
+    )?;
+    let parsed = MagiConfig::from_file(&a.out.join("config.json"))?;
+    let n = save(
+        &a.out.join("inference_weight.distill/model.safetensors"),
+        |vb| MagiDit::new(&parsed.model_config, true, vb).map(drop),
+    )?;
+    let p = Pipeline::load(&a.out, &Device::Cpu, DType::F32)?;
+    let info = p.info();
+    println!(
+        "make-model: {} (magi-small): DiT {:.1}M parameters, {}x{} at {} fps, VAE and T5 of {}",
+        a.out.display(),
+        n as f64 / 1e6,
+        info.width,
+        info.height,
+        info.fps_num,
+        base.display()
+    );
+    Ok(())
+}
+
 pub fn run(a: Args) -> BoxResult<()> {
+    if a.config == "magi-small" {
+        return make_magi(&a);
+    }
     let files = configs(&a.config)?;
     for (rel, text) in &files {
         let p = a.out.join(rel);

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use motioncache::cache::{CacheMode, CacheSettings, DistanceMode, MotionSource, Reuse, WeightNorm};
+use motioncache::cache::{
+    CacheMode, CacheSettings, CacheVariant, DistanceMode, MotionSource, Reuse, WeightNorm,
+};
 use motioncache::generate::{GeneratorSettings, NoiseSource};
 use motioncache::metrics::{Frames, motion_selectivity, psnr, ssim};
-use motioncache::pipeline::Pipeline;
+use motioncache::pipeline::{ModelFamily, Pipeline, to_rgb24_truncated};
 
 use super::BoxResult;
 use super::report::{self, Row};
@@ -31,7 +33,7 @@ pub struct Args {
     /// Two prompts instead of four.
     #[arg(long)]
     pub quick: bool,
-    /// Schedules to run (paper, element-default).
+    /// Schedules to run (paper, element-default; magi for a MAGI-1 model).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Option<Vec<String>>,
     /// Modes to run (vanilla and none always run: they are the references). Names:
@@ -43,7 +45,8 @@ pub struct Args {
     /// thresholds each (the speed/quality frontiers).
     #[arg(long)]
     pub sweep: bool,
-    /// Thresholds of the sweep (default 0.02,0.05,0.1,0.2,0.3,0.5).
+    /// Thresholds of the sweep (default 0.02,0.05,0.1,0.2,0.3,0.5; MAGI-1
+    /// 0.002,0.004,0.0065,0.01,0.02,0.04).
     #[arg(long, value_delimiter = ',')]
     pub thresholds: Option<Vec<f64>>,
     /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
@@ -71,8 +74,20 @@ pub struct ModeSpec {
 /// of 5 latent frames over a 25-frame window, 5 frames of overlap history with addnoise 20;
 /// 35 latent frames so that the window slides once. And the model's own defaults over two
 /// windows.
+///
+/// A MAGI-1 model has one schedule, `magi`: the reference's 64 steps (window 4, its key
+/// ranges), four chunks.
 pub fn scenarios(p: &Pipeline) -> Vec<(&'static str, GeneratorSettings)> {
     let d = p.info().defaults.clone();
+    if p.info().family == ModelFamily::Magi1 {
+        let magi = GeneratorSettings {
+            steps: MAGI_STEPS,
+            total_frames: Some(4 * d.causal_block_size),
+            cache: CacheSettings::for_magi(CacheMode::MotionCache, MAGI_STEPS),
+            ..d
+        };
+        return vec![("magi", magi)];
+    }
     let paper = GeneratorSettings {
         steps: 50,
         shift: 8.0,
@@ -175,19 +190,37 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
             threshold: None,
         })
     };
+    // MAGI-1's thresholds are those of the relative change of the patch-embedded input
+    // (the reference's 0.0065), not of the rescaled modulation distance.
+    let magi = model.variant == CacheVariant::Magi;
+    let (slow, fast, reference, sweep) = if magi {
+        (
+            [MAGI_SLOW; 3],
+            [MAGI_FAST; 3],
+            MAGI_SLOW,
+            vec![0.002, 0.004, 0.0065, 0.01, 0.02, 0.04],
+        )
+    } else {
+        (
+            [0.1, 0.1, MOTIONCACHE_SLOW],
+            [0.2, 0.15, MOTIONCACHE_FAST],
+            0.1,
+            vec![0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+        )
+    };
     let mut named = vec![
         exact(CacheMode::Vanilla)?,
         exact(CacheMode::None)?,
-        at(CacheMode::TeaCache, "teacache-slow", 0.1)?,
-        at(CacheMode::TeaCache, "teacache-fast", 0.2)?,
-        at(CacheMode::FlowCache, "flowcache-slow", 0.1)?,
-        at(CacheMode::FlowCache, "flowcache-fast", 0.15)?,
-        at(CacheMode::MotionCache, "motioncache-slow", MOTIONCACHE_SLOW)?,
-        at(CacheMode::MotionCache, "motioncache-fast", MOTIONCACHE_FAST)?,
+        at(CacheMode::TeaCache, "teacache-slow", slow[0])?,
+        at(CacheMode::TeaCache, "teacache-fast", fast[0])?,
+        at(CacheMode::FlowCache, "flowcache-slow", slow[1])?,
+        at(CacheMode::FlowCache, "flowcache-fast", fast[1])?,
+        at(CacheMode::MotionCache, "motioncache-slow", slow[2])?,
+        at(CacheMode::MotionCache, "motioncache-fast", fast[2])?,
         at(
             CacheMode::MotionCacheReference,
             "motioncache-reference",
-            0.1,
+            reference,
         )?,
     ];
     if let Some(only) = &a.modes {
@@ -201,10 +234,7 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
         });
     }
     if a.sweep {
-        let ts = a
-            .thresholds
-            .clone()
-            .unwrap_or_else(|| vec![0.02, 0.05, 0.1, 0.2, 0.3, 0.5]);
+        let ts = a.thresholds.clone().unwrap_or(sweep);
         for mode in [
             CacheMode::TeaCache,
             CacheMode::FlowCache,
@@ -229,6 +259,11 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
 /// two thresholds of one method).
 pub const MOTIONCACHE_SLOW: f64 = 0.1;
 pub const MOTIONCACHE_FAST: f64 = 0.2;
+/// MAGI-1's: the reference's threshold and twice it.
+pub const MAGI_SLOW: f64 = 0.0065;
+pub const MAGI_FAST: f64 = 0.013;
+/// MAGI-1's benchmark schedule: the reference's (and the paper's) 64 steps.
+pub const MAGI_STEPS: usize = 64;
 
 /// One video in one mode.
 pub struct Outcome {
@@ -249,10 +284,13 @@ pub fn generate(
     seed: u64,
     keep_stats: bool,
 ) -> motioncache::Result<Outcome> {
-    let cond = p.encode_prompt(prompt)?;
-    let neg = p.encode_prompt("")?;
     let size = (p.info().width, p.info().height);
     let cancel = AtomicBool::new(false);
+    if let Some(model) = p.magi() {
+        return generate_magi(p, model, prompt, s, seed, keep_stats);
+    }
+    let cond = p.encode_prompt(prompt)?;
+    let neg = p.encode_prompt("")?;
     let mut st = p.stream_with_contexts(&cond, &neg, s.clone(), NoiseSource::Seed(seed), size)?;
     let mut o = Outcome {
         transformer_seconds: 0.0,
@@ -288,6 +326,57 @@ pub fn generate(
     Ok(o)
 }
 
+/// [`generate`] for MAGI-1: the walk (the transformer's time) and the VAE timed apart.
+fn generate_magi(
+    p: &Arc<Pipeline>,
+    model: &Arc<motioncache::model::magi::stream::MagiModel>,
+    prompt: &str,
+    s: &GeneratorSettings,
+    seed: u64,
+    keep_stats: bool,
+) -> motioncache::Result<Outcome> {
+    use motioncache::model::magi::stream::{MagiStream, MagiStreamSettings};
+    let cw = model.config().runtime_config.chunk_width.max(1);
+    let settings = MagiStreamSettings {
+        steps: s.steps,
+        chunks: s.total_frames.map(|f| f.div_ceil(cw)),
+        size: (p.info().width, p.info().height),
+        cache: s.cache.clone(),
+    };
+    let cancel = AtomicBool::new(false);
+    let mut st = MagiStream::new(model.clone(), prompt, &settings, seed)?;
+    let mut o = Outcome {
+        transformer_seconds: 0.0,
+        vae_seconds: 0.0,
+        frames: Vec::new(),
+        flops: 0.0,
+        vanilla_flops: 0.0,
+        recomputed: 0,
+        total: 0,
+        token_recomputes: Vec::new(),
+    };
+    loop {
+        let t0 = Instant::now();
+        let Some(chunk) = st.next_chunk(&cancel)? else {
+            break;
+        };
+        o.transformer_seconds += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let frames = to_rgb24_truncated(&model.decode(&chunk.latents)?)?;
+        o.vae_seconds += t1.elapsed().as_secs_f64();
+        let stats = chunk.stats;
+        o.flops += stats.flops;
+        o.vanilla_flops += stats.vanilla_flops;
+        o.recomputed += stats.tokens_recomputed;
+        o.total += stats.tokens_total;
+        if keep_stats {
+            o.token_recomputes.push((stats, frames.clone()));
+        }
+        o.frames.extend(frames);
+    }
+    Ok(o)
+}
+
 pub fn run(a: Args) -> BoxResult<()> {
     std::fs::create_dir_all(&a.out)?;
     let p = super::load_model(a.model.as_deref())?;
@@ -301,7 +390,7 @@ pub fn run(a: Args) -> BoxResult<()> {
         })
         .collect();
     if scen.is_empty() {
-        return Err("--scenarios: none of paper, element-default".into());
+        return Err("--scenarios: none of paper, element-default (magi for MAGI-1)".into());
     }
     let diffusers = match &a.diffusers {
         Some(f) => Some(report::load_json("--diffusers", f)?),

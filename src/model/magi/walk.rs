@@ -98,6 +98,9 @@ struct WalkCache {
     weights: HashMap<usize, Vec<f32>>,
     /// Per chunk: its latent delta at its last integrated step and that step's `dt`.
     last_delta: HashMap<usize, (Tensor, f64)>,
+    /// The nearly-clean copy's output (the oldest chunk without context) at its last
+    /// forward, and that chunk: reused while the chunk is recomputed only in part.
+    near_alone: Option<(usize, Tensor)>,
 }
 
 /// What one step of the walk produced.
@@ -293,6 +296,7 @@ impl MagiWalk {
                     prev_metric: HashMap::new(),
                     weights: HashMap::new(),
                     last_delta: HashMap::new(),
+                    near_alone: None,
                 })
             }
         }
@@ -511,6 +515,7 @@ impl MagiWalk {
             num_steps,
             interval: self.intervals[idx],
             cancel,
+            first: cs,
             tokens: self
                 .cache_state
                 .is_some()
@@ -754,12 +759,30 @@ impl MagiWalk {
     /// The distill model's single pass with the caption, with the nearly-clean copy of
     /// the oldest noisy chunk while its `t` is above the threshold.
     fn one_pass(&mut self, f: &Fwd, text: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        if !f.near {
+        // A reused oldest chunk takes nothing from the copy.
+        let s = usize::from(f.clean);
+        let oldest = f.tokens.and_then(|p| p.get(s));
+        let copy_unused = oldest == Some(&Plan::Skip);
+        if !f.near || copy_unused {
             return self.forward(f, (text, mask), false, Some((true, 0)));
         }
         let cw = self.cfg.runtime_config.chunk_width;
-        let s = usize::from(f.clean);
         let frames = f.x.dim(2)?;
+        // A chunk recomputed in part mixes with the copy's last output (the copy is a
+        // whole chunk's forward; its input is the chunk's, whose change is small enough
+        // for most of its tokens to be reused).
+        let stored = match (oldest, self.cache_state.as_ref()) {
+            (Some(Plan::Tokens(_)), Some(c)) => c
+                .near_alone
+                .as_ref()
+                .filter(|(chunk, _)| *chunk == f.first)
+                .map(|(_, t)| t.clone()),
+            _ => None,
+        };
+        if let Some(alone) = stored {
+            let out = self.forward(f, (text, mask), false, Some((true, 0)))?;
+            return Self::mix_oldest(&out, &alone, s, cw);
+        }
         let copy = f.x.narrow(2, s * cw, cw)?;
         let x = Tensor::cat(&[f.x, &copy], 2)?;
         let max = f.kv_range.iter().map(|r| r.0.max(r.1)).max().unwrap_or(0);
@@ -782,8 +805,23 @@ impl MagiWalk {
             ..*f
         };
         let out = self.forward(&with_copy, (&text, &mask), false, Some((true, 1)))?;
-        let ctx = out.narrow(2, s * cw, cw)?;
         let alone = out.narrow(2, frames, cw)?;
+        if let Some(c) = self.cache_state.as_mut() {
+            c.near_alone = Some((f.first, alone.clone()));
+        }
+        Self::mix_oldest(&out.narrow(2, 0, frames)?, &alone, s, cw)
+    }
+
+    /// `out` with its chunk `s` mixed as `0.7 out + 0.3 alone` (upstream's nearly-clean
+    /// mix).
+    fn mix_oldest(
+        out: &Tensor,
+        alone: &Tensor,
+        s: usize,
+        cw: usize,
+    ) -> candle_core::Result<Tensor> {
+        let frames = out.dim(2)?;
+        let ctx = out.narrow(2, s * cw, cw)?;
         let mixed = ((ctx * PREV_CHUNKS_SCALE)? + (alone * (1.0 - PREV_CHUNKS_SCALE))?)?;
         let mut parts = Vec::new();
         if s > 0 {
@@ -862,6 +900,8 @@ struct Fwd<'b> {
     /// Per chunk of `x`, the tokens the cache computes; `Some` also makes every forward
     /// write its keys/values (a reused token keeps its last ones).
     tokens: Option<&'b [Plan]>,
+    /// The first denoised chunk (global index).
+    first: usize,
 }
 
 /// `(prev_chunk_scale, text_scale)` of the bin of `cfg_t_range` (shifted down by 1e-7)
