@@ -200,6 +200,19 @@ pub fn launch(desc: &str) -> gst::Pipeline {
 }
 
 /// The process's resident set (VmRSS), in KiB.
+/// [`rss_kib`] after returning the allocator's free memory to the system (glibc's
+/// `malloc_trim`): what is left is memory in use, not the free pools of the per-thread
+/// arenas that glibc opens when threads contend (their size depends on the machine's load,
+/// which made the cycle test fail on CI with 13 MB of free pools and no leak).
+pub fn rss_kib_in_use() -> u64 {
+    unsafe extern "C" {
+        fn malloc_trim(pad: usize) -> i32;
+    }
+    // SAFETY: malloc_trim only releases free heap memory; any thread may call it.
+    unsafe { malloc_trim(0) };
+    rss_kib()
+}
+
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
