@@ -903,15 +903,8 @@ impl Pipeline {
     ) -> Result<VideoStream> {
         self.latent_shape(size.0, size.1)?;
         if let Model::Magi(m) = &self.model {
-            let chunks = settings
-                .total_frames
-                .map(|f| f.div_ceil(m.config().runtime_config.chunk_width.max(1)));
-            let s = MagiStreamSettings {
-                steps: settings.steps,
-                chunks,
-                size,
-                cache: settings.cache.clone(),
-            };
+            let cw = m.config().runtime_config.chunk_width;
+            let s = MagiStreamSettings::from_generator(&settings, cw, size);
             let stream = MagiStream::new(m.clone(), prompt, &s, seed)?;
             return Ok(VideoStream {
                 pipeline: self.clone(),

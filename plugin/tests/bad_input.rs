@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use gst::glib;
 use gst::prelude::*;
@@ -130,31 +128,15 @@ fn inconsistent_settings_fail_start_naming_the_property() {
     });
 }
 
-/// Plays until the first block, runs `f`, then collects messages for `secs`.
-fn while_playing(props: &str, f: impl FnOnce(&gst::Element), secs: u64) -> Outcome {
-    let pipeline = launch(&format!(
-        "motioncachesrc name=src {} {props} ! fakesink sync=false",
-        fast_launch()
-    ));
-    let src = pipeline.by_name("src").unwrap();
-    let bus = pipeline.bus().unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    bus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(60),
-        &[gst::MessageType::Element],
-    )
-    .expect("a first block");
-    f(&src);
-    let mut out = Outcome::default();
-    drain(&bus, &mut out, Duration::from_secs(secs));
-    pipeline.set_state(gst::State::Null).unwrap();
-    out
+/// [`while_playing`] on the fast test settings plus `props`.
+fn while_playing_fast(props: &str, f: impl FnOnce(&gst::Element), secs: u64) -> Outcome {
+    while_playing(&format!("{} {props}", fast_launch()), f, secs)
 }
 
 #[test]
 fn invalid_runtime_change_is_refused_with_a_warning() {
     with_timeout(120, || {
-        let out = while_playing(
+        let out = while_playing_fast(
             "",
             |src| {
                 src.set_property("warmup-steps", 100i32);
@@ -172,7 +154,7 @@ fn invalid_runtime_change_is_refused_with_a_warning() {
 #[test]
 fn ready_only_change_while_playing_is_refused() {
     with_timeout(120, || {
-        let out = while_playing(
+        let out = while_playing_fast(
             "",
             |src| {
                 src.set_property("steps", 9i32);
@@ -190,7 +172,7 @@ fn ready_only_change_while_playing_is_refused() {
 #[test]
 fn non_utf8_prompt_is_refused() {
     with_timeout(120, || {
-        let out = while_playing(
+        let out = while_playing_fast(
             "",
             |src| {
                 let before = src.property::<String>("prompt");

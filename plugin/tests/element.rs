@@ -305,14 +305,6 @@ fn pull_frames(h: &mut gst_check::Harness, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
-}
-
 #[test]
 fn prompt_change_changes_frames() {
     with_timeout(400, || {

@@ -191,6 +191,36 @@ pub fn drain(bus: &gst::Bus, out: &mut Outcome, wait: Duration) {
     }
 }
 
+/// Mean absolute difference of two frames' bytes.
+pub fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+/// Plays `motioncachesrc name=src {src_props} ! fakesink` until its first block, runs `f`
+/// on the element, then collects messages for `secs` and stops.
+pub fn while_playing(src_props: &str, f: impl FnOnce(&gst::Element), secs: u64) -> Outcome {
+    let pipeline = launch(&format!(
+        "motioncachesrc name=src {src_props} ! fakesink sync=false"
+    ));
+    let src = pipeline.by_name("src").unwrap();
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(60),
+        &[gst::MessageType::Element],
+    )
+    .expect("a first block");
+    f(&src);
+    let mut out = Outcome::default();
+    drain(&bus, &mut out, Duration::from_secs(secs));
+    pipeline.set_state(gst::State::Null).unwrap();
+    out
+}
+
 pub fn launch(desc: &str) -> gst::Pipeline {
     init();
     gst::parse::launch(desc)

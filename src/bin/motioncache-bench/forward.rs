@@ -467,11 +467,21 @@ pub fn run(o: Args) -> BoxResult<()> {
                 .unwrap_or_else(|| "-".into())
         );
     }
+    write_report(&o.out, "forward", &rows, &md)
+}
+
+/// Writes `DIR/STEM.json` (the rows) and `DIR/STEM.md` (the table) and prints the table.
+pub(crate) fn write_report(
+    dir: &std::path::Path,
+    stem: &str,
+    rows: &[serde_json::Value],
+    md: &str,
+) -> BoxResult<()> {
     std::fs::write(
-        o.out.join("forward.json"),
-        serde_json::to_string_pretty(&rows)?,
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(rows)?,
     )?;
-    std::fs::write(o.out.join("forward.md"), &md)?;
+    std::fs::write(dir.join(format!("{stem}.md")), md)?;
     print!("{md}");
     Ok(())
 }

@@ -291,11 +291,5 @@ pub fn run(o: Args) -> BoxResult<()> {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    std::fs::write(
-        o.out.join("forward-magi.json"),
-        serde_json::to_string_pretty(&rows)?,
-    )?;
-    std::fs::write(o.out.join("forward-magi.md"), &md)?;
-    print!("{md}");
-    Ok(())
+    super::forward::write_report(&o.out, "forward-magi", &rows, &md)
 }

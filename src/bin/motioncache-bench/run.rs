@@ -266,6 +266,7 @@ pub const MAGI_FAST: f64 = 0.013;
 pub const MAGI_STEPS: usize = 64;
 
 /// One video in one mode.
+#[derive(Default)]
 pub struct Outcome {
     pub transformer_seconds: f64,
     pub vae_seconds: f64,
@@ -277,6 +278,26 @@ pub struct Outcome {
     pub token_recomputes: Vec<(motioncache::generate::BlockStats, Vec<Vec<u8>>)>,
 }
 
+impl Outcome {
+    /// Counts a finished block's statistics and frames (and keeps the statistics with
+    /// the frames when `keep_stats`).
+    fn add(
+        &mut self,
+        stats: &motioncache::generate::BlockStats,
+        frames: Vec<Vec<u8>>,
+        keep_stats: bool,
+    ) {
+        self.flops += stats.flops;
+        self.vanilla_flops += stats.vanilla_flops;
+        self.recomputed += stats.tokens_recomputed;
+        self.total += stats.tokens_total;
+        if keep_stats {
+            self.token_recomputes.push((stats.clone(), frames.clone()));
+        }
+        self.frames.extend(frames);
+    }
+}
+
 pub fn generate(
     p: &Arc<Pipeline>,
     prompt: &str,
@@ -284,24 +305,15 @@ pub fn generate(
     seed: u64,
     keep_stats: bool,
 ) -> motioncache::Result<Outcome> {
-    let size = (p.info().width, p.info().height);
-    let cancel = AtomicBool::new(false);
     if let Some(model) = p.magi() {
         return generate_magi(p, model, prompt, s, seed, keep_stats);
     }
+    let size = (p.info().width, p.info().height);
+    let cancel = AtomicBool::new(false);
     let cond = p.encode_prompt(prompt)?;
     let neg = p.encode_prompt("")?;
     let mut st = p.stream_with_contexts(&cond, &neg, s.clone(), NoiseSource::Seed(seed), size)?;
-    let mut o = Outcome {
-        transformer_seconds: 0.0,
-        vae_seconds: 0.0,
-        frames: Vec::new(),
-        flops: 0.0,
-        vanilla_flops: 0.0,
-        recomputed: 0,
-        total: 0,
-        token_recomputes: Vec::new(),
-    };
+    let mut o = Outcome::default();
     loop {
         let t0 = Instant::now();
         let g = st.generator().ok_or_else(|| {
@@ -314,14 +326,7 @@ pub fn generate(
         let t1 = Instant::now();
         let d = st.decode(b)?;
         o.vae_seconds += t1.elapsed().as_secs_f64();
-        o.flops += d.stats.flops;
-        o.vanilla_flops += d.stats.vanilla_flops;
-        o.recomputed += d.stats.tokens_recomputed;
-        o.total += d.stats.tokens_total;
-        if keep_stats {
-            o.token_recomputes.push((d.stats.clone(), d.frames.clone()));
-        }
-        o.frames.extend(d.frames);
+        o.add(&d.stats, d.frames, keep_stats);
     }
     Ok(o)
 }
@@ -336,25 +341,12 @@ fn generate_magi(
     keep_stats: bool,
 ) -> motioncache::Result<Outcome> {
     use motioncache::model::magi::stream::{MagiStream, MagiStreamSettings};
-    let cw = model.config().runtime_config.chunk_width.max(1);
-    let settings = MagiStreamSettings {
-        steps: s.steps,
-        chunks: s.total_frames.map(|f| f.div_ceil(cw)),
-        size: (p.info().width, p.info().height),
-        cache: s.cache.clone(),
-    };
+    let cw = model.config().runtime_config.chunk_width;
+    let size = (p.info().width, p.info().height);
+    let settings = MagiStreamSettings::from_generator(s, cw, size);
     let cancel = AtomicBool::new(false);
     let mut st = MagiStream::new(model.clone(), prompt, &settings, seed)?;
-    let mut o = Outcome {
-        transformer_seconds: 0.0,
-        vae_seconds: 0.0,
-        frames: Vec::new(),
-        flops: 0.0,
-        vanilla_flops: 0.0,
-        recomputed: 0,
-        total: 0,
-        token_recomputes: Vec::new(),
-    };
+    let mut o = Outcome::default();
     loop {
         let t0 = Instant::now();
         let Some(chunk) = st.next_chunk(&cancel)? else {
@@ -364,15 +356,7 @@ fn generate_magi(
         let t1 = Instant::now();
         let frames = to_rgb24_truncated(&model.decode(&chunk.latents)?)?;
         o.vae_seconds += t1.elapsed().as_secs_f64();
-        let stats = chunk.stats;
-        o.flops += stats.flops;
-        o.vanilla_flops += stats.vanilla_flops;
-        o.recomputed += stats.tokens_recomputed;
-        o.total += stats.tokens_total;
-        if keep_stats {
-            o.token_recomputes.push((stats, frames.clone()));
-        }
-        o.frames.extend(frames);
+        o.add(&chunk.stats, frames, keep_stats);
     }
     Ok(o)
 }

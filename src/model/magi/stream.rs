@@ -211,6 +211,25 @@ pub struct MagiStreamSettings {
     pub cache: CacheSettings,
 }
 
+impl MagiStreamSettings {
+    /// What `settings` ask of a MAGI-1 stream of `chunk_width` latent frames per chunk at
+    /// `(width, height)`: their steps and cache, `total_frames` as whole chunks.
+    pub fn from_generator(
+        settings: &crate::generate::GeneratorSettings,
+        chunk_width: usize,
+        size: (usize, usize),
+    ) -> Self {
+        Self {
+            steps: settings.steps,
+            chunks: settings
+                .total_frames
+                .map(|f| f.div_ceil(chunk_width.max(1))),
+            size,
+            cache: settings.cache.clone(),
+        }
+    }
+}
+
 /// What a walk runs for `cache`: `vanilla` and `none` are upstream's walk (which already
 /// keeps finished chunks' keys and values, computed once by the clean re-forward: exact
 /// reuse); `teacache` and `flowcache` reuse whole chunks after the warm-up (their
@@ -421,16 +440,15 @@ impl MagiStream {
                 let t = self.passes.entry(c).or_default();
                 t.per_token.resize(tokens, 0);
                 let plan = step.plans.get(j).unwrap_or(&Plan::Full);
-                match plan {
-                    Plan::Full => t.full += passes,
-                    Plan::Skip => t.skipped += passes,
-                    Plan::Tokens(_) => t.partial += passes,
-                }
                 t.tokens += plan.count(tokens) * passes;
                 match plan {
-                    Plan::Full => t.per_token.iter_mut().for_each(|n| *n += passes as u32),
-                    Plan::Skip => {}
+                    Plan::Full => {
+                        t.full += passes;
+                        t.per_token.iter_mut().for_each(|n| *n += passes as u32);
+                    }
+                    Plan::Skip => t.skipped += passes,
                     Plan::Tokens(ks) => {
+                        t.partial += passes;
                         for &k in ks {
                             t.per_token[k as usize] += passes as u32;
                         }

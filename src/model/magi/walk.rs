@@ -114,8 +114,6 @@ pub struct WalkStep {
     pub finished: Option<(usize, Tensor)>,
     /// Per denoised chunk, what the cache had it compute (all `Full` without the cache).
     pub plans: Vec<Plan>,
-    /// Tokens per chunk.
-    pub chunk_tokens: usize,
 }
 
 /// A text-to-video walk, finite or endless. An endless walk (and a long finite one) keeps
@@ -601,7 +599,6 @@ impl MagiWalk {
             denoised: (cs, ce),
             finished,
             plans,
-            chunk_tokens: self.chunk_tokens,
         }))
     }
 
