@@ -3,11 +3,59 @@
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use common::*;
 use gst::prelude::*;
+
+/// The system allocator, counting the bytes live on the Rust heap: the element, the model
+/// and candle (the plugin is registered statically in this binary), not GStreamer's C side.
+struct Counting;
+
+static RUST_HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is kept.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            RUST_HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            RUST_HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        RUST_HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            RUST_HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+            RUST_HEAP_BYTES.fetch_add(new_size, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn rust_heap_kib() -> u64 {
+    (RUST_HEAP_BYTES.load(Ordering::Relaxed) / 1024) as u64
+}
 
 /// The memory test reads the process's RSS: it runs alone, the other tests of this binary
 /// beside each other.
@@ -179,6 +227,14 @@ fn null_during_a_slow_model_load_returns_at_once() {
 
 /// 100 PLAYING -> NULL cycles (each loads the model, negotiates, generates a block and
 /// stops mid-stream): each stop is prompt and memory does not grow after the first ten.
+///
+/// A leak shows in every sample, so each measure is its lowest over cycles 10-19 against
+/// its lowest over cycles 91-100. The bytes live on the Rust heap (every model, tensor,
+/// frame and thread state of ours) may grow by at most 256 KiB (a cycle's model alone is
+/// 9 MB, one block's latents 12 KiB). The process's RSS (after `malloc_trim`) also holds
+/// GStreamer's side and the C library's caches, which step up without a leak (glibc keeps
+/// exited threads' stacks with their touched pages: +2.5 MB in one of three runs here,
+/// +2.1 MB on a CI runner), so its bar is +25%.
 #[test]
 fn a_hundred_playing_null_cycles_do_not_grow() {
     let _alone = alone();
@@ -188,7 +244,8 @@ fn a_hundred_playing_null_cycles_do_not_grow() {
             fast_launch()
         ));
         let bus = pipeline.bus().unwrap();
-        let mut warm = 0;
+        let (mut rss_warm, mut rss_end) = (u64::MAX, u64::MAX);
+        let (mut heap_warm, mut heap_end) = (u64::MAX, u64::MAX);
         let mut slowest = Duration::ZERO;
         for cycle in 0..100 {
             pipeline.set_state(gst::State::Playing).unwrap();
@@ -203,19 +260,33 @@ fn a_hundred_playing_null_cycles_do_not_grow() {
             pipeline.set_state(gst::State::Null).unwrap();
             slowest = slowest.max(t.elapsed());
             while bus.pop().is_some() {}
-            if cycle == 9 {
-                warm = rss_kib_in_use();
+            match cycle {
+                10..20 => {
+                    heap_warm = heap_warm.min(rust_heap_kib());
+                    rss_warm = rss_warm.min(rss_kib_in_use());
+                }
+                90.. => {
+                    heap_end = heap_end.min(rust_heap_kib());
+                    rss_end = rss_end.min(rss_kib_in_use());
+                }
+                _ => {}
             }
         }
-        let end = rss_kib_in_use();
-        println!("RSS after 10 cycles {warm} KiB, after 100 {end} KiB, slowest stop {slowest:?}");
+        println!(
+            "lowest over cycles 10-19 and 91-100: Rust heap {heap_warm} -> {heap_end} KiB, \
+             RSS {rss_warm} -> {rss_end} KiB; slowest stop {slowest:?}"
+        );
         assert!(
             slowest < Duration::from_secs(1),
             "PLAYING -> NULL took {slowest:?}"
         );
         assert!(
-            end < warm + warm / 20,
-            "RSS grew from {warm} KiB (10 cycles) to {end} KiB (100 cycles)"
+            heap_end <= heap_warm + 256,
+            "the Rust heap grew from {heap_warm} KiB to {heap_end} KiB over 90 cycles"
+        );
+        assert!(
+            rss_end < rss_warm + rss_warm / 4,
+            "RSS grew from {rss_warm} KiB to {rss_end} KiB over 90 cycles"
         );
     });
 }
