@@ -256,6 +256,47 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes allocated through the C library's malloc and not freed, over all arenas and
+/// mmapped chunks (glibc's `malloc_info`: the system memory of the arenas less their free
+/// chunks, plus mmapped chunks), in KiB: the Rust heap and GStreamer's and GLib's
+/// allocations, without the pages fragmentation keeps (which the resident set holds).
+pub fn malloc_in_use_kib() -> u64 {
+    use std::ffi::{c_char, c_int, c_void};
+    unsafe extern "C" {
+        fn open_memstream(buf: *mut *mut c_char, len: *mut usize) -> *mut c_void;
+        fn malloc_info(options: c_int, stream: *mut c_void) -> c_int;
+        fn fclose(stream: *mut c_void) -> c_int;
+        fn free(p: *mut c_void);
+    }
+    let (mut buf, mut len) = (std::ptr::null_mut::<c_char>(), 0usize);
+    // SAFETY: open_memstream owns `buf` until fclose, after which it is a malloc'd,
+    // NUL-terminated string of `len` bytes that we copy and free.
+    let xml = unsafe {
+        let f = open_memstream(&mut buf, &mut len);
+        assert!(!f.is_null(), "open_memstream failed");
+        let rc = malloc_info(0, f);
+        fclose(f);
+        assert_eq!(rc, 0, "malloc_info failed");
+        let xml =
+            String::from_utf8_lossy(std::slice::from_raw_parts(buf as *const u8, len)).into_owned();
+        free(buf.cast());
+        xml
+    };
+    // The process's totals follow the last arena's </heap>.
+    let totals = &xml[xml.rfind("</heap>").map_or(0, |i| i + 7)..];
+    let size = |tag: &str| -> u64 {
+        let at = totals
+            .find(tag)
+            .unwrap_or_else(|| panic!("malloc_info without {tag}: {xml}"));
+        let rest = &totals[at + tag.len()..];
+        let from = rest.find("size=\"").expect("a size attribute") + 6;
+        let to = rest[from..].find('"').expect("a closing quote");
+        rest[from..from + to].parse().expect("a size in bytes")
+    };
+    let free = size("<total type=\"fast\"") + size("<total type=\"rest\"");
+    (size("<system type=\"current\"") - free + size("<total type=\"mmap\"")) / 1024
+}
+
 /// The system allocator, counting the bytes live on the Rust heap: the element, the model
 /// and candle (the plugin is registered statically in every test binary), not GStreamer's C side.
 struct Counting;
