@@ -22,6 +22,8 @@
 //! direction 26/27, static 9/9 at the element's defaults, the same as without any cache),
 //! so that a regression of the model or of the cache's defaults fails. The long version
 //! (96 frames = 12 s) is `cargo test --release --test adherence -- --ignored --nocapture`.
+//! `MOTIONCACHE_ADHERENCE_MODEL=DIR` measures a model directory (e.g. a training
+//! checkpoint exported by tools/tiny/export.py) instead of the embedded one.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -331,7 +333,11 @@ const SHIPPED: Bars = Bars {
 /// Streams every prompt of `scenes` for `frames` frames at the element's defaults and
 /// checks `bars`.
 fn check(scenes: &[(&str, &str, &str, &str, &str)], frames_per_stream: usize, bars: &Bars) {
-    let p = Arc::new(Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap());
+    let p = Arc::new(match std::env::var_os("MOTIONCACHE_ADHERENCE_MODEL") {
+        Some(dir) => Pipeline::load(std::path::Path::new(&dir), &Device::Cpu, DType::F32).unwrap(),
+        None => Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap(),
+    });
+    println!("model: {}", p.info().name);
     let mut settings = p.info().defaults.clone();
     let (w, h) = (p.info().width, p.info().height);
     settings.total_frames = Some(frames_per_stream);

@@ -120,10 +120,25 @@ class Scene:
         return scene_caption(self.color, self.shape, self.direction, self.pattern, self.bg_color)
 
 
-def sample_scene(rng: np.random.Generator, size: int = 64, static_prob: float = 0.15) -> Scene:
-    """A random training scene; never one of `TEST_SCENES` (redrawn until it is not)."""
+# Colour words that name both an object colour and a background colour: a caption with two
+# of them is only understood if the model binds each word to its noun.
+SHARED_COLORS = tuple(c for c in OBJECT_COLORS if c in BACKGROUND_COLORS)
+
+
+def sample_scene(
+    rng: np.random.Generator, size: int = 64, static_prob: float = 0.15, confusable_prob: float = 0.0
+) -> Scene:
+    """A random training scene; never one of `TEST_SCENES` (redrawn until it is not). With
+    probability `confusable_prob` the object and the background take two different colours
+    of `SHARED_COLORS` ("a red circle ... on a striped blue background"), the captions whose
+    colour words only their position tells apart."""
+    confusable = confusable_prob > 0 and rng.random() < confusable_prob
     while True:
         s = _draw_scene(rng, size, static_prob)
+        if confusable:
+            obj, bg = rng.choice(len(SHARED_COLORS), size=2, replace=False)
+            s.color, s.bg_color = SHARED_COLORS[obj], SHARED_COLORS[bg]
+            s.mention_background = True
         if s.full_caption() not in TEST_CAPTIONS:
             return s
 
@@ -224,11 +239,18 @@ def sample_clip(rng: np.random.Generator, num_frames: int, size: int = 64) -> tu
     return render(scene, num_frames, size), scene.caption(), scene
 
 
-def batch(rng: np.random.Generator, batch_size: int, num_frames: int, size: int = 64, with_masks: bool = False):
+def batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    num_frames: int,
+    size: int = 64,
+    with_masks: bool = False,
+    confusable_prob: float = 0.0,
+):
     """Returns (video [B, 3, T, H, W] float32 in [-1, 1], captions[, masks [B, T, H, W]])."""
     vids, caps, ms = [], [], []
     for _ in range(batch_size):
-        scene = sample_scene(rng, size)
+        scene = sample_scene(rng, size, confusable_prob=confusable_prob)
         m: list = []
         v = render(scene, num_frames, size, m)
         vids.append(v.transpose(3, 0, 1, 2) * 2.0 - 1.0)
@@ -238,6 +260,19 @@ def batch(rng: np.random.Generator, batch_size: int, num_frames: int, size: int 
     if with_masks:
         return (*out, np.stack(ms).astype(np.float32))
     return out
+
+
+def colour_word_roles(caption: str) -> list[tuple[int, int]]:
+    """(word index, role) of the colour words of a caption of this grammar: role 0 = the
+    object's colour, 1 = the background's. The tokenizer is word-level, so a word index is
+    its token position."""
+    words = caption.split()
+    if len(words) < 3:
+        return []
+    roles = [(2 if words[1] == "static" else 1, 0)]
+    if words[-1] == "background":
+        roles.append((len(words) - 2, 1))
+    return roles
 
 
 def _main() -> None:
@@ -262,3 +297,4 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+

@@ -179,6 +179,28 @@ def evaluate(pipe, frames: int, steps: int, guidance: float, seeds=(0, 1)) -> di
     return res
 
 
+def role_binding(pipe) -> dict:
+    """How much the text encoder tells a colour word's role apart: for every colour that names
+    both objects and backgrounds, the cosine similarity between its output embedding as the
+    object's colour and as the background's (the same two captions with the colours swapped).
+    The DiT's cross-attention has no token positions, so at a cosine near 1 it cannot know
+    which colour goes where (the third export: 0.9999998, and swapped colours)."""
+    from torch.nn.functional import cosine_similarity
+
+    cos = []
+    for a in data.SHARED_COLORS:
+        for b in data.SHARED_COLORS:
+            if a == b:
+                continue
+            caps = [f"a {a} circle moving right on a striped {b} background", f"a {b} circle moving right on a striped {a} background"]
+            with torch.no_grad():
+                e = train.encode_text(pipe.text_encoder, pipe.tokenizer, caps)
+            (obj, _), (bg, _) = data.colour_word_roles(caps[0])
+            # caps[0] has `a` at `obj`; caps[1] has `a` at `bg`.
+            cos.append(float(cosine_similarity(e[0, obj], e[1, bg], dim=0)))
+    return {"colour_word_cos_across_roles": float(np.mean(cos)), "max": float(np.max(cos))}
+
+
 def clip_frames(clip: torch.Tensor) -> np.ndarray:
     """A clip [3, T, H, W] in [-1, 1] as frames [T, H, W, 3] in [0, 1], as `analyse` takes them."""
     return (clip.permute(1, 2, 3, 0).numpy() + 1.0) / 2.0
@@ -263,6 +285,7 @@ def main() -> None:
     if args.strip:
         strip(pipe, args.strip, args.frames, args.steps, args.guidance)
     if args.eval:
+        print("role binding", json.dumps(role_binding(pipe)))
         print("adherence", json.dumps(evaluate(pipe, args.frames, args.steps, args.guidance)))
 
 

@@ -230,7 +230,7 @@ def sample_sigmas(bsz: int, nblk: int, gen: torch.Generator, ctx_prob: float = 0
 def optimise(opt, params, loss: torch.Tensor, lr: float) -> None:
     """One optimiser step at learning rate `lr`, gradients clipped to norm 1."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,6 +285,34 @@ def main() -> None:
         type=float,
         default=0.2,
         help="fraction of DiT samples whose leading block(s) are clean context (the overlap history)",
+    )
+    ap.add_argument(
+        "--confusable-prob",
+        type=float,
+        default=0.0,
+        help="fraction of new training clips whose object and background take two different colours "
+        "that are both object and background colours (red, green, blue): the captions only word "
+        "order tells apart",
+    )
+    ap.add_argument(
+        "--role-weight",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss on the text encoder (0 = off): a cosine classifier (not "
+        "exported) must tell from each colour word's output embedding whether it names the object or "
+        "the background, so the encoder puts the word's role into it (without it the third export's "
+        "encoder gave 'red' the same embedding in both roles, cosine 0.9999998, and the DiT swapped "
+        "object and background colours)",
+    )
+    ap.add_argument("--role-scale", type=float, default=16.0, help="logit scale of the role classifier")
+    ap.add_argument(
+        "--rel-bias-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier of the text encoder's relative position biases: they are the "
+        "encoder's only source of word order, start near 0 and need values of several units to make a "
+        "word attend to its neighbour; at the DiT's learning rate the role classifier stayed at 75%% "
+        "accuracy, at 100x it reached 100%% in 125 steps",
     )
     ap.add_argument("--cache-size", type=int, default=6000)
     ap.add_argument(
@@ -652,8 +680,11 @@ def finetune_decoder(args, state, vae, log, ckpt_path, minutes: float) -> None:
 class LatentCache:
     """Encoded clips reused for several steps: encoding costs about as much as a DiT step."""
 
-    def __init__(self, vae, mean, std, size: int, seed: int, clip_frames: int = WINDOW):
+    def __init__(
+        self, vae, mean, std, size: int, seed: int, clip_frames: int = WINDOW, confusable_prob: float = 0.0
+    ):
         self.vae, self.size, self.seed, self.clip_frames = vae, size, seed, clip_frames
+        self.confusable_prob = confusable_prob
         self.mean = torch.tensor(mean).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1, 1)
         self.z: list[torch.Tensor] = []
@@ -665,7 +696,9 @@ class LatentCache:
     def add(self, k: int) -> None:
         rng = np.random.default_rng([self.seed, 2, self.made])
         self.made += 1
-        v, caps, masks = data.batch(rng, k, self.clip_frames, RES, with_masks=True)
+        v, caps, masks = data.batch(
+            rng, k, self.clip_frames, RES, with_masks=True, confusable_prob=self.confusable_prob
+        )
         with torch.no_grad():
             z = (vae_encode_mean(self.vae, torch.from_numpy(v)) - self.mean) / self.std
         # Object coverage at latent resolution (max-pooled so edges count as object).
@@ -693,6 +726,25 @@ class LatentCache:
         )
 
 
+def role_loss(ctx: torch.Tensor, caps: list[str], head: torch.Tensor, scale: float):
+    """Cross-entropy of a cosine classifier telling, from the text encoder's output at each
+    colour word, whether the word names the object (0) or the background (1); returns (loss,
+    accuracy). Cosine logits need the role to be a large part of the embedding's direction,
+    not a faint component the DiT could not use."""
+    feats, labels = [], []
+    for b, cap in enumerate(caps):
+        for pos, role in data.colour_word_roles(cap):
+            if pos < ctx.shape[1]:
+                feats.append(ctx[b, pos])
+                labels.append(role)
+    if not feats:
+        return ctx.sum() * 0.0, 1.0
+    f = F.normalize(torch.stack(feats), dim=-1)
+    logits = scale * f @ F.normalize(head, dim=-1).T
+    y = torch.tensor(labels)
+    return F.cross_entropy(logits, y), float((logits.argmax(-1) == y).float().mean())
+
+
 def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     vae.eval()
     for p in vae.parameters():
@@ -700,7 +752,20 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     dit.train()
     te.train()
     params = list(dit.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    role_head = None
+    if args.role_weight > 0:
+        init = state.get("role_head")
+        if init is None:
+            init = torch.randn(2, te.config.d_model, generator=torch.Generator().manual_seed(args.seed))
+        role_head = torch.nn.Parameter(init.clone())
+        params.append(role_head)
+    groups = [{"params": params}]
+    if args.rel_bias_lr_mult != 1.0:
+        rel_bias = [p for n, p in te.named_parameters() if "relative_attention_bias" in n]
+        rest = [p for p in params if all(p is not q for q in rel_bias)]
+        groups = [{"params": rest}, {"params": rel_bias, "lr_mult": args.rel_bias_lr_mult}]
+    role_acc = [0.0, 0.0, 0]
+    opt = torch.optim.AdamW(groups, lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
     if "opt" in state:
         opt.load_state_dict(state["opt"])
     ema_dit = state.get("dit_ema") or {k: v.detach().clone() for k, v in dit.state_dict().items()}
@@ -714,7 +779,15 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
     dec_acc = [0.0, 0]
     if (args.clip_frames - 1) % 4 or args.clip_frames < WINDOW:
         raise SystemExit(f"--clip-frames {args.clip_frames}: must be 1 + 4k and at least {WINDOW}")
-    cache = LatentCache(vae, state["latents_mean"], state["latents_std"], args.cache_size, args.seed, args.clip_frames)
+    cache = LatentCache(
+        vae,
+        state["latents_mean"],
+        state["latents_std"],
+        args.cache_size,
+        args.seed,
+        args.clip_frames,
+        args.confusable_prob,
+    )
     cache.made = state["step"] + 1000  # fresh clips after a resume
     t0 = time.time()
     while len(cache.z) < min(256, args.cache_size):
@@ -748,6 +821,16 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
         pix_w = 1.0 + args.object_weight * mask.unsqueeze(1)  # [B, 1, F, h, w]
         err = (((pred - (noise - x0)) ** 2) * pix_w).mean(dim=(1, 3, 4)) / pix_w.mean(dim=(1, 3, 4))  # [B, F]
         loss = (err * w).sum() / w.sum().clamp(min=1.0)
+        diffusion = loss
+        if role_head is not None:
+            rl, ra = role_loss(ctx, caps, role_head, args.role_scale)
+            loss = loss + args.role_weight * rl
+            role_acc[0] += rl.item()
+            role_acc[1] += ra
+            role_acc[2] += 1
+            if role_acc[2] == 20:
+                print(f"{now_utc()} role loss {role_acc[0] / 20:.4f} accuracy {role_acc[1] / 20:.3f}", flush=True)
+                role_acc[0], role_acc[1], role_acc[2] = 0.0, 0.0, 0
         steps_done = state["step"]
         lr = args.dit_lr * min(1.0, (steps_done - state.get("resumed_at", 0) + 1) / 300.0)
         if minutes > 0 and args.dit_lr_floor > 0:
@@ -765,10 +848,12 @@ def train_dit(args, state, vae, dit, te, tokenizer, log, ckpt_path, minutes):
                 dec_acc[0], dec_acc[1] = 0.0, 0
         # Loss of the first block alone: it carries the text-only decision (no context).
         first = (err[:, :BLOCK] * w[:, :BLOCK]).sum() / w[:, :BLOCK].sum().clamp(min=1.0)
-        return loss.item(), first.item(), lr
+        return diffusion.item(), first.item(), lr
 
     def save():
         snapshot(state, vae, dit, te)
+        if role_head is not None:
+            state["role_head"] = role_head.detach().clone()
         state["dit_ema"] = ema_dit
         state["te_ema"] = ema_te
         state["opt"] = opt.state_dict()
