@@ -323,7 +323,8 @@ const ISSUE_18: Bars = Bars {
     still: 0.8,
 };
 
-/// The shipped model's floor on `TRAIN_SCENES` (one stream or window below what it measured).
+/// The shipped model's floor on `TRAIN_SCENES`: colour and background one stream below what it
+/// measured, direction and stillness at issue 18's bars.
 const SHIPPED: Bars = Bars {
     visible: 0.9,
     colour: 0.9,
