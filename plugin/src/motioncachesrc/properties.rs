@@ -189,7 +189,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
              motioncache) rescaled modulation distance at which a token (or, for \
              teacache and flowcache, a whole block) is recomputed; with a calibrated \
              model it reads as the relative output change tolerated. Higher = more \
-             reuse, faster (negative = the mode's default: motioncache 0.05, the others 0.1). \
+             reuse, faster (negative = the mode's default: motioncache 0.5 / steps, 0.05 at \
+             10 steps; the others 0.1). \
              MAGI-1: the threshold of the accumulated relative change of a chunk's \
              patch-embedded input, chunk-wise and (motion-weighted) token-wise, and of \
              teacache/flowcache's whole-chunk reuse (default 0.0065)",
