@@ -45,8 +45,9 @@ pub struct Args {
     /// thresholds each (the speed/quality frontiers).
     #[arg(long)]
     pub sweep: bool,
-    /// Thresholds of the sweep (default 0.02,0.05,0.1,0.2,0.3,0.5; MAGI-1
-    /// 0.002,0.004,0.0065,0.01,0.02,0.04).
+    /// Thresholds of the sweep, for every family (default 0.02,0.05,0.1,0.2,0.3,0.5, and
+    /// for motioncache 0.25x to 5x its default threshold of the schedule, 0.5 / steps;
+    /// MAGI-1 0.002,0.004,0.0065,0.01,0.02,0.04).
     #[arg(long, value_delimiter = ',')]
     pub thresholds: Option<Vec<f64>>,
     /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
@@ -193,19 +194,25 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
     // MAGI-1's thresholds are those of the relative change of the patch-embedded input
     // (the reference's 0.0065), not of the rescaled modulation distance.
     let magi = model.variant == CacheVariant::Magi;
-    let (slow, fast, reference, sweep) = if magi {
+    // motioncache's threshold scales with the schedule (0.5 / steps): its named points
+    // and its sweep are multiples of that default.
+    let mc = CacheSettings::scaled_threshold(steps);
+    let (slow, fast, reference, sweep, mc_sweep) = if magi {
+        let sweep = vec![0.002, 0.004, 0.0065, 0.01, 0.02, 0.04];
         (
             [MAGI_SLOW; 3],
             [MAGI_FAST; 3],
             MAGI_SLOW,
-            vec![0.002, 0.004, 0.0065, 0.01, 0.02, 0.04],
+            sweep.clone(),
+            sweep,
         )
     } else {
         (
-            [0.1, 0.1, MOTIONCACHE_SLOW],
-            [0.2, 0.15, MOTIONCACHE_FAST],
+            [0.1, 0.1, mc * MOTIONCACHE_SLOW],
+            [0.2, 0.15, mc * MOTIONCACHE_FAST],
             0.1,
             vec![0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+            MOTIONCACHE_SWEEP.iter().map(|m| m * mc).collect(),
         )
     };
     let mut named = vec![
@@ -234,7 +241,6 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
         });
     }
     if a.sweep {
-        let ts = a.thresholds.clone().unwrap_or(sweep);
         for mode in [
             CacheMode::TeaCache,
             CacheMode::FlowCache,
@@ -247,7 +253,12 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
             {
                 continue;
             }
-            for &t in &ts {
+            let ts = match (&a.thresholds, mode) {
+                (Some(ts), _) => ts,
+                (None, CacheMode::MotionCache) => &mc_sweep,
+                (None, _) => &sweep,
+            };
+            for &t in ts {
                 named.push(at(mode, mode.name(), t)?);
             }
         }
@@ -255,10 +266,14 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
     Ok(named)
 }
 
-/// The thresholds of the named motioncache points ("slow" and "fast", as the paper names
-/// two thresholds of one method).
-pub const MOTIONCACHE_SLOW: f64 = 0.1;
-pub const MOTIONCACHE_FAST: f64 = 0.2;
+/// The named motioncache points ("slow" and "fast", as the paper names two thresholds of
+/// one method) as multiples of its default threshold for the schedule (0.5 / steps):
+/// the default itself and twice it.
+pub const MOTIONCACHE_SLOW: f64 = 1.0;
+pub const MOTIONCACHE_FAST: f64 = 2.0;
+/// motioncache's sweep, multiples of its default threshold for the schedule (paper, 50
+/// steps: 0.0025 to 0.05; element, 10 steps: 0.0125 to 0.25).
+pub const MOTIONCACHE_SWEEP: [f64; 8] = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0];
 /// MAGI-1's: the reference's threshold and twice it.
 pub const MAGI_SLOW: f64 = 0.0065;
 pub const MAGI_FAST: f64 = 0.013;
