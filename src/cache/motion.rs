@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0], vec![0.0; 4]);
         assert_eq!(rows[1], vec![1.0, 0.0, 0.0, 0.0]);
-        let s = CacheSettings::default();
+        let s = CacheSettings::for_schedule(super::super::CacheMode::MotionCache, 10);
         let w = normalise(&s, &rows);
         assert!((w[4] - 1.0).abs() < 1e-9, "{w:?}");
         assert_eq!(w[5], s.weight_floor);
