@@ -1,6 +1,8 @@
-//! CPU kernels for the two places where candle's generic ops cost the forward most:
-//! attention and the tanh-GELU of the feed-forward. Other devices (and dtypes the kernels
-//! do not take) use candle ops.
+//! CPU kernels for the places where candle's generic ops cost the forward most:
+//! attention, the tanh-GELU of the feed-forward, the linear layers (bias fused, weights
+//! read in place), and a block's modulated norms and gated residuals (one pass per frame
+//! table instead of three broadcast ops). Other devices (and dtypes the kernels do not
+//! take) use candle ops.
 //!
 //! Attention: on the CPU the scores are never materialised as a whole: each task takes a chunk of
 //! queries of one head, computes its rows of scores into a small cache-resident buffer
@@ -537,6 +539,305 @@ impl CustomOp3 for CpuAttention {
     }
 }
 
+/// `l.forward(x)` for a matrix `x` `[n, in]` (candle's `Linear`: `x w^T + b`). On the CPU,
+/// for f32, one pass: each task takes a band of rows, writes the bias into its rows of the
+/// output and lets `gemm` accumulate the product onto it, instead of candle's multiply on
+/// its thread pool followed by a broadcast add into a second fresh tensor. At this
+/// project's sizes (a few hundred tokens of width 128-512) that add and the pool's
+/// synchronisation cost about as much as the multiply. Other devices, dtypes and ranks run
+/// candle's `Linear`.
+pub fn linear(l: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::Module;
+    let w = l.weight();
+    let f32_cpu = |t: &Tensor| cpu_kernels(t.device()) && t.dtype() == DType::F32;
+    let fits = x.rank() == 2
+        && w.rank() == 2
+        && x.dim(1)? == w.dim(1)?
+        && l.bias().is_none_or(|b| b.dims() == [w.dim(0).unwrap_or(0)]);
+    if !(fits && f32_cpu(x) && f32_cpu(w) && l.bias().is_none_or(f32_cpu)) {
+        return l.forward(x);
+    }
+    let zeros;
+    let b = match l.bias() {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(w.dim(0)?, DType::F32, x.device())?;
+            &zeros
+        }
+    };
+    // Either layout of the weight is read in place (see `kernel_layout`).
+    let w = match w.t()?.is_contiguous() {
+        true => w.clone(),
+        false => w.contiguous()?,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&w, &b.contiguous()?, &CpuLinear)
+}
+
+/// `l` with its weight stored transposed (`[in, out]` in memory, the same `[out, in]`
+/// tensor) when [`linear`] will run it on the CPU: `gemm` then reads the weight as it
+/// multiplies instead of repacking it in every call (15% of a small forward). Other
+/// devices and dtypes keep candle's layout.
+pub fn kernel_layout(l: candle_nn::Linear) -> candle_core::Result<candle_nn::Linear> {
+    let w = l.weight();
+    if !(cpu_kernels(w.device()) && w.dtype() == DType::F32 && w.rank() == 2) {
+        return Ok(l);
+    }
+    let wt = w.t()?.contiguous()?.t()?;
+    Ok(candle_nn::Linear::new(wt, l.bias().cloned()))
+}
+
+struct CpuLinear;
+
+/// Rows of the output per task, at least (smaller bands cost more in `gemm`'s packing than
+/// they gain in parallelism).
+const LINEAR_MIN_ROWS: usize = 32;
+
+impl CustomOp3 for CpuLinear {
+    fn name(&self) -> &'static str {
+        "motioncache-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1)?;
+        let b = contiguous_f32(s3, l3)?;
+        let (n, i) = l1.shape().dims2()?;
+        let o = l2.shape().dims()[0];
+        // The weight as the right-hand side `w^T` (`i x o`): its column and row strides.
+        let (w, w_cs, w_rs) = match l2.contiguous_offsets() {
+            Some((a, z)) => (&f32_data(s2)?[a..z], i, 1),
+            None => {
+                let t = l2.transpose(0, 1)?;
+                let Some((a, z)) = t.contiguous_offsets() else {
+                    candle_core::bail!(
+                        "linear kernel: weight is neither [out, in] nor [in, out] in memory"
+                    );
+                };
+                (&f32_data(s2)?[a..z], 1, o)
+            }
+        };
+        // The bias in every row: the product is accumulated onto it.
+        let mut out = Vec::with_capacity(n * o);
+        for _ in 0..n {
+            out.extend_from_slice(b);
+        }
+        if n == 0 || o == 0 || i == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((n, o))));
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let rows = n.div_ceil(threads).max(LINEAR_MIN_ROWS);
+        out.par_chunks_mut(rows * o)
+            .zip(x.par_chunks(rows * i))
+            .for_each(|(dst, src)| {
+                let r = dst.len() / o;
+                // SAFETY: dst is r x o (row-major), src is r x i (row-major) and w holds
+                // o x i values, read as the i x o matrix w^T with the strides above.
+                unsafe {
+                    gemm::gemm(
+                        r,
+                        o,
+                        i,
+                        dst.as_mut_ptr(),
+                        1,
+                        o as isize,
+                        true,
+                        src.as_ptr(),
+                        1,
+                        i as isize,
+                        w.as_ptr(),
+                        w_cs as isize,
+                        w_rs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, o))))
+    }
+}
+
+/// Whether every tensor is f32 on the CPU with the CPU kernels on: the condition of the
+/// fused per-frame kernels below.
+pub(crate) fn f32_kernels(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| cpu_kernels(t.device()) && t.dtype() == DType::F32)
+}
+
+/// A DiT block's modulated norm in one pass: `layer_norm(x) * (1 + m[f, scale]) +
+/// m[f, shift]` for the tokens of frame `f` (`x` `[n, dim]` sorted by frame, `counts` the
+/// tokens of each frame, `m` `[frames, 6, dim]`; the norm without affine, in f32).
+/// CPU, f32 only (see [`f32_kernels`]).
+pub(crate) fn norm_modulate(
+    x: &Tensor,
+    m: &Tensor,
+    counts: &[usize],
+    shift: usize,
+    scale: usize,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let op = FrameOp {
+        counts: counts.to_vec(),
+        kind: FrameKind::NormModulate { shift, scale, eps },
+    };
+    x.contiguous()?.apply_op2_no_bwd(&m.contiguous()?, &op)
+}
+
+/// A DiT block's gated residual in one pass: `x + y * m[f, gate]` for the tokens of frame
+/// `f` (shapes as in [`norm_modulate`]). CPU, f32 only.
+pub(crate) fn gated_add(
+    x: &Tensor,
+    y: &Tensor,
+    m: &Tensor,
+    counts: &[usize],
+    gate: usize,
+) -> candle_core::Result<Tensor> {
+    let op = FrameOp {
+        counts: counts.to_vec(),
+        kind: FrameKind::GatedAdd { gate },
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&y.contiguous()?, &m.contiguous()?, &op)
+}
+
+struct FrameOp {
+    counts: Vec<usize>,
+    kind: FrameKind,
+}
+
+enum FrameKind {
+    NormModulate {
+        shift: usize,
+        scale: usize,
+        eps: f32,
+    },
+    GatedAdd {
+        gate: usize,
+    },
+}
+
+/// Rows per task of the per-frame kernels.
+const FRAME_ROWS: usize = 128;
+
+impl FrameOp {
+    /// `out[r] = f(row r, its frame's rows of m)` over the rows in order, in parallel.
+    fn run(
+        &self,
+        x: &[f32],
+        y: Option<&[f32]>,
+        m: &[f32],
+        shape: &Shape,
+        m_shape: &Shape,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = shape.dims2()?;
+        let (frames, six, md) = m_shape.dims3()?;
+        if md != d
+            || six < 6
+            || frames != self.counts.len()
+            || self.counts.iter().sum::<usize>() != n
+        {
+            candle_core::bail!(
+                "per-frame op: {n} tokens of {d} in frames {:?} against a table {:?}",
+                self.counts,
+                m_shape.dims()
+            );
+        }
+        // The frame of every row.
+        let frame: Vec<usize> = self
+            .counts
+            .iter()
+            .enumerate()
+            .flat_map(|(f, &c)| std::iter::repeat_n(f, c))
+            .collect();
+        let row = |f: usize, k: usize| &m[(f * six + k) * d..(f * six + k + 1) * d];
+        let mut out = vec![0f32; n * d];
+        out.par_chunks_mut(FRAME_ROWS * d.max(1))
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (j, o) in dst.chunks_mut(d).enumerate() {
+                    let r = c * FRAME_ROWS + j;
+                    let xr = &x[r * d..(r + 1) * d];
+                    let f = frame[r];
+                    match self.kind {
+                        FrameKind::NormModulate { shift, scale, eps } => {
+                            let mean = xr.iter().sum::<f32>() / d as f32;
+                            let var =
+                                xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                            let inv = 1.0 / (var + eps).sqrt();
+                            for (((o, &v), &sc), &sh) in
+                                o.iter_mut().zip(xr).zip(row(f, scale)).zip(row(f, shift))
+                            {
+                                *o = (v - mean) * inv * (1.0 + sc) + sh;
+                            }
+                        }
+                        FrameKind::GatedAdd { gate } => {
+                            let yr = &y.unwrap_or(x)[r * d..(r + 1) * d];
+                            for (((o, &a), &b), &g) in
+                                o.iter_mut().zip(xr).zip(yr).zip(row(f, gate))
+                            {
+                                *o = a + b * g;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), shape.clone()))
+    }
+}
+
+impl candle_core::CustomOp2 for FrameOp {
+    fn name(&self) -> &'static str {
+        "motioncache-norm-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1)?;
+        let m = contiguous_f32(s2, l2)?;
+        self.run(x, None, m, l1.shape(), l2.shape())
+    }
+}
+
+impl CustomOp3 for FrameOp {
+    fn name(&self) -> &'static str {
+        "motioncache-gated-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("gated add of {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let x = contiguous_f32(s1, l1)?;
+        let y = contiguous_f32(s2, l2)?;
+        let m = contiguous_f32(s3, l3)?;
+        self.run(x, Some(y), m, l1.shape(), l3.shape())
+    }
+}
+
 /// The tanh approximation of GELU (diffusers' `GELU(approximate="tanh")`, candle's
 /// `gelu`).
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -573,6 +874,14 @@ fn gelu_slice(x: &mut [f32]) {
         let a = *v;
         let u2 = 2.0 * GELU_K * (a + GELU_C * a * a * a);
         *v = a / (1.0 + exp(-u2));
+    }
+}
+
+/// The f32 data of a storage.
+fn f32_data(s: &CpuStorage) -> candle_core::Result<&[f32]> {
+    match s {
+        CpuStorage::F32(data) => Ok(data),
+        _ => candle_core::bail!("CPU kernel expects f32 data"),
     }
 }
 
@@ -815,6 +1124,86 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The fused linear gives candle's `Linear` (multiply, then broadcast add) for row
+    /// counts below, at and across the band size, with and without a bias, on a
+    /// non-contiguous input, and falls back to candle for other ranks.
+    #[test]
+    fn linear_matches_candle() {
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let fill = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + seed) * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (i, o) = (40, 24);
+        let w = Tensor::from_vec(fill(o * i, 1), (o, i), &dev).unwrap();
+        let b = Tensor::from_vec(fill(o, 2), o, &dev).unwrap();
+        for bias in [Some(b.clone()), None] {
+            let l = candle_nn::Linear::new(w.clone(), bias);
+            for n in [1usize, 5, 31, 32, 33, 70, 257] {
+                let x = Tensor::from_vec(fill(n * i, n), (n, i), &dev).unwrap();
+                let got = linear(&l, &x).unwrap();
+                assert_eq!(got.dims(), [n, o]);
+                let d = max_abs_diff(&got, &l.forward(&x).unwrap());
+                assert!(d < 1e-5, "n {n}: {d}");
+            }
+            let xt = Tensor::from_vec(fill(i * 9, 3), (i, 9), &dev)
+                .unwrap()
+                .t()
+                .unwrap();
+            let d = max_abs_diff(&linear(&l, &xt).unwrap(), &l.forward(&xt).unwrap());
+            assert!(d < 1e-5, "transposed input: {d}");
+            let x3 = Tensor::from_vec(fill(2 * 3 * i, 4), (2, 3, i), &dev).unwrap();
+            let d = max_abs_diff(&linear(&l, &x3).unwrap(), &l.forward(&x3).unwrap());
+            assert_eq!(d, 0.0, "rank 3 runs candle's Linear");
+        }
+    }
+
+    /// The fused norm-modulate and gated add give the same values as candle's layer norm
+    /// and per-frame broadcasts, for frames of unequal token counts (a partial pass).
+    #[test]
+    fn per_frame_kernels_match_candle_ops() {
+        use candle_core::IndexOp;
+        let dev = Device::Cpu;
+        let fill = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + seed) * 7919) % 1013) as f32 / 300.0 - 1.5)
+                .collect()
+        };
+        let (d, counts) = (24usize, [3usize, 0, 140, 7]);
+        let n: usize = counts.iter().sum();
+        let f = counts.len();
+        let x = Tensor::from_vec(fill(n * d, 1), (n, d), &dev).unwrap();
+        let y = Tensor::from_vec(fill(n * d, 2), (n, d), &dev).unwrap();
+        let m = Tensor::from_vec(fill(f * 6 * d, 3), (f, 6, d), &dev).unwrap();
+        // The table's row `k` per token.
+        let idx: Vec<u32> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &c)| std::iter::repeat_n(i as u32, c))
+            .collect();
+        let idx = Tensor::new(idx.as_slice(), &dev).unwrap();
+        let per_token = |k: usize| {
+            m.i((.., k))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .index_select(&idx, 0)
+                .unwrap()
+        };
+        let ones = Tensor::ones(d, DType::F32, &dev).unwrap();
+        let zeros = Tensor::zeros(d, DType::F32, &dev).unwrap();
+        let ln = candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6).unwrap();
+        let want = ((ln * (per_token(4) + 1.0).unwrap()).unwrap() + per_token(3)).unwrap();
+        let got = norm_modulate(&x, &m, &counts, 3, 4, 1e-6).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let want = (&x + (&y * per_token(5)).unwrap()).unwrap();
+        let got = gated_add(&x, &y, &m, &counts, 5).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+        assert!(norm_modulate(&x, &m, &[n - 1], 3, 4, 1e-6).is_err());
     }
 
     #[test]

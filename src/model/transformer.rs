@@ -22,6 +22,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::TransformerConfig;
+use super::kernels::kernel_layout;
 
 /// Cross-attention keys/values of one text context, computed once per prompt.
 #[derive(Clone)]
@@ -502,17 +503,17 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            to_q: candle_nn::linear(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(kv_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(kv_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: kernel_layout(candle_nn::linear(dim, dim, vb.pp("to_q"))?)?,
+            to_k: kernel_layout(candle_nn::linear(kv_dim, dim, vb.pp("to_k"))?)?,
+            to_v: kernel_layout(candle_nn::linear(kv_dim, dim, vb.pp("to_v"))?)?,
+            to_out: kernel_layout(candle_nn::linear(dim, dim, vb.pp("to_out.0"))?)?,
             norm_q,
             norm_k,
         })
     }
 
     fn q(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let q = self.to_q.forward(x)?;
+        let q = super::kernels::linear(&self.to_q, x)?;
         match &self.norm_q {
             Some(n) => n.forward(&q),
             None => Ok(q),
@@ -520,7 +521,7 @@ impl Attention {
     }
 
     fn k(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let k = self.to_k.forward(x)?;
+        let k = super::kernels::linear(&self.to_k, x)?;
         match &self.norm_k {
             Some(n) => n.forward(&k),
             None => Ok(k),
@@ -600,8 +601,12 @@ impl Layer {
                 None
             },
             norm3: LayerNorm::plain(dim, cfg.eps, &dev)?,
-            ffn_in: candle_nn::linear(dim, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
-            ffn_out: candle_nn::linear(cfg.ffn_dim, dim, vb.pp("ffn.net.2"))?,
+            ffn_in: kernel_layout(candle_nn::linear(
+                dim,
+                cfg.ffn_dim,
+                vb.pp("ffn.net.0.proj"),
+            )?)?,
+            ffn_out: kernel_layout(candle_nn::linear(cfg.ffn_dim, dim, vb.pp("ffn.net.2"))?)?,
             scale_shift_table: vb
                 .get((1, 6, dim), "scale_shift_table")?
                 .to_dtype(DType::F32)?
@@ -627,11 +632,26 @@ impl Layer {
             .proj
             .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
         let counts = &b.frame_counts;
-        let modulate = |h: &Tensor, shift: usize, scale: usize| {
+        // On the CPU in f32 the norm and its modulation, and each gated residual, are one
+        // pass each (src/model/kernels.rs); elsewhere candle ops.
+        let fused = super::kernels::f32_kernels(&[x, &m]);
+        // `norm` is one of the block's plain norms (norm1, norm3).
+        let modulate = |norm: &LayerNorm, x: &Tensor, shift: usize, scale: usize| {
+            if fused {
+                return super::kernels::norm_modulate(x, &m, counts, shift, scale, norm.eps);
+            }
             let sc = (m.i((.., scale))? + 1.0)?;
-            per_frame_affine(h, counts, &sc, Some(&m.i((.., shift))?.contiguous()?))
+            per_frame_affine(
+                &norm.forward(x)?,
+                counts,
+                &sc,
+                Some(&m.i((.., shift))?.contiguous()?),
+            )
         };
         let gated_add = |x: &Tensor, y: &Tensor, gate: usize| -> candle_core::Result<Tensor> {
+            if fused && y.dtype() == DType::F32 {
+                return super::kernels::gated_add(x, y, &m, counts, gate);
+            }
             let g = per_frame_affine(
                 &y.to_dtype(DType::F32)?,
                 counts,
@@ -642,17 +662,17 @@ impl Layer {
         };
 
         // Self-attention.
-        let h = modulate(&self.norm1.forward(x)?, 0, 1)?.to_dtype(dtype)?;
+        let h = modulate(&self.norm1, x, 0, 1)?.to_dtype(dtype)?;
         let q = split_heads(&self.attn1.q(&h)?, self.heads)?;
         let k = split_heads(&self.attn1.k(&h)?, self.heads)?;
-        let v = split_heads(&self.attn1.to_v.forward(&h)?, self.heads)?;
+        let v = split_heads(&super::kernels::linear(&self.attn1.to_v, &h)?, self.heads)?;
         let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
         kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
         kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
         let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
-        let a = self.attn1.to_out.forward(&merge_heads(&a)?)?;
+        let a = super::kernels::linear(&self.attn1.to_out, &merge_heads(&a)?)?;
         let x = gated_add(x, &a, 2)?;
 
         // Cross-attention on the text context (all positions, padding included).
@@ -662,13 +682,12 @@ impl Layer {
         };
         let q = split_heads(&self.attn2.q(&h)?, self.heads)?;
         let a = super::kernels::sdpa_grouped(&q, &ctx.0, &ctx.1, &b.cross_groups)?;
-        let x = (&x + self.attn2.to_out.forward(&merge_heads(&a)?)?)?;
+        let x = (&x + super::kernels::linear(&self.attn2.to_out, &merge_heads(&a)?)?)?;
 
         // Feed-forward.
-        let h = modulate(&self.norm3.forward(&x)?, 3, 4)?.to_dtype(dtype)?;
-        let f = self
-            .ffn_out
-            .forward(&super::kernels::gelu(&self.ffn_in.forward(&h)?)?)?;
+        let h = modulate(&self.norm3, &x, 3, 4)?.to_dtype(dtype)?;
+        let f = super::kernels::gelu(&super::kernels::linear(&self.ffn_in, &h)?)?;
+        let f = super::kernels::linear(&self.ffn_out, &f)?;
         gated_add(&x, &f, 5)
     }
 }
@@ -1005,14 +1024,26 @@ impl Transformer {
             .reshape((1, 1, n, 1))?
             .broadcast_as((1, heads, n, hd))?
             .contiguous()?;
-        let mut x = b.x.clone();
-        for (l, layer) in self.layers.iter().enumerate() {
-            if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
-                return Ok(None);
+        let run = || -> candle_core::Result<Option<Tensor>> {
+            let mut x = b.x.clone();
+            for (l, layer) in self.layers.iter().enumerate() {
+                if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                    return Ok(None);
+                }
+                x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l])?;
             }
-            x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l])?;
+            Ok(Some(x))
+        };
+        if !self.device.is_cpu() {
+            return run();
         }
-        Ok(Some(x))
+        // On the CPU the layers run on a thread of the pool that runs the kernels: each of
+        // their parallel loops then starts there (no hand-over to the pool and back), where
+        // from the caller's thread every one of them put that thread to sleep and woke it
+        // again (a quarter of a small forward's time went to the scheduler).
+        let mut out = None;
+        rayon::scope(|_| out = Some(run()));
+        out.unwrap_or(Ok(None))
     }
 
     /// Runs tokens `x` (`[n, dim]`, the patch embeddings of the tokens in `toks`) through
