@@ -230,7 +230,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             "min-update-ratio",
             "Minimum update ratio",
             "Skip the pass when fewer than this fraction of tokens need it, in [0, 1] \
-             (negative = the mode's default: motioncache 0, the reference 0.4)",
+             (negative = the mode's default: motioncache 0, 0.1 from 20 steps on; the \
+             reference 0.4)",
             1.0,
             true,
         ),
