@@ -201,9 +201,9 @@ pub const LONG_SCHEDULE_STEPS: usize = 20;
 /// `motioncache`'s minimum update ratio from [`LONG_SCHEDULE_STEPS`] steps on: a block-step
 /// that would recompute fewer than a tenth of its tokens reuses them all and lets their
 /// distances accumulate to the next step. Measured on the paper schedule (embedded model,
-/// two prompts, after the CPU forward's fused kernels): the same PSNR within 0.2 dB at
-/// thresholds 0.015-0.04, transformer time per FLOP 1.06-1.15 of vanilla's where 0.0 gave
-/// 1.17-1.24 (many passes of a few tokens cost more per FLOP than large ones). At 10 steps
+/// two prompts, after the CPU forward's fused kernels): at thresholds 0.02-0.04 0 to 0.22
+/// dB less PSNR, transformer time per FLOP 1.09-1.15 of vanilla's where 0.0 gave
+/// 1.18-1.24 (many passes of a few tokens cost more per FLOP than large ones). At 10 steps
 /// it changed nothing measurable (0.0 kept, the element's adherence was measured so).
 pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
 

@@ -753,6 +753,9 @@ impl FrameOp {
                 m_shape.dims()
             );
         }
+        if matches!(self.kind, FrameKind::GatedAdd { .. }) && y.is_none() {
+            candle_core::bail!("gated add without its second input");
+        }
         // The frame of every row.
         let frame: Vec<usize> = self
             .counts
@@ -782,7 +785,7 @@ impl FrameOp {
                             }
                         }
                         FrameKind::GatedAdd { gate } => {
-                            let yr = &y.unwrap_or(x)[r * d..(r + 1) * d];
+                            let yr = &y.unwrap_or_default()[r * d..(r + 1) * d];
                             for (((o, &a), &b), &g) in
                                 o.iter_mut().zip(xr).zip(yr).zip(row(f, gate))
                             {
