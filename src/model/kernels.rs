@@ -57,6 +57,20 @@ pub(crate) fn device_tile_elems() -> usize {
     }
 }
 
+/// Runs `f` on a thread of the pool that runs the CPU kernels when `device` is the CPU
+/// (else on this thread). A forward's parallel loops then start on the pool itself; called
+/// from another thread, each of them handed its work to the pool and put the caller to
+/// sleep until it was done, and waking it again (a quarter of a small forward's time went
+/// to the scheduler).
+pub(crate) fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
+    if !device.is_cpu() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its closure before it returns")
+}
+
 /// `softmax(q k^T / sqrt(d)) v` for `q` `[1, heads, n, d]`, `k` and `v` `[1, heads, l, d]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let (n, l) = (q.dim(2)?, k.dim(2)?);

@@ -1034,16 +1034,7 @@ impl Transformer {
             }
             Ok(Some(x))
         };
-        if !self.device.is_cpu() {
-            return run();
-        }
-        // On the CPU the layers run on a thread of the pool that runs the kernels: each of
-        // their parallel loops then starts there (no hand-over to the pool and back), where
-        // from the caller's thread every one of them put that thread to sleep and woke it
-        // again (a quarter of a small forward's time went to the scheduler).
-        let mut out = None;
-        rayon::scope(|_| out = Some(run()));
-        out.unwrap_or(Ok(None))
+        super::kernels::on_pool(&self.device, run)
     }
 
     /// Runs tokens `x` (`[n, dim]`, the patch embeddings of the tokens in `toks`) through

@@ -507,7 +507,12 @@ impl MagiDit {
     }
 
     /// Runs one forward; returns the velocity `[1, C, T, H, W]` (f32).
-    pub fn forward(
+    pub fn forward(&self, inp: &MagiInput, cache: Option<CacheUse>) -> candle_core::Result<Tensor> {
+        crate::model::kernels::on_pool(&self.device, || self.forward_here(inp, cache))
+    }
+
+    /// [`Self::forward`] on the calling thread.
+    fn forward_here(
         &self,
         inp: &MagiInput,
         mut cache: Option<CacheUse>,
