@@ -579,10 +579,12 @@ pub fn linear(l: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> 
             &zeros
         }
     };
-    // Either layout of the weight is read in place (see `kernel_layout`).
-    let w = match w.t()?.is_contiguous() {
-        true => w.clone(),
-        false => w.contiguous()?,
+    // Either layout of the weight is read in place (see `kernel_layout`); any other is
+    // copied to candle's.
+    let w = if w.is_contiguous() || w.t()?.is_contiguous() {
+        w.clone()
+    } else {
+        w.contiguous()?
     };
     x.contiguous()?
         .apply_op3_no_bwd(&w, &b.contiguous()?, &CpuLinear)
@@ -904,12 +906,9 @@ fn f32_data(s: &CpuStorage) -> candle_core::Result<&[f32]> {
 
 /// The f32 data of a contiguous tensor.
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("attention kernel expects f32 data");
-    };
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("attention kernel expects contiguous inputs"),
+        Some((a, b)) => Ok(&f32_data(s)?[a..b]),
+        None => candle_core::bail!("CPU kernel expects contiguous inputs"),
     }
 }
 
