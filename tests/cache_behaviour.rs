@@ -344,10 +344,87 @@ fn a_pass_stops_at_the_next_layer_when_cancelled() {
     let y = m
         .forward_batch_until(&batch, &cache, &ctx, Some(&go))
         .unwrap()
-        .expect("an output");
+        .expect("an output")
+        .y;
     let mut kv = None;
     let reference = m
         .forward_layers(&x, &md, &toks, &mut kv, None, &ctx)
         .unwrap();
     assert!(rel_l2(&y, &reference) < 1e-6);
+}
+
+/// A key/value refresh from hidden states of the same step is exact: a subset of a block's
+/// tokens computed against keys/values the other tokens only refreshed (in an empty cache)
+/// gives the full forward's outputs at those tokens.
+#[test]
+fn kv_refresh_from_current_hidden_states_is_exact() {
+    use motioncache::model::transformer::{BatchBuilder, BatchItem, RefreshItem};
+    let m = model();
+    let dev = Device::Cpu;
+    let mut rng = motioncache::generate::NoiseRng::new(11);
+    let ctx = m.context(&rng.randn((1, 8, 16), &dev).unwrap()).unwrap();
+    let (gf, gh, gw) = m.grid(3, 8, 6).unwrap();
+    let x = m.patchify(&rng.randn((8, 3, 8, 6), &dev).unwrap()).unwrap();
+    let md = m.modulation(&[700.0; 3], 1).unwrap();
+    let toks = m.all_tokens(0, gf, gh, gw).unwrap();
+    let n = toks.len();
+    let item = |x: Tensor, tokens| BatchItem {
+        x,
+        modulation: &md,
+        tokens,
+        branch: 0,
+        first: 0,
+        keys: 0..n,
+    };
+    let full_cache = m.kv_cache(1, n).unwrap();
+    let mut bb = BatchBuilder::default();
+    bb.record_hidden();
+    bb.push(item(x.clone(), &toks), &full_cache, ctx.len())
+        .unwrap();
+    let full = m
+        .forward_batch_until(&bb.build(&dev).unwrap(), &full_cache, &ctx, None)
+        .unwrap()
+        .expect("an output");
+    let hidden = full.hidden.as_ref().expect("hidden states");
+
+    let picked: Vec<u32> = (0..n as u32).filter(|i| i % 3 == 1).collect();
+    let rest: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 1).collect();
+    let sub = m.subset(&toks, &picked).unwrap();
+    let others = m.subset(&toks, &rest).unwrap();
+    let pi = Tensor::new(picked.as_slice(), &dev).unwrap();
+    let ri = Tensor::new(rest.as_slice(), &dev).unwrap();
+    let deltas = hidden.index_select(&ri, 0).unwrap();
+    let run = |refresh: bool| {
+        let cache = m.kv_cache(1, n).unwrap();
+        let mut bb = BatchBuilder::default();
+        bb.push(
+            item(x.index_select(&pi, 0).unwrap(), &sub),
+            &cache,
+            ctx.len(),
+        )
+        .unwrap();
+        if refresh {
+            bb.push_refresh(
+                RefreshItem {
+                    x: x.index_select(&ri, 0).unwrap(),
+                    deltas: deltas.clone(),
+                    modulation: &md,
+                    tokens: &others,
+                    branch: 0,
+                    first: 0,
+                },
+                &cache,
+                m.config().num_layers,
+            )
+            .unwrap();
+        }
+        m.forward_batch(&bb.build(&dev).unwrap(), &cache, &ctx)
+            .unwrap()
+    };
+    let want = full.y.index_select(&pi, 0).unwrap();
+    let err = rel_l2(&run(true), &want);
+    assert!(err < 1e-5, "refreshed: rel L2 {err}");
+    // Without the refresh the other tokens' keys/values are missing (zero): not the same.
+    let err = rel_l2(&run(false), &want);
+    assert!(err > 1e-2, "without the refresh: rel L2 {err}");
 }

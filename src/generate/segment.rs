@@ -23,7 +23,8 @@ use crate::cache::{
 };
 use crate::error::{Error, Result};
 use crate::model::transformer::{
-    BatchBuilder, BatchItem, Context, FrameModulation, KvCache, TokenSet, Transformer,
+    BatchBuilder, BatchItem, Context, Forward, FrameModulation, KvCache, RefreshItem, TokenSet,
+    Transformer,
 };
 use crate::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
@@ -58,6 +59,10 @@ struct Branch {
     last_out: Vec<Option<Tensor>>,
     /// Modulation and output of each block's previous full step (calibration).
     previous: Vec<Option<(Tensor, Tensor)>>,
+    /// Per block, with `kv_refresh`: each token's hidden states at the inputs of the layers
+    /// after the first minus its patch embedding, at its last computations (see
+    /// `KvRefresh::deltas`), kept and forecast as the output residuals are.
+    hidden: Vec<Option<ResidualStore>>,
 }
 
 impl Branch {
@@ -70,6 +75,7 @@ impl Branch {
             committed: vec![false; blocks],
             last_out: vec![None; blocks],
             previous: vec![None; blocks],
+            hidden: (0..blocks).map(|_| None).collect(),
         }
     }
 
@@ -79,6 +85,7 @@ impl Branch {
         self.residual[b] = None;
         self.has_kv[b] = false;
         self.committed[b] = false;
+        self.hidden[b] = None;
     }
 }
 
@@ -453,7 +460,7 @@ impl Segment {
         work: &[Work],
         inputs: &Inputs,
         env: &Env,
-    ) -> Result<(Option<Tensor>, Vec<Range<usize>>)> {
+    ) -> Result<(Option<Forward>, Vec<Range<usize>>)> {
         let bt = self.block_tokens();
         let (gf, gh, gw) = self.grid;
         if work.iter().any(|w| matches!(w, Work::Window { .. })) {
@@ -511,7 +518,66 @@ impl Segment {
                 _ => Ok(None),
             })
             .collect::<candle_core::Result<_>>()?;
+        // With `kv_refresh`, the tokens a partial forward reuses refresh their keys/values.
+        let refresh: Vec<Option<TokenSet>> = work
+            .iter()
+            .map(|w| match w {
+                Work::Compute {
+                    branch,
+                    block,
+                    plan: Plan::Tokens(idx),
+                } if row.cache.kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
+                    let rest = complement(idx, bt);
+                    if rest.is_empty() {
+                        Ok(None)
+                    } else {
+                        env.model.subset(&self.tokens[*block], &rest).map(Some)
+                    }
+                }
+                _ => Ok(None),
+            })
+            .collect::<candle_core::Result<_>>()?;
         let mut bb = BatchBuilder::default();
+        if row.cache.kv_refresh {
+            bb.record_hidden();
+        }
+        for (w, set) in work.iter().zip(&refresh) {
+            let (
+                Some(set),
+                Work::Compute {
+                    branch, block: b, ..
+                },
+            ) = (set, w)
+            else {
+                continue;
+            };
+            let ix = set.idx.as_ref().ok_or_else(|| missing_input(*b))?;
+            let hidden = self.branches[*branch].hidden[*b]
+                .as_ref()
+                .ok_or_else(|| missing_input(*b))?;
+            let x = inputs.tokens[*b]
+                .as_ref()
+                .ok_or_else(|| missing_input(*b))?;
+            let sigma = self.sigma(row, *b);
+            let tgt = self.attribution(*b);
+            self.stats[tgt].flops += env.model.refresh_flops(set.len());
+            bb.push_refresh(
+                RefreshItem {
+                    x: x.index_select(ix, 0)?,
+                    deltas: hidden
+                        .predict(sigma, row.cache.reuse)?
+                        .index_select(ix, 0)?,
+                    modulation: inputs.modulation[*b]
+                        .as_ref()
+                        .ok_or_else(|| missing_input(*b))?,
+                    tokens: set,
+                    branch: *branch,
+                    first: b * bt,
+                },
+                &self.kv,
+                env.model.config().num_layers,
+            )?;
+        }
         let mut ranges = Vec::with_capacity(work.len());
         for (w, sub) in work.iter().zip(&subsets) {
             if let Work::Compute {
@@ -580,11 +646,11 @@ impl Segment {
             return Ok((None, ranges));
         }
         let batch = bb.build(env.model.device())?;
-        let y = env
+        let f = env
             .model
             .forward_batch_until(&batch, &self.kv, env.stacked, Some(env.cancel))?
             .ok_or(Error::Cancelled)?;
-        Ok((Some(y), ranges))
+        Ok((Some(f), ranges))
     }
 
     /// Step 3: every updated block's output tokens per branch; residual caches and the
@@ -594,9 +660,11 @@ impl Segment {
         row: &Row,
         work: &[Work],
         inputs: &Inputs,
-        y: &Option<Tensor>,
+        f: &Option<Forward>,
         ranges: &[Range<usize>],
     ) -> Result<Vec<Vec<Option<BlockOut>>>> {
+        let y = &f.as_ref().map(|f| f.y.clone());
+        let hidden = f.as_ref().and_then(|f| f.hidden.as_ref());
         let blocks = self.latents.len();
         let bt = self.block_tokens();
         let mut outs: Vec<Vec<Option<BlockOut>>> = (0..row.branches)
@@ -657,6 +725,16 @@ impl Segment {
                         }
                         Plan::Full => {
                             let y = rows(r)?;
+                            br.hidden[b] = match (br.hidden[b].take(), hidden) {
+                                (_, None) => None,
+                                (Some(mut old), Some(h)) => {
+                                    old.update_all(h.narrow(0, r.start, r.len())?, sigma);
+                                    Some(old)
+                                }
+                                (None, Some(h)) => {
+                                    Some(ResidualStore::new(h.narrow(0, r.start, r.len())?, sigma)?)
+                                }
+                            };
                             let res = (&y - &x_in)?;
                             match br.residual[b].as_mut() {
                                 Some(s) => {
@@ -693,6 +771,13 @@ impl Segment {
                                     .collect();
                             }
                             store.update_tokens(&ix, idx, &fresh, sigma)?;
+                            br.hidden[b] = match (br.hidden[b].take(), hidden) {
+                                (Some(mut old), Some(h)) => {
+                                    old.update_tokens(&ix, idx, &h.narrow(0, r.start, m)?, sigma)?;
+                                    Some(old)
+                                }
+                                _ => None,
+                            };
                             (&x_in + used)?
                         }
                     };
@@ -876,6 +961,7 @@ impl Segment {
                 for br in self.branches.iter_mut() {
                     br.policy[b] = None;
                     br.residual[b] = None;
+                    br.hidden[b] = None;
                 }
                 let l = &self.latents[b];
                 self.x0_last[b] = Some(l.narrow(1, l.dim(1)? - 1, 1)?.squeeze(1)?);
@@ -917,6 +1003,17 @@ impl Segment {
         }
         self.emitted.iter().position(|e| !e).unwrap_or(b)
     }
+}
+
+/// The indices of `0..n` not in `idx` (sorted ascending).
+fn complement(idx: &[u32], n: usize) -> Vec<u32> {
+    let mut taken = vec![false; n];
+    for &i in idx {
+        if let Some(t) = taken.get_mut(i as usize) {
+            *t = true;
+        }
+    }
+    (0..n as u32).filter(|&i| !taken[i as usize]).collect()
 }
 
 fn missing_input(b: usize) -> Error {

@@ -137,6 +137,82 @@ pub struct Batch {
     /// Cross-attention: each group of query rows attends to its branch's context in the
     /// stacked contexts.
     pub cross_groups: Vec<super::kernels::Group>,
+    /// Tokens whose keys/values are rewritten without computing their outputs.
+    pub refresh: Option<KvRefresh>,
+    /// Whether the forward returns the tokens' hidden states (see [`Forward::hidden`]).
+    pub record_hidden: bool,
+}
+
+/// Tokens of a [`Batch`] that only refresh their keys/values: at every layer their hidden
+/// state is estimated as this step's patch embedding plus the change the layers before made
+/// to it at the token's last computation (`x + deltas[.., l - 1]`; exact at the first layer),
+/// normalised and modulated at this step's timestep, projected to keys and values, rotated
+/// and written into the cache. Tokens a cache reuses then keep keys/values of the current
+/// step instead of the one they were last computed at, for the key and value projections
+/// alone (about a seventh of a layer's work).
+pub struct KvRefresh {
+    /// `[m, dim]` patch embeddings at this step.
+    pub x: Tensor,
+    /// `[m, (layers - 1) * dim]`: per layer after the first, the hidden state at that
+    /// layer's input minus the patch embedding, at the token's last computation (one
+    /// tensor, so that a cache keeps, forecasts and gathers all layers in one op each).
+    pub deltas: Tensor,
+    /// `[runs, 6, dim]`, f32, and the tokens of each frame run (as in [`Batch`]).
+    pub proj: Tensor,
+    pub frame_counts: Vec<usize>,
+    /// RoPE tables, `[m, head_dim / 2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[m]` u32: cache rows.
+    pub slots: Tensor,
+}
+
+/// A batch's tokens followed by its [`KvRefresh`] tokens, for the layers' key/value
+/// projections.
+struct Joined {
+    /// `[runs, 6, dim]`, f32, and the tokens of each frame run.
+    proj: Tensor,
+    counts: Vec<usize>,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[1, heads, n + m, head_dim]` u32 cache rows.
+    slots: Tensor,
+}
+
+/// What [`Transformer::forward_batch_until`] returns.
+pub struct Forward {
+    /// `[n, dim]` output tokens.
+    pub y: Tensor,
+    /// With [`Batch::record_hidden`], `[n, (layers - 1) * dim]`: per layer after the first,
+    /// the tokens' hidden state at that layer's input minus their patch embedding (the
+    /// [`KvRefresh::deltas`] of a later refresh of the same tokens).
+    pub hidden: Option<Tensor>,
+}
+
+/// Tokens of one attention block of one guidance branch for a [`KvRefresh`].
+pub struct RefreshItem<'a> {
+    /// `[m, dim]` patch embeddings at this step.
+    pub x: Tensor,
+    /// `[m, (layers - 1) * dim]` (see [`KvRefresh::deltas`]).
+    pub deltas: Tensor,
+    pub modulation: &'a FrameModulation,
+    /// Which tokens of the block (a subset: its `idx` names them).
+    pub tokens: &'a TokenSet,
+    pub branch: usize,
+    /// Position (within the branch's cache region) of the block's first token.
+    pub first: usize,
+}
+
+/// Accumulated [`RefreshItem`]s.
+#[derive(Default)]
+struct RefreshParts {
+    x: Vec<Tensor>,
+    deltas: Vec<Tensor>,
+    proj: Vec<Tensor>,
+    counts: Vec<usize>,
+    cos: Vec<Tensor>,
+    sin: Vec<Tensor>,
+    slots: Vec<u32>,
 }
 
 /// One part of a [`Batch`]: tokens of one attention block (or of several consecutive blocks
@@ -169,6 +245,8 @@ pub struct BatchBuilder {
     self_groups: Vec<super::kernels::Group>,
     cross_groups: Vec<super::kernels::Group>,
     n: usize,
+    refresh: RefreshParts,
+    record_hidden: bool,
 }
 
 impl BatchBuilder {
@@ -179,6 +257,55 @@ impl BatchBuilder {
     /// Tokens pushed so far.
     pub fn len(&self) -> usize {
         self.n
+    }
+
+    /// Asks the forward for the tokens' hidden states (see [`Forward::hidden`]).
+    pub fn record_hidden(&mut self) {
+        self.record_hidden = true;
+    }
+
+    /// Adds tokens whose keys/values are refreshed (see [`KvRefresh`]).
+    pub fn push_refresh(
+        &mut self,
+        item: RefreshItem,
+        cache: &KvCache,
+        layers: usize,
+    ) -> candle_core::Result<()> {
+        let m = item.tokens.len();
+        let Some(idx) = &item.tokens.idx else {
+            candle_core::bail!("a key/value refresh needs the indices of its tokens");
+        };
+        let (n, d) = item.x.dims2()?;
+        if n != m || item.deltas.dims() != [m, layers.saturating_sub(1) * d] {
+            candle_core::bail!(
+                "key/value refresh of {:?} tokens with deltas of {:?}, token set of {m} for {layers} layers",
+                item.x.shape(),
+                item.deltas.shape()
+            );
+        }
+        if item.modulation.proj.dim(0)? != item.tokens.frame_counts.len() {
+            candle_core::bail!(
+                "modulation for {} frames, token set of {} frames",
+                item.modulation.proj.dim(0)?,
+                item.tokens.frame_counts.len()
+            );
+        }
+        let base = cache.slot(item.branch, item.first) as u32;
+        let end = cache.slot(item.branch, cache.capacity);
+        let r = &mut self.refresh;
+        for i in idx.to_vec1::<u32>()? {
+            if (base + i) as usize >= end {
+                candle_core::bail!("key/value refresh outside the cache region of its branch");
+            }
+            r.slots.push(base + i);
+        }
+        r.x.push(item.x);
+        r.deltas.push(item.deltas);
+        r.proj.push(item.modulation.proj.clone());
+        r.counts.extend_from_slice(&item.tokens.frame_counts);
+        r.cos.push(item.tokens.cos.clone());
+        r.sin.push(item.tokens.sin.clone());
+        Ok(())
     }
 
     /// Adds an item; returns the row range of its tokens in the batch.
@@ -280,6 +407,20 @@ impl BatchBuilder {
                 Tensor::cat(v, 0)
             }
         };
+        let r = self.refresh;
+        let refresh = if r.x.is_empty() {
+            None
+        } else {
+            Some(KvRefresh {
+                x: cat(&r.x)?,
+                deltas: cat(&r.deltas)?,
+                proj: cat(&r.proj)?,
+                frame_counts: r.counts,
+                cos: cat(&r.cos)?,
+                sin: cat(&r.sin)?,
+                slots: Tensor::new(r.slots.as_slice(), dev)?,
+            })
+        };
         Ok(Batch {
             x: cat(&self.x)?,
             proj: cat(&self.proj)?,
@@ -289,6 +430,8 @@ impl BatchBuilder {
             slots: Tensor::new(self.slots.as_slice(), dev)?,
             self_groups: self.self_groups,
             cross_groups: self.cross_groups,
+            refresh,
+            record_hidden: self.record_hidden,
         })
     }
 }
@@ -618,6 +761,37 @@ impl Layer {
     /// One transformer block over the tokens of a batch; their keys/values are written
     /// into the cache layer `kv` at `slots` (`[1, heads, n, head_dim]` u32) first, then every
     /// attention group reads its range of it.
+    /// `[runs, 6, dim]`: the layer's table plus the per-frame timestep projection.
+    fn table(&self, proj: &Tensor) -> candle_core::Result<Tensor> {
+        proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)
+    }
+
+    /// One of the block's plain norms (norm1, norm3) of `x` and its per-frame modulation
+    /// `m` (rows `shift`, `scale`). On the CPU in f32 one pass (src/model/kernels.rs);
+    /// elsewhere candle ops.
+    fn modulate(
+        norm: &LayerNorm,
+        x: &Tensor,
+        m: &Tensor,
+        counts: &[usize],
+        shift: usize,
+        scale: usize,
+    ) -> candle_core::Result<Tensor> {
+        if super::kernels::f32_kernels(&[x, m]) {
+            return super::kernels::norm_modulate(x, m, counts, shift, scale, norm.eps);
+        }
+        let sc = (m.i((.., scale))? + 1.0)?;
+        per_frame_affine(
+            &norm.forward(x)?,
+            counts,
+            &sc,
+            Some(&m.i((.., shift))?.contiguous()?),
+        )
+    }
+
+    /// `refresh`: the refreshed tokens' estimated hidden states at this layer and the
+    /// batch's tokens joined with them (see [`KvRefresh`]); their keys and values go
+    /// through the same projections as the batch's own.
     fn forward(
         &self,
         x: &Tensor,
@@ -625,28 +799,22 @@ impl Layer {
         slots: &Tensor,
         kv: &(Tensor, Tensor),
         ctx: &(Tensor, Tensor),
+        refresh: Option<(&Tensor, &Joined)>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        // [runs, 6, dim]: the layer's table plus the per-frame timestep projection.
-        let m = b
-            .proj
-            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
+        let n = x.dim(0)?;
+        let joined = match refresh {
+            Some((est, j)) => Some((Tensor::cat(&[x, est], 0)?, self.table(&j.proj)?, j)),
+            None => None,
+        };
+        let m = match &joined {
+            Some((_, mj, _)) => mj.narrow(0, 0, b.frame_counts.len())?,
+            None => self.table(&b.proj)?,
+        };
         let counts = &b.frame_counts;
-        // On the CPU in f32 the norm and its modulation, and each gated residual, are one
-        // pass each (src/model/kernels.rs); elsewhere candle ops.
         let fused = super::kernels::f32_kernels(&[x, &m]);
-        // `norm` is one of the block's plain norms (norm1, norm3).
         let modulate = |norm: &LayerNorm, x: &Tensor, shift: usize, scale: usize| {
-            if fused {
-                return super::kernels::norm_modulate(x, &m, counts, shift, scale, norm.eps);
-            }
-            let sc = (m.i((.., scale))? + 1.0)?;
-            per_frame_affine(
-                &norm.forward(x)?,
-                counts,
-                &sc,
-                Some(&m.i((.., shift))?.contiguous()?),
-            )
+            Self::modulate(norm, x, &m, counts, shift, scale)
         };
         let gated_add = |x: &Tensor, y: &Tensor, gate: usize| -> candle_core::Result<Tensor> {
             if fused && y.dtype() == DType::F32 {
@@ -661,14 +829,24 @@ impl Layer {
             (x.to_dtype(DType::F32)? + g)?.to_dtype(dtype)
         };
 
-        // Self-attention.
-        let h = modulate(&self.norm1, x, 0, 1)?.to_dtype(dtype)?;
-        let q = split_heads(&self.attn1.q(&h)?, self.heads)?;
+        // Self-attention (refreshed tokens: keys and values only).
+        let h = match &joined {
+            Some((xj, mj, j)) => Self::modulate(&self.norm1, xj, mj, &j.counts, 0, 1)?,
+            None => modulate(&self.norm1, x, 0, 1)?,
+        }
+        .to_dtype(dtype)?;
+        let q = split_heads(&self.attn1.q(&h.narrow(0, 0, n)?)?, self.heads)?;
         let k = split_heads(&self.attn1.k(&h)?, self.heads)?;
         let v = split_heads(&super::kernels::linear(&self.attn1.to_v, &h)?, self.heads)?;
         let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        let (k, slots) = match &joined {
+            Some((_, _, j)) => {
+                let (cos, sin) = (j.cos.to_dtype(dtype)?, j.sin.to_dtype(dtype)?);
+                (candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?, &j.slots)
+            }
+            None => (candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?, slots),
+        };
         kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
         kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
         let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
@@ -994,10 +1172,12 @@ impl Transformer {
         cache: &KvCache,
         ctx: &Context,
     ) -> candle_core::Result<Tensor> {
-        self.forward_batch_until(b, cache, ctx, None)?
+        let f = self
+            .forward_batch_until(b, cache, ctx, None)?
             .ok_or_else(|| {
                 candle_core::Error::Msg("a forward without a cancel flag stopped".into())
-            })
+            })?;
+        Ok(f.y)
     }
 
     /// [`Self::forward_batch`] that checks `cancel` before every layer and returns `None`
@@ -1009,7 +1189,7 @@ impl Transformer {
         cache: &KvCache,
         ctx: &Context,
         cancel: Option<&std::sync::atomic::AtomicBool>,
-    ) -> candle_core::Result<Option<Tensor>> {
+    ) -> candle_core::Result<Option<Forward>> {
         let n = b.x.dim(0)?;
         if b.frame_counts.iter().sum::<usize>() != n || b.slots.dim(0)? != n {
             candle_core::bail!("inconsistent batch of {n} tokens");
@@ -1024,15 +1204,56 @@ impl Transformer {
             .reshape((1, 1, n, 1))?
             .broadcast_as((1, heads, n, hd))?
             .contiguous()?;
-        let run = || -> candle_core::Result<Option<Tensor>> {
+        let refresh = match &b.refresh {
+            Some(r) => {
+                let (m, d) = r.x.dims2()?;
+                if r.slots.dim(0)? != m
+                    || r.frame_counts.iter().sum::<usize>() != m
+                    || r.deltas.dims() != [m, (self.layers.len() - 1) * d]
+                {
+                    candle_core::bail!("inconsistent key/value refresh of {m} tokens");
+                }
+                let all = n + m;
+                let joined = Joined {
+                    proj: Tensor::cat(&[&b.proj, &r.proj], 0)?,
+                    counts: [b.frame_counts.as_slice(), &r.frame_counts].concat(),
+                    cos: Tensor::cat(&[&b.cos, &r.cos], 0)?,
+                    sin: Tensor::cat(&[&b.sin, &r.sin], 0)?,
+                    slots: Tensor::cat(&[&b.slots, &r.slots], 0)?
+                        .reshape((1, 1, all, 1))?
+                        .broadcast_as((1, heads, all, hd))?
+                        .contiguous()?,
+                };
+                Some((r, joined))
+            }
+            None => None,
+        };
+        let run = || -> candle_core::Result<Option<Forward>> {
             let mut x = b.x.clone();
+            let mut hidden = Vec::new();
             for (l, layer) in self.layers.iter().enumerate() {
                 if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                     return Ok(None);
                 }
-                x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l])?;
+                if l > 0 && b.record_hidden {
+                    hidden.push((&x - &b.x)?);
+                }
+                let est = match &refresh {
+                    Some((r, _)) if l == 0 => Some(r.x.clone()),
+                    Some((r, _)) => {
+                        let d = r.x.dim(1)?;
+                        Some((&r.x + r.deltas.narrow(1, (l - 1) * d, d)?)?)
+                    }
+                    None => None,
+                };
+                let joined = est.as_ref().zip(refresh.as_ref().map(|(_, j)| j));
+                x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l], joined)?;
             }
-            Ok(Some(x))
+            let hidden = match hidden.len() {
+                0 => None,
+                _ => Some(Tensor::cat(&hidden, 1)?),
+            };
+            Ok(Some(Forward { y: x, hidden }))
         };
         super::kernels::on_pool(&self.device, run)
     }
@@ -1096,6 +1317,12 @@ impl Transformer {
             + 2.0 * n * text_len as f64 * d * 2.0
             + 2.0 * n * d * self.cfg.ffn_dim as f64 * 2.0;
         per_layer * self.cfg.num_layers as f64
+    }
+
+    /// FLOPs of a [`KvRefresh`] of `n` tokens (key and value projections of every layer).
+    pub fn refresh_flops(&self, n: usize) -> f64 {
+        let d = self.cfg.dim() as f64;
+        2.0 * n as f64 * d * d * 2.0 * self.cfg.num_layers as f64
     }
 }
 

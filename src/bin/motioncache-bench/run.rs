@@ -52,7 +52,7 @@ pub struct Args {
     pub thresholds: Option<Vec<f64>>,
     /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
     /// uniform, min-ratio, vote, reuse=residual|forecast, source=output|latent,
-    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false); repeatable.
+    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, kv-refresh=true|false); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Generate every video this many times and keep its fastest transformer and VAE
@@ -124,6 +124,10 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             v.parse::<f64>()
                 .map_err(|_| format!("--set {k}: {v:?} is not a number").into())
         };
+        let flag = || -> BoxResult<bool> {
+            v.parse::<bool>()
+                .map_err(|_| format!("--set {k}: {v:?} is not true or false").into())
+        };
         match k {
             "warmup" => c.warmup_steps = num()? as usize,
             "floor" => c.weight_floor = num()?,
@@ -131,7 +135,8 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             "uniform" => c.uniform_updates = num()? as usize,
             "min-ratio" => c.min_update_ratio = num()?,
             "vote" => c.temporal_consistency = num()?,
-            "full-last" => c.full_last_step = v == "true",
+            "full-last" => c.full_last_step = flag()?,
+            "kv-refresh" => c.kv_refresh = flag()?,
             "distance" => {
                 c.distance_mode = match v {
                     "global" => DistanceMode::Global,
