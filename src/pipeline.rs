@@ -59,6 +59,7 @@ pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "refresh-interval",
     "min-update-ratio",
     "temporal-consistency",
+    "kv-refresh",
 ];
 
 /// What a model generates by default.

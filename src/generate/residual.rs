@@ -117,14 +117,12 @@ impl ResidualStore {
         fresh: &Tensor,
         sigma: f64,
     ) -> candle_core::Result<()> {
-        let (m, d) = fresh.dims2()?;
-        let ix = idx.reshape((m, 1))?.broadcast_as((m, d))?.contiguous()?;
         let old = self.last.index_select(idx, 0)?;
         let prev = match &self.prev {
-            Some(p) => p.scatter(&ix, &old, 0)?,
+            Some(p) => replace_rows(p, idx, idx_vec, &old)?,
             None => self.last.clone(),
         };
-        self.last = self.last.scatter(&ix, fresh, 0)?;
+        self.last = replace_rows(&self.last, idx, idx_vec, fresh)?;
         self.prev = Some(prev);
         for &i in idx_vec {
             let i = i as usize;
@@ -139,9 +137,63 @@ impl ResidualStore {
     }
 }
 
+/// `base` (`[n, d]`) with its rows `idx` (sorted, distinct; as a `[m]` u32 tensor and its
+/// values) replaced by `rows` (`[m, d]`). On the CPU in f32 a copy of the rows (candle's
+/// scatter computes an index per element); elsewhere a scatter.
+pub(crate) fn replace_rows(
+    base: &Tensor,
+    idx: &Tensor,
+    idx_vec: &[u32],
+    rows: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (n, d) = base.dims2()?;
+    let m = idx_vec.len();
+    if rows.dims() != [m, d] || idx_vec.iter().any(|&i| i as usize >= n) {
+        candle_core::bail!(
+            "replacing rows {idx_vec:?} of {:?} with {:?}",
+            base.shape(),
+            rows.shape()
+        );
+    }
+    if base.device().is_cpu()
+        && base.dtype() == candle_core::DType::F32
+        && rows.dtype() == candle_core::DType::F32
+    {
+        let mut v = base.flatten_all()?.to_vec1::<f32>()?;
+        let r = rows.flatten_all()?.to_vec1::<f32>()?;
+        for (k, &i) in idx_vec.iter().enumerate() {
+            let i = i as usize;
+            v[i * d..(i + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
+        }
+        return Tensor::from_vec(v, (n, d), base.device());
+    }
+    let ix = idx.reshape((m, 1))?.broadcast_as((m, d))?.contiguous()?;
+    base.scatter(&ix, rows, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_rows_matches_scatter() {
+        let dev = Device::Cpu;
+        let base = Tensor::arange(0f32, 24.0, &dev)
+            .unwrap()
+            .reshape((6, 4))
+            .unwrap();
+        let idx_vec = [1u32, 4];
+        let idx = Tensor::new(&idx_vec, &dev).unwrap();
+        let rows = Tensor::new(&[[-1f32, -2., -3., -4.], [-5., -6., -7., -8.]], &dev).unwrap();
+        let got = replace_rows(&base, &idx, &idx_vec, &rows).unwrap();
+        let ix = idx.reshape((2, 1)).unwrap().broadcast_as((2, 4)).unwrap();
+        let want = base.scatter(&ix.contiguous().unwrap(), &rows, 0).unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        assert!(replace_rows(&base, &idx, &[1, 9], &rows).is_err());
+    }
 
     #[test]
     fn forecast_extrapolates_linearly_and_residual_reuse_does_not() {

@@ -28,7 +28,7 @@ use crate::model::transformer::{
 };
 use crate::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
-use super::residual::ResidualStore;
+use super::residual::{ResidualStore, replace_rows};
 use super::{BlockStats, GeneratorSettings, NoiseRng, check};
 
 /// What a row needs from the generator.
@@ -758,11 +758,13 @@ impl Segment {
                             let store = br.residual[b].as_mut().ok_or_else(|| missing(b))?;
                             let ix = Tensor::new(idx.as_slice(), store.device())?;
                             let fresh = (&y - x_in.index_select(&ix, 0)?)?;
-                            let (m, d) = fresh.dims2()?;
-                            let ixb = ix.reshape((m, 1))?.broadcast_as((m, d))?.contiguous()?;
-                            let used = store
-                                .predict(sigma, row.cache.reuse)?
-                                .scatter(&ixb, &fresh, 0)?;
+                            let m = fresh.dim(0)?;
+                            let used = replace_rows(
+                                &store.predict(sigma, row.cache.reuse)?,
+                                &ix,
+                                idx,
+                                &fresh,
+                            )?;
                             if want_rates {
                                 rates = idx
                                     .iter()

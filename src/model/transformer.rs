@@ -1214,6 +1214,16 @@ impl Transformer {
                     candle_core::bail!("inconsistent key/value refresh of {m} tokens");
                 }
                 let all = n + m;
+                // Layer-major, so that each layer reads its deltas contiguously.
+                let deltas = match self.layers.len() {
+                    1 => None,
+                    l => Some(
+                        r.deltas
+                            .reshape((m, l - 1, d))?
+                            .transpose(0, 1)?
+                            .contiguous()?,
+                    ),
+                };
                 let joined = Joined {
                     proj: Tensor::cat(&[&b.proj, &r.proj], 0)?,
                     counts: [b.frame_counts.as_slice(), &r.frame_counts].concat(),
@@ -1224,7 +1234,7 @@ impl Transformer {
                         .broadcast_as((1, heads, all, hd))?
                         .contiguous()?,
                 };
-                Some((r, joined))
+                Some((r, deltas, joined))
             }
             None => None,
         };
@@ -1239,14 +1249,11 @@ impl Transformer {
                     hidden.push((&x - &b.x)?);
                 }
                 let est = match &refresh {
-                    Some((r, _)) if l == 0 => Some(r.x.clone()),
-                    Some((r, _)) => {
-                        let d = r.x.dim(1)?;
-                        Some((&r.x + r.deltas.narrow(1, (l - 1) * d, d)?)?)
-                    }
+                    Some((r, Some(deltas), _)) if l > 0 => Some((&r.x + deltas.get(l - 1)?)?),
+                    Some((r, _, _)) => Some(r.x.clone()),
                     None => None,
                 };
-                let joined = est.as_ref().zip(refresh.as_ref().map(|(_, j)| j));
+                let joined = est.as_ref().zip(refresh.as_ref().map(|(_, _, j)| j));
                 x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l], joined)?;
             }
             let hidden = match hidden.len() {

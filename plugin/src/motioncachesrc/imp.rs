@@ -22,7 +22,7 @@ use super::convert::{I420Planes, Layout, rgb_to_i420, rgb_to_packed};
 use super::properties::{self, MAX_FPS};
 use super::settings::*;
 use super::worker::{Callbacks, Popped, Worker};
-use super::{CacheModeProp, DTypeProp, OverlayProp};
+use super::{CacheModeProp, DTypeProp, KvRefreshProp, OverlayProp};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -227,6 +227,9 @@ impl ObjectImpl for MotionCacheSrc {
             "temporal-consistency" => {
                 s.temporal_consistency = value.get().expect("type checked upstream")
             }
+            "kv-refresh" => {
+                s.kv_refresh = value.get::<KvRefreshProp>().expect("type checked upstream")
+            }
             "is-live" => {
                 s.is_live = value.get().expect("type checked upstream");
                 self.obj().set_live(s.is_live);
@@ -306,6 +309,7 @@ impl ObjectImpl for MotionCacheSrc {
             "weight-floor" => s.weight_floor.to_value(),
             "min-update-ratio" => s.min_update_ratio.to_value(),
             "temporal-consistency" => s.temporal_consistency.to_value(),
+            "kv-refresh" => s.kv_refresh.to_value(),
             "is-live" => s.is_live.to_value(),
             "overlay" => s.overlay.to_value(),
             "stats" => {

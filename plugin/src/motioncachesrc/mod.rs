@@ -78,6 +78,28 @@ pub enum OverlayProp {
     Recompute = 1,
 }
 
+/// Whether reused tokens refresh their keys/values (property `kv-refresh`).
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstMotionCacheKvRefresh")]
+pub enum KvRefreshProp {
+    #[enum_value(
+        name = "Auto: the cache mode's default (motioncache on, the reference off)",
+        nick = "auto"
+    )]
+    Auto = 0,
+    #[enum_value(
+        name = "On: tokens a partial pass reuses get keys/values of the current step",
+        nick = "on"
+    )]
+    On = 1,
+    #[enum_value(
+        name = "Off: reused tokens keep the keys/values of their last computation",
+        nick = "off"
+    )]
+    Off = 2,
+}
+
 /// Floating-point type the model runs in (property `dtype`).
 #[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
 #[repr(u32)]
@@ -100,6 +122,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CacheModeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     DTypeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     OverlayProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    KvRefreshProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "motioncachesrc",

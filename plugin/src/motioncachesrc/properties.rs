@@ -243,6 +243,18 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             1.0,
             true,
         ),
+        glib::ParamSpecEnum::builder_with_default("kv-refresh", DEFAULT_KV_REFRESH)
+            .nick("Key/value refresh")
+            .blurb(
+                "Whether the tokens a partial pass reuses refresh their keys/values (their \
+                 hidden states estimated from this step's input and their last \
+                 computations, for the key and value projections alone) or keep those of \
+                 the step they were last computed at, as the reference does; auto = the \
+                 cache mode's default (motioncache on, the reference off). Not used by \
+                 MAGI-1",
+            )
+            .mutable_playing()
+            .build(),
         glib::ParamSpecEnum::builder_with_default("overlay", DEFAULT_OVERLAY)
             .nick("Overlay")
             .blurb(

@@ -8,7 +8,7 @@ use candle_core::DType;
 use motioncache::cache::CacheMode;
 use motioncache::generate::GeneratorSettings;
 
-use super::{CacheModeProp, DTypeProp, OverlayProp};
+use super::{CacheModeProp, DTypeProp, KvRefreshProp, OverlayProp};
 
 pub const DEFAULT_MODEL: &str = "";
 pub const DEFAULT_PROMPT: &str = "a red circle moving right on a striped blue background";
@@ -23,6 +23,7 @@ pub const DEFAULT_DTYPE: DTypeProp = DTypeProp::Auto;
 pub const DEFAULT_CACHE_MODE: CacheModeProp = CacheModeProp::MotionCache;
 pub const DEFAULT_IS_LIVE: bool = false;
 pub const DEFAULT_OVERLAY: OverlayProp = OverlayProp::None;
+pub const DEFAULT_KV_REFRESH: KvRefreshProp = KvRefreshProp::Auto;
 
 /// Property values as the user set them (Clone: copied under a short lock).
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,7 @@ pub struct Settings {
     pub weight_floor: f64,
     pub min_update_ratio: f64,
     pub temporal_consistency: f64,
+    pub kv_refresh: KvRefreshProp,
     pub is_live: bool,
     pub overlay: OverlayProp,
 }
@@ -86,6 +88,7 @@ impl Default for Settings {
             weight_floor: MODEL_DEFAULT_F,
             min_update_ratio: MODEL_DEFAULT_F,
             temporal_consistency: MODEL_DEFAULT_F,
+            kv_refresh: DEFAULT_KV_REFRESH,
             is_live: DEFAULT_IS_LIVE,
             overlay: DEFAULT_OVERLAY,
         }
@@ -134,6 +137,11 @@ impl Settings {
         c.weight_floor = float_or(self.weight_floor, m.weight_floor);
         c.min_update_ratio = float_or(self.min_update_ratio, m.min_update_ratio);
         c.temporal_consistency = float_or(self.temporal_consistency, m.temporal_consistency);
+        c.kv_refresh = match self.kv_refresh {
+            KvRefreshProp::Auto => m.kv_refresh,
+            KvRefreshProp::On => true,
+            KvRefreshProp::Off => false,
+        };
         s.validate()?;
         Ok(s)
     }
@@ -170,6 +178,7 @@ impl Settings {
             "weight-floor" => self.weight_floor != d.weight_floor,
             "min-update-ratio" => self.min_update_ratio != d.min_update_ratio,
             "temporal-consistency" => self.temporal_consistency != d.temporal_consistency,
+            "kv-refresh" => self.kv_refresh != d.kv_refresh,
             _ => false,
         }
     }
@@ -197,6 +206,7 @@ impl Settings {
                 "weight-floor" => s.weight_floor = d.weight_floor,
                 "min-update-ratio" => s.min_update_ratio = d.min_update_ratio,
                 "temporal-consistency" => s.temporal_consistency = d.temporal_consistency,
+                "kv-refresh" => s.kv_refresh = d.kv_refresh,
                 _ => {}
             }
         }
@@ -267,6 +277,20 @@ mod tests {
         .generator_settings(&model)
         .unwrap();
         assert_eq!((r.cache.warmup_steps, r.cache.uniform_updates), (5, 6));
+        // kv-refresh: auto = the mode's (motioncache on, the reference off), else forced.
+        assert!(s.cache.kv_refresh && !r.cache.kv_refresh);
+        let off = Settings {
+            kv_refresh: KvRefreshProp::Off,
+            ..Default::default()
+        };
+        assert!(!off.generator_settings(&model).unwrap().cache.kv_refresh);
+        assert!(off.is_set("kv-refresh") && !off.without(&["kv-refresh"]).is_set("kv-refresh"));
+        let on = Settings {
+            kv_refresh: KvRefreshProp::On,
+            cache_mode: CacheModeProp::MotionCacheReference,
+            ..Default::default()
+        };
+        assert!(on.generator_settings(&model).unwrap().cache.kv_refresh);
 
         let user = Settings {
             steps: 3,
