@@ -236,12 +236,15 @@ impl CacheSettings {
     /// `[weight_floor, 1]` (max-rescaled, as the reference does with its floor 0.6); a
     /// block-step that would recompute fewer than [`LONG_MIN_UPDATE_RATIO`] of its tokens
     /// is skipped there.
-    /// The tokens a partial forward reuses refresh their keys/values (`kv_refresh`): stale
-    /// keys/values of reused neighbours were the largest error of token-level reuse on the
-    /// embedded model (paper schedule, two prompts: exact keys/values for every token
-    /// would give 35.9 dB at threshold 0.02 against 21.8 dB; refreshed from forecast
-    /// hidden states 28.8 dB, and 37.3 against 30.2 dB at 0.01, for 0.02 more of
-    /// vanilla's FLOPs; the element's 10 steps 18.3 against 15.2 dB at 0.05).
+    /// From [`LONG_SCHEDULE_STEPS`] steps on, the tokens a partial forward reuses refresh
+    /// their keys/values (`kv_refresh`): stale keys/values of reused neighbours were the
+    /// largest error of token-level reuse on the embedded model (paper schedule, two
+    /// prompts: exact keys/values for every token would give 35.9 dB at threshold 0.02
+    /// against 21.8 dB; refreshed from forecast hidden states 28.8 dB, and 37.3 against
+    /// 30.2 dB at 0.01, for 0.02 more of vanilla's FLOPs). At the element's 10 steps it
+    /// gained less (18.3 against 15.2 dB at 0.05, 21.8 against 18.4 dB on four prompts)
+    /// than its time cost there (transformer time per FLOP up to 1.30 of vanilla's,
+    /// against 1.16 without; the frontier about the same): off below.
     /// The chunk-level modes and the reference keep the reference's five full steps.
     pub fn for_schedule(mode: CacheMode, steps: usize) -> Self {
         let steps = steps.max(1);
@@ -291,7 +294,7 @@ impl CacheSettings {
                     Reuse::Residual
                 },
                 commit_finished: true,
-                kv_refresh: true,
+                kv_refresh: long,
                 ..reference
             },
             // Chunk-level baselines and the exact modes: finished blocks recomputed once at

@@ -277,8 +277,20 @@ mod tests {
         .generator_settings(&model)
         .unwrap();
         assert_eq!((r.cache.warmup_steps, r.cache.uniform_updates), (5, 6));
-        // kv-refresh: auto = the mode's (motioncache on, the reference off), else forced.
-        assert!(s.cache.kv_refresh && !r.cache.kv_refresh);
+        // kv-refresh: auto = the mode's (motioncache on from 20 steps, the reference
+        // off), else forced.
+        assert!(!s.cache.kv_refresh && !r.cache.kv_refresh);
+        let long = GeneratorSettings {
+            steps: 50,
+            ..Default::default()
+        };
+        assert!(
+            Settings::default()
+                .generator_settings(&long)
+                .unwrap()
+                .cache
+                .kv_refresh
+        );
         let off = Settings {
             kv_refresh: KvRefreshProp::Off,
             ..Default::default()
