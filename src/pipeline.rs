@@ -180,18 +180,21 @@ impl SizeRange {
 }
 
 /// Memory a stream needs beyond the weights, in bytes, estimated from its sizes: the
-/// preallocated K/V cache (exact), the activations of a pass over the whole window and the
-/// VAE decoder's feature maps (upper bounds of what is live at once).
+/// preallocated K/V cache (exact), the activations of a pass over the whole window, the
+/// hidden states the cache keeps for its key/value refresh (`kv_refresh`; an upper bound:
+/// every token of the window in progress) and the VAE decoder's feature maps (upper bounds
+/// of what is live at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
     pub kv_cache: u64,
     pub activations: u64,
+    pub kv_refresh: u64,
     pub vae: u64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.kv_cache + self.activations + self.vae
+        self.kv_cache + self.activations + self.kv_refresh + self.vae
     }
 }
 
@@ -812,6 +815,15 @@ impl Pipeline {
         // A pass over the whole window: its hidden states, the feed-forward's inner
         // activations, the cache's per-token residuals and attention tiles, in f32.
         let activations = 2 * window_tokens * (tc.ffn_dim as u64 + 12 * dim) * 4;
+        // The key/value refresh's hidden states: every layer after the first, at a token's
+        // last two computations, per guidance branch.
+        let kv_refresh = if settings.cache.kv_refresh
+            && settings.cache.mode == crate::cache::CacheMode::MotionCache
+        {
+            2 * 2 * tc.num_layers.saturating_sub(1) as u64 * window_tokens * dim * el
+        } else {
+            0
+        };
         // The VAE decodes one latent frame at a time: a few live feature maps of up to
         // `temporal_compression` frames at each resolution level.
         let v = wm.vae.config();
@@ -828,6 +840,7 @@ impl Pipeline {
         Ok(MemoryEstimate {
             kv_cache,
             activations,
+            kv_refresh,
             vae,
         })
     }
@@ -850,14 +863,16 @@ impl Pipeline {
                 format!("{}x{}", size.0, size.1),
                 format!(
                     "generating {}x{} frames with a window of {} latent frames needs about \
-                     {:.1} GiB (K/V cache {:.1}, activations {:.1}, VAE decode {:.1}) but \
-                     {:.1} GiB are available; choose a smaller size or window",
+                     {:.1} GiB (K/V cache {:.1}, activations {:.1}, key/value refresh {:.1}, \
+                     VAE decode {:.1}) but {:.1} GiB are available; choose a smaller size or \
+                     window (or kv-refresh=off)",
                     size.0,
                     size.1,
                     settings.window,
                     gib(e.total()),
                     gib(e.kv_cache),
                     gib(e.activations),
+                    gib(e.kv_refresh),
                     gib(e.vae),
                     gib(avail)
                 ),
@@ -986,6 +1001,7 @@ fn magi_memory(
     MemoryEstimate {
         kv_cache,
         activations,
+        kv_refresh: 0,
         vae,
     }
 }

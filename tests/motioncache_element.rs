@@ -100,3 +100,32 @@ fn token_level_at_every_step_count() {
         assert!(i > 1, "{steps} steps: only {i} block(s)");
     }
 }
+
+/// The memory estimate counts the key/value refresh's hidden states where the settings
+/// keep them: every layer after the first, twice, per guidance branch and window token.
+#[test]
+fn memory_estimate_counts_the_kv_refresh_states() {
+    use motioncache::cache::CacheSettings;
+    let p = Pipeline::load_embedded(&Device::Cpu, DType::F32).unwrap();
+    let mut s = p.info().defaults.clone();
+    s.steps = 50;
+    s.cache = p
+        .info()
+        .defaults
+        .cache
+        .defaults_for(CacheMode::MotionCache, 50);
+    assert!(s.cache.kv_refresh);
+    let size = (p.info().width, p.info().height);
+    let on = p.memory_estimate(&s, size).unwrap();
+    s.cache.kv_refresh = false;
+    let off = p.memory_estimate(&s, size).unwrap();
+    assert_eq!(off.kv_refresh, 0);
+    // The tiny model: 4 layers of 128 values, f32; 64x64 frames -> 16x16 latents (VAE
+    // stride 4) -> 8x8 tokens per latent frame.
+    let tokens = (s.window * (size.0 / 8) * (size.1 / 8)) as u64;
+    assert_eq!(on.kv_refresh, 2 * 2 * 3 * tokens * 128 * 4);
+    assert_eq!(on.total() - off.total(), on.kv_refresh);
+    let reference = CacheSettings::for_schedule(CacheMode::MotionCacheReference, 50);
+    s.cache = reference;
+    assert_eq!(p.memory_estimate(&s, size).unwrap().kv_refresh, 0);
+}

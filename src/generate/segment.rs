@@ -5,7 +5,9 @@
 //!    (`Compute`: all tokens or a subset; reused blocks need no work), or, in `vanilla`, the
 //!    whole window as diffusers does (`Window`);
 //! 2. [`Segment::forward`]: all of it as one batched transformer forward, both branches
-//!    and every block together, against the window's preallocated key/value cache;
+//!    and every block together, against the window's preallocated key/value cache; with
+//!    `kv_refresh`, the tokens a partial forward reuses rewrite their keys/values from
+//!    their forecast hidden states in the same pass;
 //! 3. [`Segment::outputs`]: every updated block's output tokens (computed tokens fresh,
 //!    reused ones `input + residual`), residual caches updated;
 //! 4. [`Segment::predict`]: the output head for all of them at once;
