@@ -283,11 +283,12 @@ impl BatchBuilder {
                 item.deltas.shape()
             );
         }
-        if item.modulation.proj.dim(0)? != item.tokens.frame_counts.len() {
+        check_modulation(item.modulation, item.tokens)?;
+        if item.branch >= cache.branches {
             candle_core::bail!(
-                "modulation for {} frames, token set of {} frames",
-                item.modulation.proj.dim(0)?,
-                item.tokens.frame_counts.len()
+                "key/value refresh of branch {} in a cache of {} branches",
+                item.branch,
+                cache.branches
             );
         }
         let base = cache.slot(item.branch, item.first) as u32;
@@ -322,13 +323,7 @@ impl BatchBuilder {
                 item.x.shape()
             );
         }
-        if item.modulation.proj.dim(0)? != item.tokens.frame_counts.len() {
-            candle_core::bail!(
-                "modulation for {} frames, token set of {} frames",
-                item.modulation.proj.dim(0)?,
-                item.tokens.frame_counts.len()
-            );
-        }
+        check_modulation(item.modulation, item.tokens)?;
         if item.branch >= cache.branches || item.keys.end > cache.capacity || item.keys.is_empty() {
             candle_core::bail!(
                 "batch item of branch {} attending to positions {:?} does not fit a cache of {} branches x {} rows",
@@ -434,6 +429,18 @@ impl BatchBuilder {
             record_hidden: self.record_hidden,
         })
     }
+}
+
+/// A token set's modulation must have one row per frame of the set.
+fn check_modulation(m: &FrameModulation, tokens: &TokenSet) -> candle_core::Result<()> {
+    if m.proj.dim(0)? != tokens.frame_counts.len() {
+        candle_core::bail!(
+            "modulation for {} frames, token set of {} frames",
+            m.proj.dim(0)?,
+            tokens.frame_counts.len()
+        );
+    }
+    Ok(())
 }
 
 /// Timestep conditioning of the frames of one attention block.
