@@ -727,15 +727,19 @@ impl Segment {
                         }
                         Plan::Full => {
                             let y = rows(r)?;
-                            br.hidden[b] = match (br.hidden[b].take(), hidden) {
+                            // A copy of the block's rows: a view would keep the whole
+                            // batch's hidden states alive as long as the store.
+                            let own = match hidden {
+                                Some(h) => Some(h.narrow(0, r.start, r.len())?.copy()?),
+                                None => None,
+                            };
+                            br.hidden[b] = match (br.hidden[b].take(), own) {
                                 (_, None) => None,
                                 (Some(mut old), Some(h)) => {
-                                    old.update_all(h.narrow(0, r.start, r.len())?, sigma);
+                                    old.update_all(h, sigma);
                                     Some(old)
                                 }
-                                (None, Some(h)) => {
-                                    Some(ResidualStore::new(h.narrow(0, r.start, r.len())?, sigma)?)
-                                }
+                                (None, Some(h)) => Some(ResidualStore::new(h, sigma)?),
                             };
                             let res = (&y - &x_in)?;
                             match br.residual[b].as_mut() {

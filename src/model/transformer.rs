@@ -765,9 +765,6 @@ impl Layer {
         })
     }
 
-    /// One transformer block over the tokens of a batch; their keys/values are written
-    /// into the cache layer `kv` at `slots` (`[1, heads, n, head_dim]` u32) first, then every
-    /// attention group reads its range of it.
     /// `[runs, 6, dim]`: the layer's table plus the per-frame timestep projection.
     fn table(&self, proj: &Tensor) -> candle_core::Result<Tensor> {
         proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)
@@ -796,6 +793,9 @@ impl Layer {
         )
     }
 
+    /// One transformer block over the tokens of a batch; their keys/values are written
+    /// into the cache layer `kv` at `slots` (`[1, heads, n, head_dim]` u32) first, then every
+    /// attention group reads its range of it.
     /// `refresh`: the refreshed tokens' estimated hidden states at this layer and the
     /// batch's tokens joined with them (see [`KvRefresh`]); their keys and values go
     /// through the same projections as the batch's own.
