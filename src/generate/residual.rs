@@ -15,30 +15,60 @@ const MAX_FORECAST: f32 = 1.0;
 
 /// Residuals of every token of one attention block in one guidance branch.
 pub(crate) struct ResidualStore {
-    /// `[tokens, dim]`: each token's residual at its last computation.
-    last: Tensor,
-    /// `[tokens, dim]`: at the computation before (where `sigma_prev` is finite).
-    prev: Option<Tensor>,
+    data: Data,
     sigma_last: Vec<f32>,
     sigma_prev: Vec<f32>,
 }
 
+/// Each token's residual at its last computation and at the one before (`prev`, where
+/// `sigma_prev` is finite), `[tokens, dim]`.
+enum Data {
+    /// On the CPU in f32, plain rows: a partial update copies the computed rows in place
+    /// and a prediction is written in one pass, where tensor ops would copy every row of
+    /// both residuals several times per block-step.
+    Host {
+        last: Vec<f32>,
+        prev: Option<Vec<f32>>,
+        dim: usize,
+        device: Device,
+    },
+    /// Elsewhere, tensors on the device.
+    Device { last: Tensor, prev: Option<Tensor> },
+}
+
 impl ResidualStore {
     pub fn new(residual: Tensor, sigma: f64) -> candle_core::Result<Self> {
-        let n = residual.dim(0)?;
+        let (n, dim) = residual.dims2()?;
+        let data = if is_host(&residual) {
+            Data::Host {
+                last: residual.flatten_all()?.to_vec1::<f32>()?,
+                prev: None,
+                dim,
+                device: residual.device().clone(),
+            }
+        } else {
+            Data::Device {
+                last: residual,
+                prev: None,
+            }
+        };
         Ok(Self {
-            last: residual,
-            prev: None,
+            data,
             sigma_last: vec![sigma as f32; n],
             sigma_prev: vec![f32::NAN; n],
         })
     }
 
-    /// The residual every token would reuse at `sigma`.
-    pub fn predict(&self, sigma: f64, reuse: Reuse) -> candle_core::Result<Tensor> {
-        let Some(prev) = self.prev.as_ref().filter(|_| reuse == Reuse::Forecast) else {
-            return Ok(self.last.clone());
+    /// Per token, how far ahead of its last computation `sigma` lies, in units of its last
+    /// computed interval (0: reuse the last residual); `None` when no token extrapolates.
+    fn ratios(&self, sigma: f64, reuse: Reuse) -> Option<Vec<f32>> {
+        let has_prev = match &self.data {
+            Data::Host { prev, .. } => prev.is_some(),
+            Data::Device { prev, .. } => prev.is_some(),
         };
+        if reuse != Reuse::Forecast || !has_prev {
+            return None;
+        }
         let ratio: Vec<f32> = self
             .sigma_last
             .iter()
@@ -52,12 +82,157 @@ impl ResidualStore {
                 }
             })
             .collect();
-        if ratio.iter().all(|&r| r == 0.0) {
-            return Ok(self.last.clone());
+        ratio.iter().any(|&r| r != 0.0).then_some(ratio)
+    }
+
+    /// The residual every token would reuse at `sigma`.
+    pub fn predict(&self, sigma: f64, reuse: Reuse) -> candle_core::Result<Tensor> {
+        self.predict_with(sigma, reuse, None)
+    }
+
+    /// The residual every token would reuse at `sigma`, with the rows `idx` (sorted,
+    /// distinct; as a `[m]` u32 tensor and its values) replaced by `fresh` `[m, dim]`.
+    pub fn predict_replacing(
+        &self,
+        sigma: f64,
+        reuse: Reuse,
+        idx: &Tensor,
+        idx_vec: &[u32],
+        fresh: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.predict_with(sigma, reuse, Some((idx, idx_vec, fresh)))
+    }
+
+    fn predict_with(
+        &self,
+        sigma: f64,
+        reuse: Reuse,
+        fresh: Option<(&Tensor, &[u32], &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let ratio = self.ratios(sigma, reuse);
+        let n = self.sigma_last.len();
+        match &self.data {
+            Data::Host {
+                last,
+                prev,
+                dim,
+                device,
+            } => {
+                let d = *dim;
+                let mut out = vec![0f32; n * d];
+                let mut done = vec![false; n];
+                if let Some((_, idx, rows)) = fresh {
+                    check_rows(n, d, idx, rows)?;
+                    let r = rows.flatten_all()?.to_vec1::<f32>()?;
+                    for (k, &i) in idx.iter().enumerate() {
+                        let i = i as usize;
+                        out[i * d..(i + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
+                        done[i] = true;
+                    }
+                }
+                for i in (0..n).filter(|&i| !done[i]) {
+                    let dst = &mut out[i * d..(i + 1) * d];
+                    let l = &last[i * d..(i + 1) * d];
+                    match (&ratio, prev) {
+                        (Some(ratio), Some(p)) if ratio[i] != 0.0 => {
+                            let r = ratio[i];
+                            let p = &p[i * d..(i + 1) * d];
+                            for ((o, &l), &p) in dst.iter_mut().zip(l).zip(p) {
+                                *o = l + (l - p) * r;
+                            }
+                        }
+                        _ => dst.copy_from_slice(l),
+                    }
+                }
+                Tensor::from_vec(out, (n, d), device)
+            }
+            Data::Device { last, prev } => {
+                let pred = match (ratio, prev) {
+                    (Some(ratio), Some(prev)) => {
+                        let r = Tensor::from_vec(ratio, (n, 1), last.device())?
+                            .to_dtype(last.dtype())?;
+                        (last + (last - prev)?.broadcast_mul(&r)?)?
+                    }
+                    _ => last.clone(),
+                };
+                match fresh {
+                    Some((idx, idx_vec, rows)) => replace_rows(&pred, idx, idx_vec, rows),
+                    None => Ok(pred),
+                }
+            }
         }
-        let n = ratio.len();
-        let r = Tensor::from_vec(ratio, (n, 1), self.last.device())?.to_dtype(self.last.dtype())?;
-        &self.last + (&self.last - prev)?.broadcast_mul(&r)?
+    }
+
+    /// The residuals the tokens `idx` (as a `[m]` u32 tensor and its values) would reuse at
+    /// `sigma`, `[m, dim]`.
+    pub fn predict_rows(
+        &self,
+        sigma: f64,
+        reuse: Reuse,
+        idx: &Tensor,
+        idx_vec: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let ratio = self.ratios(sigma, reuse);
+        let n = self.sigma_last.len();
+        match &self.data {
+            Data::Host {
+                last,
+                prev,
+                dim,
+                device,
+            } => {
+                let d = *dim;
+                let mut out = Vec::with_capacity(idx_vec.len() * d);
+                for &i in idx_vec {
+                    let i = i as usize;
+                    if i >= n {
+                        candle_core::bail!("token {i} of a residual store of {n}");
+                    }
+                    let l = &last[i * d..(i + 1) * d];
+                    match (&ratio, prev) {
+                        (Some(ratio), Some(p)) if ratio[i] != 0.0 => {
+                            let r = ratio[i];
+                            let p = &p[i * d..(i + 1) * d];
+                            out.extend(l.iter().zip(p).map(|(&l, &p)| l + (l - p) * r));
+                        }
+                        _ => out.extend_from_slice(l),
+                    }
+                }
+                Tensor::from_vec(out, (idx_vec.len(), d), device)
+            }
+            Data::Device { .. } => self.predict(sigma, reuse)?.index_select(idx, 0),
+        }
+    }
+
+    /// The last computed residuals of the tokens `idx` (or all), `[m, dim]`.
+    fn last_rows(&self, idx: Option<(&Tensor, &[u32])>) -> candle_core::Result<Tensor> {
+        match (&self.data, idx) {
+            (Data::Device { last, .. }, Some((t, _))) => last.index_select(t, 0),
+            (Data::Device { last, .. }, None) => Ok(last.clone()),
+            (
+                Data::Host {
+                    last, dim, device, ..
+                },
+                idx,
+            ) => {
+                let d = *dim;
+                let n = self.sigma_last.len();
+                match idx {
+                    None => Tensor::from_slice(last, (n, d), device),
+                    Some((_, v)) => {
+                        let mut out = Vec::with_capacity(v.len() * d);
+                        for &i in v {
+                            let i = i as usize;
+                            if i >= n {
+                                candle_core::bail!("token {i} of a residual store of {n}");
+                            }
+                            out.extend_from_slice(&last[i * d..(i + 1) * d]);
+                        }
+                        Tensor::from_vec(out, (v.len(), d), device)
+                    }
+                }
+            }
+        }
     }
 
     /// How fast the freshly computed tokens' residuals changed since their previous
@@ -69,12 +244,10 @@ impl ResidualStore {
         fresh: &Tensor,
         sigma: f64,
     ) -> candle_core::Result<Vec<f32>> {
-        let (old, ids): (Tensor, Vec<usize>) = match idx {
-            Some((t, v)) => (
-                self.last.index_select(t, 0)?,
-                v.iter().map(|&i| i as usize).collect(),
-            ),
-            None => (self.last.clone(), (0..self.sigma_last.len()).collect()),
+        let old = self.last_rows(idx)?;
+        let ids: Vec<usize> = match idx {
+            Some((_, v)) => v.iter().map(|&i| i as usize).collect(),
+            None => (0..self.sigma_last.len()).collect(),
         };
         let num = (fresh - &old)?
             .abs()?
@@ -101,11 +274,26 @@ impl ResidualStore {
     }
 
     /// Every token was computed at `sigma`.
-    pub fn update_all(&mut self, residual: Tensor, sigma: f64) {
-        let old = std::mem::replace(&mut self.last, residual);
-        self.prev = Some(old);
+    pub fn update_all(&mut self, residual: Tensor, sigma: f64) -> candle_core::Result<()> {
+        match &mut self.data {
+            Data::Host { last, prev, .. } => {
+                let new = residual.flatten_all()?.to_vec1::<f32>()?;
+                if new.len() != last.len() {
+                    candle_core::bail!(
+                        "residual {:?} for a store of {} values",
+                        residual.shape(),
+                        last.len()
+                    );
+                }
+                *prev = Some(std::mem::replace(last, new));
+            }
+            Data::Device { last, prev } => {
+                *prev = Some(std::mem::replace(last, residual));
+            }
+        }
         self.sigma_prev = std::mem::take(&mut self.sigma_last);
         self.sigma_last = vec![sigma as f32; self.sigma_prev.len()];
+        Ok(())
     }
 
     /// The tokens `idx` (`[m]` u32 tensor and its values) were computed at `sigma`, with
@@ -117,13 +305,31 @@ impl ResidualStore {
         fresh: &Tensor,
         sigma: f64,
     ) -> candle_core::Result<()> {
-        let old = self.last.index_select(idx, 0)?;
-        let prev = match &self.prev {
-            Some(p) => replace_rows(p, idx, idx_vec, &old)?,
-            None => self.last.clone(),
-        };
-        self.last = replace_rows(&self.last, idx, idx_vec, fresh)?;
-        self.prev = Some(prev);
+        let n = self.sigma_last.len();
+        match &mut self.data {
+            Data::Host {
+                last, prev, dim, ..
+            } => {
+                let d = *dim;
+                check_rows(n, d, idx_vec, fresh)?;
+                let r = fresh.flatten_all()?.to_vec1::<f32>()?;
+                let prev = prev.get_or_insert_with(|| last.clone());
+                for (k, &i) in idx_vec.iter().enumerate() {
+                    let row = i as usize * d..(i as usize + 1) * d;
+                    prev[row.clone()].copy_from_slice(&last[row.clone()]);
+                    last[row].copy_from_slice(&r[k * d..(k + 1) * d]);
+                }
+            }
+            Data::Device { last, prev } => {
+                let old = last.index_select(idx, 0)?;
+                let p = match prev {
+                    Some(p) => replace_rows(p, idx, idx_vec, &old)?,
+                    None => last.clone(),
+                };
+                *last = replace_rows(last, idx, idx_vec, fresh)?;
+                *prev = Some(p);
+            }
+        }
         for &i in idx_vec {
             let i = i as usize;
             self.sigma_prev[i] = self.sigma_last[i];
@@ -133,8 +339,32 @@ impl ResidualStore {
     }
 
     pub fn device(&self) -> &Device {
-        self.last.device()
+        match &self.data {
+            Data::Host { device, .. } => device,
+            Data::Device { last, .. } => last.device(),
+        }
     }
+}
+
+/// Whether a residual is kept on the host (see [`Data::Host`]).
+fn is_host(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// `rows` is `[m, d]` for `m` distinct sorted token indices below `n`.
+fn check_rows(n: usize, d: usize, idx: &[u32], rows: &Tensor) -> candle_core::Result<()> {
+    if rows.dims() != [idx.len(), d]
+        || idx.iter().any(|&i| i as usize >= n)
+        || idx.windows(2).any(|w| w[0] >= w[1])
+        || rows.dtype() != candle_core::DType::F32
+    {
+        candle_core::bail!(
+            "replacing rows {idx:?} of a [{n}, {d}] residual with {:?} {:?}",
+            rows.shape(),
+            rows.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// `base` (`[n, d]`) with its rows `idx` (sorted, distinct; as a `[m]` u32 tensor and its
@@ -195,6 +425,86 @@ mod tests {
         assert!(replace_rows(&base, &idx, &[1, 9], &rows).is_err());
     }
 
+    /// The host rows (CPU f32) and the tensor path (here CPU f64) give the same
+    /// predictions through full and partial updates.
+    #[test]
+    fn host_rows_match_the_tensor_path() {
+        let dev = Device::Cpu;
+        let (n, d) = (7, 5);
+        let res = |k: f32| {
+            let v: Vec<f32> = (0..n * d)
+                .map(|i| ((i as f32 * 0.37 + k).sin() * 3.0).round() / 4.0)
+                .collect();
+            Tensor::from_vec(v, (n, d), &dev).unwrap()
+        };
+        let f64t = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let mut host = ResidualStore::new(res(0.0), 0.9).unwrap();
+        let mut device = ResidualStore::new(f64t(&res(0.0)), 0.9).unwrap();
+        assert!(matches!(host.data, Data::Host { .. }));
+        assert!(matches!(device.data, Data::Device { .. }));
+        let same = |a: Tensor, b: Tensor| {
+            let a = a.to_dtype(candle_core::DType::F64).unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+        };
+        let idx_vec = [1u32, 4, 6];
+        let idx = Tensor::new(&idx_vec, &dev).unwrap();
+        let fresh = res(1.0).index_select(&idx, 0).unwrap();
+        host.update_tokens(&idx, &idx_vec, &fresh, 0.8).unwrap();
+        device
+            .update_tokens(&idx, &idx_vec, &f64t(&fresh), 0.8)
+            .unwrap();
+        host.update_all(res(2.0), 0.7).unwrap();
+        device.update_all(f64t(&res(2.0)), 0.7).unwrap();
+        let idx2_vec = [0u32, 4];
+        let idx2 = Tensor::new(&idx2_vec, &dev).unwrap();
+        let fresh2 = res(3.0).index_select(&idx2, 0).unwrap();
+        host.update_tokens(&idx2, &idx2_vec, &fresh2, 0.6).unwrap();
+        device
+            .update_tokens(&idx2, &idx2_vec, &f64t(&fresh2), 0.6)
+            .unwrap();
+        for reuse in [Reuse::Residual, Reuse::Forecast] {
+            same(
+                host.predict(0.55, reuse).unwrap(),
+                device.predict(0.55, reuse).unwrap(),
+            );
+            same(
+                host.predict_rows(0.55, reuse, &idx, &idx_vec).unwrap(),
+                device.predict_rows(0.55, reuse, &idx, &idx_vec).unwrap(),
+            );
+            let rows = res(4.0).index_select(&idx, 0).unwrap();
+            same(
+                host.predict_replacing(0.55, reuse, &idx, &idx_vec, &rows)
+                    .unwrap(),
+                device
+                    .predict_replacing(0.55, reuse, &idx, &idx_vec, &f64t(&rows))
+                    .unwrap(),
+            );
+        }
+        same(
+            Tensor::new(
+                host.rates(Some((&idx, &idx_vec)), &fresh, 0.5).unwrap(),
+                &dev,
+            )
+            .unwrap(),
+            Tensor::new(
+                device
+                    .rates(Some((&idx, &idx_vec)), &f64t(&fresh), 0.5)
+                    .unwrap(),
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap(),
+        );
+        // Bad rows are an error, not a panic.
+        assert!(host.update_tokens(&idx, &[1, 9, 2], &fresh, 0.5).is_err());
+        assert!(
+            host.update_all(res(0.0).narrow(0, 0, 2).unwrap(), 0.5)
+                .is_err()
+        );
+    }
+
     #[test]
     fn forecast_extrapolates_linearly_and_residual_reuse_does_not() {
         let dev = Device::Cpu;
@@ -234,7 +544,8 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         assert_eq!(p, vec![vec![2., 4.], vec![3., 4.]]);
-        s.update_all(Tensor::new(&[[0f32, 0.], [0., 0.]], &dev).unwrap(), 0.7);
+        s.update_all(Tensor::new(&[[0f32, 0.], [0., 0.]], &dev).unwrap(), 0.7)
+            .unwrap();
         let p = s
             .predict(0.6, Reuse::Forecast)
             .unwrap()

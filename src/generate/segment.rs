@@ -30,7 +30,7 @@ use crate::model::transformer::{
 };
 use crate::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
-use super::residual::{ResidualStore, replace_rows};
+use super::residual::ResidualStore;
 use super::{BlockStats, GeneratorSettings, NoiseRng, check};
 
 /// What a row needs from the generator.
@@ -521,7 +521,7 @@ impl Segment {
             })
             .collect::<candle_core::Result<_>>()?;
         // With `kv_refresh`, the tokens a partial forward reuses refresh their keys/values.
-        let refresh: Vec<Option<TokenSet>> = work
+        let refresh: Vec<Option<(Vec<u32>, TokenSet)>> = work
             .iter()
             .map(|w| match w {
                 Work::Compute {
@@ -533,7 +533,8 @@ impl Segment {
                     if rest.is_empty() {
                         Ok(None)
                     } else {
-                        env.model.subset(&self.tokens[*block], &rest).map(Some)
+                        let set = env.model.subset(&self.tokens[*block], &rest)?;
+                        Ok(Some((rest, set)))
                     }
                 }
                 _ => Ok(None),
@@ -545,7 +546,7 @@ impl Segment {
         }
         for (w, set) in work.iter().zip(&refresh) {
             let (
-                Some(set),
+                Some((rest, set)),
                 Work::Compute {
                     branch, block: b, ..
                 },
@@ -566,9 +567,7 @@ impl Segment {
             bb.push_refresh(
                 RefreshItem {
                     x: x.index_select(ix, 0)?,
-                    deltas: hidden
-                        .predict(sigma, row.cache.reuse)?
-                        .index_select(ix, 0)?,
+                    deltas: hidden.predict_rows(sigma, row.cache.reuse, ix, rest)?,
                     modulation: inputs.modulation[*b]
                         .as_ref()
                         .ok_or_else(|| missing_input(*b))?,
@@ -736,7 +735,7 @@ impl Segment {
                             br.hidden[b] = match (br.hidden[b].take(), own) {
                                 (_, None) => None,
                                 (Some(mut old), Some(h)) => {
-                                    old.update_all(h, sigma);
+                                    old.update_all(h, sigma)?;
                                     Some(old)
                                 }
                                 (None, Some(h)) => Some(ResidualStore::new(h, sigma)?),
@@ -752,7 +751,7 @@ impl Segment {
                                             .map(|(i, r)| (i as u32, r))
                                             .collect();
                                     }
-                                    s.update_all(res, sigma)
+                                    s.update_all(res, sigma)?
                                 }
                                 None => br.residual[b] = Some(ResidualStore::new(res, sigma)?),
                             }
@@ -765,8 +764,9 @@ impl Segment {
                             let ix = Tensor::new(idx.as_slice(), store.device())?;
                             let fresh = (&y - x_in.index_select(&ix, 0)?)?;
                             let m = fresh.dim(0)?;
-                            let used = replace_rows(
-                                &store.predict(sigma, row.cache.reuse)?,
+                            let used = store.predict_replacing(
+                                sigma,
+                                row.cache.reuse,
                                 &ix,
                                 idx,
                                 &fresh,
