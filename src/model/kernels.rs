@@ -857,6 +857,152 @@ impl CustomOp3 for FrameOp {
     }
 }
 
+/// Whether [`cache_store`] can write tokens of `dtype` into `cache` (CPU, f32, contiguous).
+pub(crate) fn cache_store_fits(cache: &Tensor, dtype: DType) -> bool {
+    cpu_kernels(cache.device())
+        && cache.dtype() == DType::F32
+        && dtype == DType::F32
+        && cache.is_contiguous()
+}
+
+/// Writes tokens' keys or values into a layer's cache in place: row `i` of `x`
+/// (`[n, heads * head_dim]`, straight from the projection) goes, head by head, to
+/// `cache[0, h, slots[i]]` (`cache` `[1, heads, rows, head_dim]`), rotated by row `i` of
+/// `rope` (`[n, head_dim]`: the `head_dim / 2` cosines, then the sines; interleaved pairs
+/// as `candle_nn::rotary_emb::rope_i`) when given. One pass instead of the head split,
+/// the rotation and a scatter that computes an index per element. Only where
+/// [`cache_store_fits`].
+pub(crate) fn cache_store(
+    cache: &Tensor,
+    x: &Tensor,
+    slots: &[u32],
+    rope: Option<&Tensor>,
+) -> candle_core::Result<()> {
+    if !cache_store_fits(cache, x.dtype()) || rope.is_some_and(|r| r.dtype() != DType::F32) {
+        candle_core::bail!(
+            "the one-pass cache store takes contiguous f32 CPU tensors, not {:?} {:?} into {:?} {:?}",
+            x.dtype(),
+            x.device().location(),
+            cache.dtype(),
+            cache.device().location()
+        );
+    }
+    let (one, heads, rows, hd) = cache.dims4()?;
+    let (n, d) = x.dims2()?;
+    if one != 1 || d != heads * hd || slots.len() != n || hd % 2 != 0 {
+        candle_core::bail!(
+            "storing {:?} at {} slots into a cache of {:?}",
+            x.shape(),
+            slots.len(),
+            cache.shape()
+        );
+    }
+    if let Some(&s) = slots.iter().find(|&&s| s as usize >= rows) {
+        candle_core::bail!("cache slot {s} outside the {rows} rows of the cache");
+    }
+    let op = CacheStore {
+        slots: slots.to_vec(),
+        heads,
+        head_dim: hd,
+    };
+    let x = x.contiguous()?;
+    match rope {
+        Some(r) => {
+            if r.dims() != [n, hd] {
+                candle_core::bail!("rope table {:?} for {n} rows of {hd}", r.shape());
+            }
+            cache.inplace_op3(&x, &r.contiguous()?, &op)
+        }
+        None => cache.inplace_op2(&x, &op),
+    }
+}
+
+struct CacheStore {
+    slots: Vec<u32>,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl CacheStore {
+    fn run(&self, cache: &mut [f32], x: &[f32], rope: Option<&[f32]>) {
+        let (heads, hd) = (self.heads, self.head_dim);
+        let rows = cache.len() / (heads * hd);
+        let half = hd / 2;
+        for (i, &slot) in self.slots.iter().enumerate() {
+            let src = &x[i * heads * hd..(i + 1) * heads * hd];
+            for h in 0..heads {
+                let at = (h * rows + slot as usize) * hd;
+                let dst = &mut cache[at..at + hd];
+                let s = &src[h * hd..(h + 1) * hd];
+                match rope {
+                    None => dst.copy_from_slice(s),
+                    Some(r) => {
+                        let (cos, sin) = r[i * hd..(i + 1) * hd].split_at(half);
+                        for j in 0..half {
+                            let (a, b) = (s[2 * j], s[2 * j + 1]);
+                            dst[2 * j] = a * cos[j] - b * sin[j];
+                            dst[2 * j + 1] = a * sin[j] + b * cos[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn f32_data_mut(s: &mut CpuStorage) -> candle_core::Result<&mut [f32]> {
+    match s {
+        CpuStorage::F32(data) => Ok(data),
+        _ => candle_core::bail!("CPU kernel expects f32 data"),
+    }
+}
+
+fn cache_slice<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut f32_data_mut(s)?[a..b]),
+        None => candle_core::bail!("the key/value cache must be contiguous"),
+    }
+}
+
+impl candle_core::InplaceOp2 for CacheStore {
+    fn name(&self) -> &'static str {
+        "motioncache-cache-store"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let x = contiguous_f32(s2, l2)?;
+        self.run(cache_slice(s1, l1)?, x, None);
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp3 for CacheStore {
+    fn name(&self) -> &'static str {
+        "motioncache-cache-store-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let x = contiguous_f32(s2, l2)?;
+        let r = contiguous_f32(s3, l3)?;
+        self.run(cache_slice(s1, l1)?, x, Some(r));
+        Ok(())
+    }
+}
+
 /// The tanh approximation of GELU (diffusers' `GELU(approximate="tanh")`, candle's
 /// `gelu`).
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -1140,6 +1286,50 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The one-pass cache store writes what head split, `rope_i` and a scatter write, at
+    /// arbitrary rows, and leaves the other rows alone; bad slots are refused by name.
+    #[test]
+    fn cache_store_matches_rope_and_scatter() {
+        let dev = Device::Cpu;
+        let (heads, hd, rows, n) = (3, 8, 11, 4);
+        let x = Tensor::randn(0f32, 1., (n, heads * hd), &dev).unwrap();
+        let cos = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
+        let sin = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
+        let slots = [7u32, 0, 10, 3];
+        let base = Tensor::randn(0f32, 1., (1, heads, rows, hd), &dev).unwrap();
+        let split = x
+            .reshape((1, n, heads, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let ix = Tensor::new(&slots, &dev)
+            .unwrap()
+            .reshape((1, 1, n, 1))
+            .unwrap()
+            .broadcast_as((1, heads, n, hd))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for rotate in [false, true] {
+            let want = base.copy().unwrap();
+            let src = if rotate {
+                candle_nn::rotary_emb::rope_i(&split, &cos, &sin).unwrap()
+            } else {
+                split.clone()
+            };
+            want.scatter_set(&ix, &src, 2).unwrap();
+            let got = base.copy().unwrap();
+            let rope = Tensor::cat(&[&cos, &sin], 1).unwrap();
+            cache_store(&got, &x, &slots, rotate.then_some(&rope)).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-6, "rotate {rotate}");
+        }
+        let got = base.copy().unwrap();
+        let err = cache_store(&got, &x, &[0, 1, 2, 11], None).unwrap_err();
+        assert!(err.to_string().contains("slot 11"), "{err}");
     }
 
     /// The fused linear gives candle's `Linear` (multiply, then broadcast add) for row

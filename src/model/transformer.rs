@@ -175,8 +175,21 @@ struct Joined {
     counts: Vec<usize>,
     cos: Tensor,
     sin: Tensor,
-    /// `[1, heads, n + m, head_dim]` u32 cache rows.
-    slots: Tensor,
+}
+
+/// Where a forward's layers write the keys/values of its tokens (the batch's, then the
+/// refreshed ones).
+enum KvTarget {
+    /// CPU, f32: their cache rows and rope tables (`[rows, head_dim]`, the cosines, then
+    /// the sines) for [`super::kernels::cache_store`].
+    Rows(Vec<u32>, Tensor),
+    /// Elsewhere: `[1, heads, rows, head_dim]` u32 cache rows for a scatter, and the rope
+    /// tables.
+    Scatter {
+        slots: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+    },
 }
 
 /// What [`Transformer::forward_batch_until`] returns.
@@ -794,8 +807,8 @@ impl Layer {
     }
 
     /// One transformer block over the tokens of a batch; their keys/values are written
-    /// into the cache layer `kv` at `slots` (`[1, heads, n, head_dim]` u32) first, then every
-    /// attention group reads its range of it.
+    /// into the cache layer `kv` at `target` first, then every attention group reads its
+    /// range of it.
     /// `refresh`: the refreshed tokens' estimated hidden states at this layer and the
     /// batch's tokens joined with them (see [`KvRefresh`]); their keys and values go
     /// through the same projections as the batch's own.
@@ -803,7 +816,7 @@ impl Layer {
         &self,
         x: &Tensor,
         b: &Batch,
-        slots: &Tensor,
+        target: &KvTarget,
         kv: &(Tensor, Tensor),
         ctx: &(Tensor, Tensor),
         refresh: Option<(&Tensor, &Joined)>,
@@ -843,19 +856,23 @@ impl Layer {
         }
         .to_dtype(dtype)?;
         let q = split_heads(&self.attn1.q(&h.narrow(0, 0, n)?)?, self.heads)?;
-        let k = split_heads(&self.attn1.k(&h)?, self.heads)?;
-        let v = split_heads(&super::kernels::linear(&self.attn1.to_v, &h)?, self.heads)?;
+        let k = self.attn1.k(&h)?;
+        let v = super::kernels::linear(&self.attn1.to_v, &h)?;
         let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        let (k, slots) = match &joined {
-            Some((_, _, j)) => {
-                let (cos, sin) = (j.cos.to_dtype(dtype)?, j.sin.to_dtype(dtype)?);
-                (candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?, &j.slots)
+        match target {
+            KvTarget::Rows(rows, rope) => {
+                super::kernels::cache_store(&kv.0, &k, rows, Some(rope))?;
+                super::kernels::cache_store(&kv.1, &v, rows, None)?;
             }
-            None => (candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?, slots),
-        };
-        kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
-        kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
+            KvTarget::Scatter { slots, cos, sin } => {
+                let (k, v) = (split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
+                let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+                let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+                kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
+                kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
+            }
+        }
         let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
         let a = super::kernels::linear(&self.attn1.to_out, &merge_heads(&a)?)?;
         let x = gated_add(x, &a, 2)?;
@@ -1206,11 +1223,6 @@ impl Transformer {
         }
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.attention_head_dim;
-        let slots = b
-            .slots
-            .reshape((1, 1, n, 1))?
-            .broadcast_as((1, heads, n, hd))?
-            .contiguous()?;
         let refresh = match &b.refresh {
             Some(r) => {
                 let (m, d) = r.x.dims2()?;
@@ -1220,7 +1232,6 @@ impl Transformer {
                 {
                     candle_core::bail!("inconsistent key/value refresh of {m} tokens");
                 }
-                let all = n + m;
                 // Layer-major, so that each layer reads its deltas contiguously.
                 let deltas = match self.layers.len() {
                     1 => None,
@@ -1236,14 +1247,28 @@ impl Transformer {
                     counts: [b.frame_counts.as_slice(), &r.frame_counts].concat(),
                     cos: Tensor::cat(&[&b.cos, &r.cos], 0)?,
                     sin: Tensor::cat(&[&b.sin, &r.sin], 0)?,
-                    slots: Tensor::cat(&[&b.slots, &r.slots], 0)?
-                        .reshape((1, 1, all, 1))?
-                        .broadcast_as((1, heads, all, hd))?
-                        .contiguous()?,
                 };
                 Some((r, deltas, joined))
             }
             None => None,
+        };
+        let (slots, cos, sin) = match &refresh {
+            Some((r, _, j)) => (Tensor::cat(&[&b.slots, &r.slots], 0)?, &j.cos, &j.sin),
+            None => (b.slots.clone(), &b.cos, &b.sin),
+        };
+        let target = if super::kernels::cache_store_fits(&cache.layers[0].0, b.x.dtype()) {
+            let rope = Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?;
+            KvTarget::Rows(slots.to_vec1::<u32>()?, rope)
+        } else {
+            let all = slots.dim(0)?;
+            KvTarget::Scatter {
+                slots: slots
+                    .reshape((1, 1, all, 1))?
+                    .broadcast_as((1, heads, all, hd))?
+                    .contiguous()?,
+                cos: cos.clone(),
+                sin: sin.clone(),
+            }
         };
         let run = || -> candle_core::Result<Option<Forward>> {
             let mut x = b.x.clone();
@@ -1261,7 +1286,7 @@ impl Transformer {
                     None => None,
                 };
                 let joined = est.as_ref().zip(refresh.as_ref().map(|(_, _, j)| j));
-                x = layer.forward(&x, b, &slots, &cache.layers[l], &ctx.layers[l], joined)?;
+                x = layer.forward(&x, b, &target, &cache.layers[l], &ctx.layers[l], joined)?;
             }
             let hidden = match hidden.len() {
                 0 => None,
