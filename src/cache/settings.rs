@@ -163,6 +163,9 @@ pub struct CacheSettings {
     /// see [`crate::model::transformer::KvRefresh`]) instead of keeping those of the step
     /// they were last computed at, as the reference does.
     pub kv_refresh: bool,
+    /// With `kv_refresh`, the refresh runs only while the motion threshold is at most this
+    /// (`f64::INFINITY`: at every threshold); see [`Self::kv_refresh_active`].
+    pub kv_refresh_max_threshold: f64,
     /// Rescale polynomial of the relative modulation distance, highest power first
     /// (TeaCache's fit for Wan 2.1 1.3B by default; `motioncache-bench calibrate` fits
     /// one per model).
@@ -211,6 +214,17 @@ pub const LONG_SCHEDULE_STEPS: usize = 20;
 /// 1.18-1.24 (many passes of a few tokens cost more per FLOP than large ones). At 10 steps
 /// it changed nothing measurable (0.0 kept, the element's adherence was measured so).
 pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
+
+/// `motioncache`'s key/value refresh runs (from [`LONG_SCHEDULE_STEPS`] steps on) while its
+/// threshold is at most this over the step count: 0.025 at 50 steps, 2.5 times the default
+/// threshold. Measured on the embedded model (paper schedule, two prompts, Intel Xeon VM,
+/// 2026-12-05): the refresh gains 3 to 7 dB at every threshold but costs about 20% more
+/// transformer time than its FLOPs (norms, rotations and cache writes of the reused tokens
+/// at every layer); above about 25 dB it is worth it (30 dB: 2.05x over vanilla with it,
+/// 1.97x without), below it the same time spent on a lower threshold without it gives more
+/// (20 dB: 2.94x without, 2.56x with; 22.5 dB: 2.53x against 2.28x). The crossover lies
+/// between thresholds 0.02 and 0.03 there.
+pub const KV_REFRESH_THRESHOLD_STEPS: f64 = 1.25;
 
 /// The reference's warm-up: `warmup_steps = 4` runs steps 0..=4 in full, five full steps
 /// (fewer when the schedule is shorter).
@@ -266,6 +280,7 @@ impl CacheSettings {
             reuse: Reuse::Residual,
             commit_finished: false,
             kv_refresh: false,
+            kv_refresh_max_threshold: f64::INFINITY,
             rescale: WAN_1_3B_RESCALE.to_vec(),
             teacache_threshold: 0.1,
             flowcache_threshold: 0.1,
@@ -295,6 +310,7 @@ impl CacheSettings {
                 },
                 commit_finished: true,
                 kv_refresh: long,
+                kv_refresh_max_threshold: KV_REFRESH_THRESHOLD_STEPS / steps as f64,
                 ..reference
             },
             // Chunk-level baselines and the exact modes: finished blocks recomputed once at
@@ -378,6 +394,12 @@ impl CacheSettings {
         Self::for_schedule(mode, 50)
     }
 
+    /// Whether reused tokens refresh their keys/values at these settings: `kv_refresh`,
+    /// and the motion threshold at most `kv_refresh_max_threshold`.
+    pub fn kv_refresh_active(&self) -> bool {
+        self.kv_refresh && self.motion_threshold <= self.kv_refresh_max_threshold * (1.0 + 1e-9)
+    }
+
     /// The threshold the mode compares its accumulated distance against.
     pub fn threshold(&self) -> f64 {
         match self.mode {
@@ -408,6 +430,13 @@ impl CacheSettings {
         finite_nonneg("motion-threshold", self.motion_threshold)?;
         finite_nonneg("teacache-threshold", self.teacache_threshold)?;
         finite_nonneg("flowcache-threshold", self.flowcache_threshold)?;
+        if self.kv_refresh_max_threshold.is_nan() || self.kv_refresh_max_threshold < 0.0 {
+            return Err(Error::setting(
+                "kv-refresh-max-threshold",
+                self.kv_refresh_max_threshold,
+                "must be a number >= 0 (or infinite)",
+            ));
+        }
         if self.mode != CacheMode::Vanilla
             && self.mode != CacheMode::None
             && self.warmup_steps > steps

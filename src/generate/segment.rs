@@ -528,7 +528,9 @@ impl Segment {
                     branch,
                     block,
                     plan: Plan::Tokens(idx),
-                } if row.cache.kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
+                } if row.cache.kv_refresh_active()
+                    && self.branches[*branch].hidden[*block].is_some() =>
+                {
                     let rest = complement(idx, bt);
                     if rest.is_empty() {
                         Ok(None)
@@ -541,7 +543,7 @@ impl Segment {
             })
             .collect::<candle_core::Result<_>>()?;
         let mut bb = BatchBuilder::default();
-        if row.cache.kv_refresh {
+        if row.cache.kv_refresh_active() {
             bb.record_hidden();
         }
         for (w, set) in work.iter().zip(&refresh) {

@@ -137,11 +137,14 @@ impl Settings {
         c.weight_floor = float_or(self.weight_floor, m.weight_floor);
         c.min_update_ratio = float_or(self.min_update_ratio, m.min_update_ratio);
         c.temporal_consistency = float_or(self.temporal_consistency, m.temporal_consistency);
-        c.kv_refresh = match self.kv_refresh {
-            KvRefreshProp::Auto => m.kv_refresh,
-            KvRefreshProp::On => true,
-            KvRefreshProp::Off => false,
-        };
+        match self.kv_refresh {
+            KvRefreshProp::Auto => {}
+            KvRefreshProp::On => {
+                c.kv_refresh = true;
+                c.kv_refresh_max_threshold = f64::INFINITY;
+            }
+            KvRefreshProp::Off => c.kv_refresh = false,
+        }
         s.validate()?;
         Ok(s)
     }
@@ -302,7 +305,27 @@ mod tests {
             cache_mode: CacheModeProp::MotionCacheReference,
             ..Default::default()
         };
-        assert!(on.generator_settings(&model).unwrap().cache.kv_refresh);
+        assert!(
+            on.generator_settings(&model)
+                .unwrap()
+                .cache
+                .kv_refresh_active()
+        );
+        // auto at 50 steps: on up to threshold 0.025, off above; on: at every threshold.
+        let at = |t: f64, kv: KvRefreshProp| {
+            Settings {
+                motion_threshold: t,
+                kv_refresh: kv,
+                ..Default::default()
+            }
+            .generator_settings(&long)
+            .unwrap()
+            .cache
+            .kv_refresh_active()
+        };
+        assert!(at(0.01, KvRefreshProp::Auto) && at(0.025, KvRefreshProp::Auto));
+        assert!(!at(0.03, KvRefreshProp::Auto) && at(0.03, KvRefreshProp::On));
+        assert!(!at(0.01, KvRefreshProp::Off));
 
         let user = Settings {
             steps: 3,
