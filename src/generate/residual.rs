@@ -130,19 +130,14 @@ impl ResidualStore {
                         done[i] = true;
                     }
                 }
+                let rows = HostRows {
+                    last,
+                    prev: prev.as_deref(),
+                    ratio: ratio.as_deref(),
+                    dim: d,
+                };
                 for i in (0..n).filter(|&i| !done[i]) {
-                    let dst = &mut out[i * d..(i + 1) * d];
-                    let l = &last[i * d..(i + 1) * d];
-                    match (&ratio, prev) {
-                        (Some(ratio), Some(p)) if ratio[i] != 0.0 => {
-                            let r = ratio[i];
-                            let p = &p[i * d..(i + 1) * d];
-                            for ((o, &l), &p) in dst.iter_mut().zip(l).zip(p) {
-                                *o = l + (l - p) * r;
-                            }
-                        }
-                        _ => dst.copy_from_slice(l),
-                    }
+                    rows.write(i, &mut out[i * d..(i + 1) * d]);
                 }
                 Tensor::from_vec(out, (n, d), device)
             }
@@ -180,26 +175,13 @@ impl ResidualStore {
                 prev,
                 dim,
                 device,
-            } => {
-                let d = *dim;
-                let mut out = Vec::with_capacity(idx_vec.len() * d);
-                for &i in idx_vec {
-                    let i = i as usize;
-                    if i >= n {
-                        candle_core::bail!("token {i} of a residual store of {n}");
-                    }
-                    let l = &last[i * d..(i + 1) * d];
-                    match (&ratio, prev) {
-                        (Some(ratio), Some(p)) if ratio[i] != 0.0 => {
-                            let r = ratio[i];
-                            let p = &p[i * d..(i + 1) * d];
-                            out.extend(l.iter().zip(p).map(|(&l, &p)| l + (l - p) * r));
-                        }
-                        _ => out.extend_from_slice(l),
-                    }
-                }
-                Tensor::from_vec(out, (idx_vec.len(), d), device)
+            } => HostRows {
+                last,
+                prev: prev.as_deref(),
+                ratio: ratio.as_deref(),
+                dim: *dim,
             }
+            .gather(idx_vec, n, device),
             Data::Device { .. } => self.predict(sigma, reuse)?.index_select(idx, 0),
         }
     }
@@ -215,21 +197,15 @@ impl ResidualStore {
                 },
                 idx,
             ) => {
-                let d = *dim;
-                let n = self.sigma_last.len();
+                let rows = HostRows {
+                    last,
+                    prev: None,
+                    ratio: None,
+                    dim: *dim,
+                };
                 match idx {
-                    None => Tensor::from_slice(last, (n, d), device),
-                    Some((_, v)) => {
-                        let mut out = Vec::with_capacity(v.len() * d);
-                        for &i in v {
-                            let i = i as usize;
-                            if i >= n {
-                                candle_core::bail!("token {i} of a residual store of {n}");
-                            }
-                            out.extend_from_slice(&last[i * d..(i + 1) * d]);
-                        }
-                        Tensor::from_vec(out, (v.len(), d), device)
-                    }
+                    None => Tensor::from_slice(last, (self.sigma_last.len(), *dim), device),
+                    Some((_, v)) => rows.gather(v, self.sigma_last.len(), device),
                 }
             }
         }
@@ -346,6 +322,48 @@ impl ResidualStore {
     }
 }
 
+/// The rows of a host store's residuals at a forecast.
+struct HostRows<'a> {
+    last: &'a [f32],
+    prev: Option<&'a [f32]>,
+    /// Per token, see [`ResidualStore::ratios`]; `None`: the last residuals.
+    ratio: Option<&'a [f32]>,
+    dim: usize,
+}
+
+impl HostRows<'_> {
+    /// Token `i`'s row into `dst`: `last + (last - prev) * ratio`, or `last` where the
+    /// token does not extrapolate.
+    fn write(&self, i: usize, dst: &mut [f32]) {
+        let d = self.dim;
+        let l = &self.last[i * d..(i + 1) * d];
+        match (self.ratio, self.prev) {
+            (Some(ratio), Some(p)) if ratio[i] != 0.0 => {
+                let r = ratio[i];
+                let p = &p[i * d..(i + 1) * d];
+                for ((o, &l), &p) in dst.iter_mut().zip(l).zip(p) {
+                    *o = l + (l - p) * r;
+                }
+            }
+            _ => dst.copy_from_slice(l),
+        }
+    }
+
+    /// The rows of the tokens `idx` (of `n`), `[m, dim]`.
+    fn gather(&self, idx: &[u32], n: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let d = self.dim;
+        let mut out = vec![0f32; idx.len() * d];
+        for (k, &i) in idx.iter().enumerate() {
+            let i = i as usize;
+            if i >= n {
+                candle_core::bail!("token {i} of a residual store of {n}");
+            }
+            self.write(i, &mut out[k * d..(k + 1) * d]);
+        }
+        Tensor::from_vec(out, (idx.len(), d), device)
+    }
+}
+
 /// Whether a residual is kept on the host (see [`Data::Host`]).
 fn is_host(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
@@ -368,9 +386,9 @@ fn check_rows(n: usize, d: usize, idx: &[u32], rows: &Tensor) -> candle_core::Re
 }
 
 /// `base` (`[n, d]`) with its rows `idx` (sorted, distinct; as a `[m]` u32 tensor and its
-/// values) replaced by `rows` (`[m, d]`). On the CPU in f32 a copy of the rows (candle's
-/// scatter computes an index per element); elsewhere a scatter.
-pub(crate) fn replace_rows(
+/// values) replaced by `rows` (`[m, d]`), by a scatter: the tensor path of
+/// [`Data::Device`] (CPU f32 residuals are host rows, replaced in place).
+fn replace_rows(
     base: &Tensor,
     idx: &Tensor,
     idx_vec: &[u32],
@@ -385,18 +403,6 @@ pub(crate) fn replace_rows(
             rows.shape()
         );
     }
-    if base.device().is_cpu()
-        && base.dtype() == candle_core::DType::F32
-        && rows.dtype() == candle_core::DType::F32
-    {
-        let mut v = base.flatten_all()?.to_vec1::<f32>()?;
-        let r = rows.flatten_all()?.to_vec1::<f32>()?;
-        for (k, &i) in idx_vec.iter().enumerate() {
-            let i = i as usize;
-            v[i * d..(i + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
-        }
-        return Tensor::from_vec(v, (n, d), base.device());
-    }
     let ix = idx.reshape((m, 1))?.broadcast_as((m, d))?.contiguous()?;
     base.scatter(&ix, rows, 0)
 }
@@ -406,7 +412,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replace_rows_matches_scatter() {
+    fn replace_rows_replaces_the_named_rows() {
         let dev = Device::Cpu;
         let base = Tensor::arange(0f32, 24.0, &dev)
             .unwrap()
@@ -416,11 +422,16 @@ mod tests {
         let idx = Tensor::new(&idx_vec, &dev).unwrap();
         let rows = Tensor::new(&[[-1f32, -2., -3., -4.], [-5., -6., -7., -8.]], &dev).unwrap();
         let got = replace_rows(&base, &idx, &idx_vec, &rows).unwrap();
-        let ix = idx.reshape((2, 1)).unwrap().broadcast_as((2, 4)).unwrap();
-        let want = base.scatter(&ix.contiguous().unwrap(), &rows, 0).unwrap();
         assert_eq!(
             got.to_vec2::<f32>().unwrap(),
-            want.to_vec2::<f32>().unwrap()
+            vec![
+                vec![0., 1., 2., 3.],
+                vec![-1., -2., -3., -4.],
+                vec![8., 9., 10., 11.],
+                vec![12., 13., 14., 15.],
+                vec![-5., -6., -7., -8.],
+                vec![20., 21., 22., 23.],
+            ]
         );
         assert!(replace_rows(&base, &idx, &[1, 9], &rows).is_err());
     }
