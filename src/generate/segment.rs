@@ -521,6 +521,7 @@ impl Segment {
             })
             .collect::<candle_core::Result<_>>()?;
         // With `kv_refresh`, the tokens a partial forward reuses refresh their keys/values.
+        let kv_refresh = row.cache.kv_refresh_active();
         let refresh: Vec<Option<(Vec<u32>, TokenSet)>> = work
             .iter()
             .map(|w| match w {
@@ -528,9 +529,7 @@ impl Segment {
                     branch,
                     block,
                     plan: Plan::Tokens(idx),
-                } if row.cache.kv_refresh_active()
-                    && self.branches[*branch].hidden[*block].is_some() =>
-                {
+                } if kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
                     let rest = complement(idx, bt);
                     if rest.is_empty() {
                         Ok(None)
@@ -543,7 +542,7 @@ impl Segment {
             })
             .collect::<candle_core::Result<_>>()?;
         let mut bb = BatchBuilder::default();
-        if row.cache.kv_refresh_active() {
+        if kv_refresh {
             bb.record_hidden();
         }
         for (w, set) in work.iter().zip(&refresh) {
