@@ -888,7 +888,7 @@ impl Layer {
 
         // Feed-forward.
         let h = modulate(&self.norm3, &x, 3, 4)?.to_dtype(dtype)?;
-        let f = super::kernels::gelu(&super::kernels::linear(&self.ffn_in, &h)?)?;
+        let f = super::kernels::linear_gelu(&self.ffn_in, &h)?;
         let f = super::kernels::linear(&self.ffn_out, &f)?;
         gated_add(&x, &f, 5)
     }
