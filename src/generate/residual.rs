@@ -7,6 +7,7 @@
 //! it gains 1 to 2 dB at the same work and time.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::cache::Reuse;
 
@@ -136,9 +137,11 @@ impl ResidualStore {
                     ratio: ratio.as_deref(),
                     dim: d,
                 };
-                for i in (0..n).filter(|&i| !done[i]) {
-                    rows.write(i, &mut out[i * d..(i + 1) * d]);
-                }
+                out.par_chunks_mut(d)
+                    .with_min_len(ROWS_PER_TASK)
+                    .enumerate()
+                    .filter(|(i, _)| !done[*i])
+                    .for_each(|(i, dst)| rows.write(i, dst));
                 Tensor::from_vec(out, (n, d), device)
             }
             Data::Device { last, prev } => {
@@ -331,6 +334,10 @@ struct HostRows<'a> {
     dim: usize,
 }
 
+/// Rows of a forecast per task on the rayon pool (a few KB each: fewer would cost more
+/// in scheduling than the copy).
+const ROWS_PER_TASK: usize = 64;
+
 impl HostRows<'_> {
     /// Token `i`'s row into `dst`: `last + (last - prev) * ratio`, or `last` where the
     /// token does not extrapolate.
@@ -352,14 +359,14 @@ impl HostRows<'_> {
     /// The rows of the tokens `idx` (of `n`), `[m, dim]`.
     fn gather(&self, idx: &[u32], n: usize, device: &Device) -> candle_core::Result<Tensor> {
         let d = self.dim;
-        let mut out = vec![0f32; idx.len() * d];
-        for (k, &i) in idx.iter().enumerate() {
-            let i = i as usize;
-            if i >= n {
-                candle_core::bail!("token {i} of a residual store of {n}");
-            }
-            self.write(i, &mut out[k * d..(k + 1) * d]);
+        if let Some(i) = idx.iter().find(|&&i| i as usize >= n) {
+            candle_core::bail!("token {i} of a residual store of {n}");
         }
+        let mut out = vec![0f32; idx.len() * d];
+        out.par_chunks_mut(d)
+            .with_min_len(ROWS_PER_TASK)
+            .zip(idx)
+            .for_each(|(dst, &i)| self.write(i as usize, dst));
         Tensor::from_vec(out, (idx.len(), d), device)
     }
 }

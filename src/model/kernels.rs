@@ -26,7 +26,6 @@
 //! and in the feed-forward each task of the first linear layer applies it to its own rows.
 
 use std::cell::Cell;
-use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -696,79 +695,88 @@ impl CustomOp3 for CpuLinear {
                 (&f32_data(s2)?[a..z], 1, o)
             }
         };
-        // The bias in every row, written by each task into its own band of the (not
-        // zeroed) output, where the product is then accumulated onto it in cache.
-        let bias = |dst: &mut [MaybeUninit<f32>]| {
-            for row in dst.chunks_exact_mut(o) {
-                for (d, s) in row.iter_mut().zip(b) {
-                    d.write(*s);
+        if n == 0 || o == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((n, o))));
+        }
+        let simd = Simd::detect();
+        let threads = rayon::current_num_threads().max(1);
+        // Tiles of the output (rows r0..r1, columns c0..c1), one task each: bands of rows,
+        // or, where there are too few rows for every thread to get LINEAR_MIN_ROWS, bands
+        // of columns (a partial pass of a few dozen tokens).
+        let tiles: Vec<(usize, usize, usize, usize)> =
+            if n >= threads * LINEAR_MIN_ROWS || o < threads * LANES {
+                let rows = n.div_ceil(threads).max(LINEAR_MIN_ROWS);
+                (0..n)
+                    .step_by(rows)
+                    .map(|r0| (r0, (r0 + rows).min(n), 0, o))
+                    .collect()
+            } else {
+                let cols = o.div_ceil(threads).next_multiple_of(LANES);
+                (0..o)
+                    .step_by(cols)
+                    .map(|c0| (0, n, c0, (c0 + cols).min(o)))
+                    .collect()
+            };
+        let mut out = Vec::<f32>::with_capacity(n * o);
+        let dst = Tile(out.as_mut_ptr());
+        tiles.into_par_iter().for_each(|(r0, r1, c0, c1)| {
+            let c = c1 - c0;
+            // SAFETY: the tiles are disjoint and inside the `n x o` allocation of `out`:
+            // each task writes the bias into every element of its own tile (the product is
+            // then accumulated onto it in cache), and only then reads them. x is n x i
+            // (row-major) and w holds o x i values, read as the i x o matrix w^T with the
+            // strides above, from its column c0.
+            unsafe {
+                for r in r0..r1 {
+                    std::ptr::copy_nonoverlapping(b[c0..c1].as_ptr(), dst.at(r * o + c0), c);
+                }
+                if i > 0 {
+                    gemm::gemm(
+                        r1 - r0,
+                        c,
+                        i,
+                        dst.at(r0 * o + c0),
+                        1,
+                        o as isize,
+                        true,
+                        x[r0 * i..].as_ptr(),
+                        1,
+                        i as isize,
+                        w[c0 * w_cs..].as_ptr(),
+                        w_cs as isize,
+                        w_rs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                if self.gelu {
+                    for r in r0..r1 {
+                        gelu_inplace(simd, std::slice::from_raw_parts_mut(dst.at(r * o + c0), c));
+                    }
                 }
             }
-        };
-        let simd = Simd::detect();
-        let mut out = Vec::with_capacity(n * o);
-        let all = &mut out.spare_capacity_mut()[..n * o];
-        if o > 0 && i == 0 {
-            bias(all);
-            if self.gelu {
-                // SAFETY: every element was written just above.
-                gelu_inplace(simd, unsafe { assume_written(all) });
-            }
-        } else if o > 0 {
-            let threads = rayon::current_num_threads().max(1);
-            let rows = n.div_ceil(threads).max(LINEAR_MIN_ROWS);
-            all.par_chunks_mut(rows * o)
-                .zip(x.par_chunks(rows * i))
-                .for_each(|(dst, src)| {
-                    bias(dst);
-                    let r = dst.len() / o;
-                    // SAFETY: dst is r x o (row-major, every element written above), src
-                    // is r x i (row-major) and w holds o x i values, read as the i x o
-                    // matrix w^T with the strides above.
-                    unsafe {
-                        gemm::gemm(
-                            r,
-                            o,
-                            i,
-                            dst.as_mut_ptr().cast::<f32>(),
-                            1,
-                            o as isize,
-                            true,
-                            src.as_ptr(),
-                            1,
-                            i as isize,
-                            w.as_ptr(),
-                            w_cs as isize,
-                            w_rs as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    if self.gelu {
-                        // SAFETY: every element of the band was written (bias, then
-                        // product) above.
-                        gelu_inplace(simd, unsafe { assume_written(dst) });
-                    }
-                });
-        }
-        // SAFETY: the bias was written into all `n * o` elements above (none when `o` is 0).
+        });
+        // SAFETY: the tiles cover all `n * o` elements, each written above.
         unsafe { out.set_len(n * o) };
         Ok((CpuStorage::F32(out), Shape::from((n, o))))
     }
 }
 
-/// `x` as the floats it holds.
-///
-/// # Safety
-/// Every element of `x` must have been written.
-unsafe fn assume_written(x: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller vouches that every
-    // element is initialised.
-    unsafe { &mut *(x as *mut [MaybeUninit<f32>] as *mut [f32]) }
+/// The output of [`CpuLinear`], shared by its tasks, each of which writes its own tile.
+struct Tile(*mut f32);
+
+// SAFETY: the tasks write disjoint elements (see `CpuLinear::cpu_fwd`).
+unsafe impl Sync for Tile {}
+
+impl Tile {
+    /// Element `k` of the output.
+    fn at(&self, k: usize) -> *mut f32 {
+        self.0.wrapping_add(k)
+    }
 }
 
 /// Whether every tensor is f32 on the CPU with the CPU kernels on: the condition of the
@@ -1457,20 +1465,26 @@ mod tests {
                 .map(|i| (((i + seed) * 7919) % 1013) as f32 / 500.0 - 1.0)
                 .collect()
         };
-        let (i, o) = (40, 24);
-        let w = Tensor::from_vec(fill(o * i, 1), (o, i), &dev).unwrap();
-        let b = Tensor::from_vec(fill(o, 2), o, &dev).unwrap();
-        for bias in [Some(b.clone()), None] {
+        // 72 outputs: bands of columns (the last one partial) for fewer rows than the
+        // threads' minimum.
+        for (i, o, bias) in [(40, 24, true), (40, 24, false), (40, 72, true)] {
+            let w = Tensor::from_vec(fill(o * i, 1), (o, i), &dev).unwrap();
+            let bias = bias.then(|| Tensor::from_vec(fill(o, 2), o, &dev).unwrap());
             let l = candle_nn::Linear::new(w.clone(), bias);
+            // The weight in candle's layout and transposed in memory (`kernel_layout`).
+            let lt = kernel_layout(l.clone()).unwrap();
+            assert!(!lt.weight().is_contiguous());
             for n in [1usize, 5, 31, 32, 33, 70, 257] {
                 let x = Tensor::from_vec(fill(n * i, n), (n, i), &dev).unwrap();
-                let got = linear(&l, &x).unwrap();
-                assert_eq!(got.dims(), [n, o]);
                 let want = l.forward(&x).unwrap();
-                let d = max_abs_diff(&got, &want);
-                assert!(d < 1e-5, "n {n}: {d}");
-                let d = max_abs_diff(&linear_gelu(&l, &x).unwrap(), &want.gelu().unwrap());
-                assert!(d < 1e-5, "n {n}, with the GELU: {d}");
+                for l in [&l, &lt] {
+                    let got = linear(l, &x).unwrap();
+                    assert_eq!(got.dims(), [n, o]);
+                    let d = max_abs_diff(&got, &want);
+                    assert!(d < 1e-5, "{o} outputs, n {n}: {d}");
+                    let d = max_abs_diff(&linear_gelu(l, &x).unwrap(), &want.gelu().unwrap());
+                    assert!(d < 1e-5, "{o} outputs, n {n}, with the GELU: {d}");
+                }
             }
             let xt = Tensor::from_vec(fill(i * 9, 3), (i, 9), &dev)
                 .unwrap()
