@@ -216,15 +216,18 @@ pub const LONG_SCHEDULE_STEPS: usize = 20;
 pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
 
 /// `motioncache`'s key/value refresh runs (from [`LONG_SCHEDULE_STEPS`] steps on) while its
-/// threshold is at most this over the step count: 0.025 at 50 steps, 2.5 times the default
-/// threshold. Measured on the embedded model (paper schedule, two prompts, Intel Xeon VM,
-/// 2026-12-05): the refresh gains 3 to 7 dB at every threshold but costs about 20% more
-/// transformer time than its FLOPs (norms, rotations and cache writes of the reused tokens
-/// at every layer); above about 25 dB it is worth it (30 dB: 2.05x over vanilla with it,
-/// 1.97x without), below it the same time spent on a lower threshold without it gives more
-/// (20 dB: 2.94x without, 2.56x with; 22.5 dB: 2.53x against 2.28x). The crossover lies
-/// between thresholds 0.02 and 0.03 there.
-pub const KV_REFRESH_THRESHOLD_STEPS: f64 = 1.25;
+/// threshold is at most this over the step count: 0.02 at 50 steps, twice the default
+/// threshold. Measured on the embedded model (paper schedule, four prompts, Intel Xeon VM,
+/// 2026-12-05 12:00, after the column-major attention; speedups over vanilla): the refresh
+/// gains 4 to 10 dB at equal threshold but costs 10-20% more transformer time than its
+/// FLOPs (norms, rotations and cache writes of the reused tokens at every layer). From
+/// about 28 dB up it is worth it (0.01: 42.8 dB at 1.51x with it, 0.005 without: 41.6 dB
+/// at 1.42x; 0.015: 38.4 dB at 1.66x, 0.0075 without: 37.2 dB at 1.59x; 0.02: 29.4 dB at
+/// 1.76x, 0.01 without: 30.6 dB at 1.74x); below, the same time spent on a lower threshold
+/// without it gives more (0.025: 24.0 dB at 1.87x with it, 0.0125 without: 23.7 dB at
+/// 1.96x; 0.0225 without: 20.0 dB at 2.24x). It was 1.25 (0.025) until the CPU kernels
+/// of that day made vanilla's large passes faster than the cached modes' small ones.
+pub const KV_REFRESH_THRESHOLD_STEPS: f64 = 1.0;
 
 /// The reference's warm-up: `warmup_steps = 4` runs steps 0..=4 in full, five full steps
 /// (fewer when the schedule is shorter).

@@ -251,7 +251,7 @@ pub fn specs() -> Vec<glib::ParamSpec> {
                  computations, for the key and value projections alone) or keep those of \
                  the step they were last computed at, as the reference does; auto = the \
                  cache mode's default (motioncache on from 20 steps while motion-threshold \
-                 is at most 1.25 / steps, the reference off); on = at every threshold. Not \
+                 is at most 1 / steps, the reference off); on = at every threshold. Not \
                  used by MAGI-1",
             )
             .mutable_playing()

@@ -311,7 +311,7 @@ mod tests {
                 .cache
                 .kv_refresh_active()
         );
-        // auto at 50 steps: on up to threshold 0.025, off above; on: at every threshold.
+        // auto at 50 steps: on up to threshold 0.02, off above; on: at every threshold.
         let at = |t: f64, kv: KvRefreshProp| {
             Settings {
                 motion_threshold: t,
@@ -323,7 +323,8 @@ mod tests {
             .cache
             .kv_refresh_active()
         };
-        assert!(at(0.01, KvRefreshProp::Auto) && at(0.025, KvRefreshProp::Auto));
+        assert!(at(0.01, KvRefreshProp::Auto) && at(0.02, KvRefreshProp::Auto));
+        assert!(!at(0.0225, KvRefreshProp::Auto) && at(0.0225, KvRefreshProp::On));
         assert!(!at(0.03, KvRefreshProp::Auto) && at(0.03, KvRefreshProp::On));
         assert!(!at(0.01, KvRefreshProp::Off));
 

@@ -294,7 +294,7 @@ pub const MOTIONCACHE_FAST: f64 = 2.0;
 /// steps: 0.0025 to 0.05; element, 10 steps: 0.0125 to 0.25). Denser where its PSNR
 /// falls fastest (from 38 to 29 dB between 1.5x and 2x on the paper schedule, from exact
 /// to 25 dB between 0.25x and 0.5x at 10 steps), so that the frontier between two points
-/// is not a straight line over a cliff), and on both sides of 2.5x, where the key/value
+/// is not a straight line over a cliff), and on both sides of 2x, where the key/value
 /// refresh stops from 20 steps on (`KV_REFRESH_THRESHOLD_STEPS`).
 pub const MOTIONCACHE_SWEEP: [f64; 13] = [
     0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 5.0,
