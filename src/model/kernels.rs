@@ -838,8 +838,28 @@ enum FrameKind {
     },
 }
 
-/// Rows per task of the per-frame kernels.
-const FRAME_ROWS: usize = 128;
+/// Rows per task of the per-frame kernels: a few tasks per thread, at least 16 rows each.
+fn frame_rows(n: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    n.div_ceil(tasks).max(16)
+}
+
+/// Lanes of the partial sums in [`lane_sum`].
+const SUM_LANES: usize = 16;
+
+/// `sum(f(v))` over `x` in `SUM_LANES` independent partial sums, which the compiler
+/// vectorises (one running sum is a chain of dependent scalar adds).
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; SUM_LANES];
+    let chunks = x.chunks_exact(SUM_LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
 
 impl FrameOp {
     /// `out[r] = f(row r, its frame's rows of m)` over the rows in order, in parallel.
@@ -876,18 +896,18 @@ impl FrameOp {
             .collect();
         let row = |f: usize, k: usize| &m[(f * six + k) * d..(f * six + k + 1) * d];
         let mut out = vec![0f32; n * d];
-        out.par_chunks_mut(FRAME_ROWS * d.max(1))
+        let rows = frame_rows(n);
+        out.par_chunks_mut(rows * d.max(1))
             .enumerate()
             .for_each(|(c, dst)| {
                 for (j, o) in dst.chunks_mut(d).enumerate() {
-                    let r = c * FRAME_ROWS + j;
+                    let r = c * rows + j;
                     let xr = &x[r * d..(r + 1) * d];
                     let f = frame[r];
                     match self.kind {
                         FrameKind::NormModulate { shift, scale, eps } => {
-                            let mean = xr.iter().sum::<f32>() / d as f32;
-                            let var =
-                                xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                            let mean = lane_sum(xr, |v| v) / d as f32;
+                            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
                             let inv = 1.0 / (var + eps).sqrt();
                             for (((o, &v), &sc), &sh) in
                                 o.iter_mut().zip(xr).zip(row(f, scale)).zip(row(f, shift))
@@ -1019,29 +1039,33 @@ struct CacheStore {
 }
 
 impl CacheStore {
+    /// Head by head in parallel: each task writes its head's region of the cache alone.
     fn run(&self, cache: &mut [f32], x: &[f32], rope: Option<&[f32]>) {
         let (heads, hd) = (self.heads, self.head_dim);
         let rows = cache.len() / (heads * hd);
         let half = hd / 2;
-        for (i, &slot) in self.slots.iter().enumerate() {
-            let src = &x[i * heads * hd..(i + 1) * heads * hd];
-            for h in 0..heads {
-                let at = (h * rows + slot as usize) * hd;
-                let dst = &mut cache[at..at + hd];
-                let s = &src[h * hd..(h + 1) * hd];
-                match rope {
-                    None => dst.copy_from_slice(s),
-                    Some(r) => {
-                        let (cos, sin) = r[i * hd..(i + 1) * hd].split_at(half);
-                        for j in 0..half {
-                            let (a, b) = (s[2 * j], s[2 * j + 1]);
-                            dst[2 * j] = a * cos[j] - b * sin[j];
-                            dst[2 * j + 1] = a * sin[j] + b * cos[j];
+        let region = (rows * hd).max(1);
+        cache
+            .par_chunks_mut(region)
+            .enumerate()
+            .for_each(|(h, head)| {
+                for (i, &slot) in self.slots.iter().enumerate() {
+                    let at = slot as usize * hd;
+                    let dst = &mut head[at..at + hd];
+                    let s = &x[(i * heads + h) * hd..(i * heads + h + 1) * hd];
+                    match rope {
+                        None => dst.copy_from_slice(s),
+                        Some(r) => {
+                            let (cos, sin) = r[i * hd..(i + 1) * hd].split_at(half);
+                            for j in 0..half {
+                                let (a, b) = (s[2 * j], s[2 * j + 1]);
+                                dst[2 * j] = a * cos[j] - b * sin[j];
+                                dst[2 * j + 1] = a * sin[j] + b * cos[j];
+                            }
                         }
                     }
                 }
-            }
-        }
+            });
     }
 }
 
