@@ -358,7 +358,10 @@ impl Generator {
             cancel,
             distances: self.distances.as_mut(),
         };
-        let finished = seg.row(env)?;
+        // The whole row on the pool: the small parallel loops of its steps outside the
+        // forward start there too (see `kernels::on_pool`).
+        let device = self.model.device().clone();
+        let finished = crate::model::kernels::on_pool(&device, || seg.row(env))?;
         for (b, latents, mut stats) in finished {
             stats.wall = self.last_emit.elapsed();
             stats.compute = std::mem::take(&mut self.compute);

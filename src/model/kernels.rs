@@ -26,6 +26,8 @@
 //! and in the feed-forward each task of the first linear layer applies it to its own rows.
 
 use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -62,18 +64,58 @@ pub(crate) fn device_tile_elems() -> usize {
     }
 }
 
-/// Runs `f` on a thread of the pool that runs the CPU kernels when `device` is the CPU
-/// (else on this thread). A forward's parallel loops then start on the pool itself; called
-/// from another thread, each of them handed its work to the pool and put the caller to
-/// sleep until it was done, and waking it again (a quarter of a small forward's time went
-/// to the scheduler).
+/// Runs `f` on a thread of the pool that runs the CPU kernels when `device` takes them
+/// (else, or when called on the pool, on this thread). A forward's parallel loops then
+/// start on the pool itself; called from another thread, each of them handed its work to
+/// the pool and put the caller to sleep until it was done, and waking it again (a quarter
+/// of a small forward's time went to the scheduler).
+///
+/// While `f` runs on the pool's first thread, the other threads wait for its tasks
+/// spinning: each of them looks for a task, runs it if there is one, and looks again until
+/// `f` returns. A small model's forward is thousands of parallel loops of tens of
+/// microseconds each between short serial stretches; a thread that went to sleep in such a
+/// stretch took about as long to wake up for the next loop as the loop itself.
 pub(crate) fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
-    if !device.is_cpu() {
+    // Device code paths forced on the CPU stay on the calling thread, whose flag forces them.
+    if !cpu_kernels(device) || rayon::current_thread_index().is_some() {
         return f();
     }
-    let mut out = None;
-    rayon::scope(|_| out = Some(f()));
-    out.expect("rayon::scope runs its closure before it returns")
+    let job = Mutex::new(Some(f));
+    let out = Mutex::new(None);
+    let done = AtomicBool::new(false);
+    rayon::broadcast(|ctx| {
+        if ctx.index() == 0 {
+            // Releases the other threads however `f` ends (a panic included).
+            let _release = SetOnDrop(&done);
+            let f = job.lock().ok().and_then(|mut j| j.take());
+            if let Some(f) = f {
+                let y = f();
+                if let Ok(mut o) = out.lock() {
+                    *o = Some(y);
+                }
+            }
+        } else {
+            while !done.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    });
+    match out.into_inner() {
+        Ok(Some(y)) => y,
+        // `f` panicked on the pool (the broadcast re-raised it), or never ran.
+        _ => unreachable!("the pool's first thread runs the job once"),
+    }
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// `softmax(q k^T / sqrt(d)) v` for `q` `[1, heads, n, d]`, `k` and `v` `[1, heads, l, d]`.
@@ -1564,6 +1606,27 @@ mod tests {
         let got = gated_add(&x, &y, &m, &counts, 5).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
         assert!(norm_modulate(&x, &m, &[n - 1], 3, 4, 1e-6).is_err());
+    }
+
+    #[test]
+    fn on_pool_runs_the_job_once_and_releases_the_pool() {
+        let dev = Device::Cpu;
+        let sum = |n: usize| (0..n).into_par_iter().sum::<usize>();
+        assert_eq!(on_pool(&dev, || sum(1000)), 499_500);
+        // A panic in the job reaches the caller; the waiting threads are released.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            on_pool(&dev, || -> usize { panic!("job") })
+        }));
+        assert!(r.is_err());
+        assert_eq!(on_pool(&dev, || sum(100)), 4950);
+        // Nested calls run in place.
+        assert_eq!(on_pool(&dev, || on_pool(&dev, || sum(10))), 45);
+        // Forced device paths stay on the calling thread, whose flag forces them.
+        force_device_paths(Some(64));
+        let here = std::thread::current().id();
+        let there = on_pool(&dev, || std::thread::current().id());
+        force_device_paths(None);
+        assert_eq!(there, here);
     }
 
     #[test]
