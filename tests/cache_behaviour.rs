@@ -424,6 +424,12 @@ fn kv_refresh_from_current_hidden_states_is_exact() {
     let want = full.y.index_select(&pi, 0).unwrap();
     let err = rel_l2(&run(true), &want);
     assert!(err < 1e-5, "refreshed: rel L2 {err}");
+    // The same on the code paths of other devices (estimates summed and joined by tensor
+    // ops instead of the fused norm).
+    motioncache::model::kernels::force_device_paths(Some(4096));
+    let err = rel_l2(&run(true), &want);
+    motioncache::model::kernels::force_device_paths(None);
+    assert!(err < 1e-4, "refreshed on the device paths: rel L2 {err}");
     // Without the refresh the other tokens' keys/values are missing (zero): not the same.
     let err = rel_l2(&run(false), &want);
     assert!(err > 1e-2, "without the refresh: rel L2 {err}");

@@ -842,9 +842,43 @@ pub(crate) fn norm_modulate(
 ) -> candle_core::Result<Tensor> {
     let op = FrameOp {
         counts: counts.to_vec(),
-        kind: FrameKind::NormModulate { shift, scale, eps },
+        kind: FrameKind::NormModulate {
+            shift,
+            scale,
+            eps,
+            joined: None,
+        },
     };
     x.contiguous()?.apply_op2_no_bwd(&m.contiguous()?, &op)
+}
+
+/// [`norm_modulate`] of a batch's tokens `x` `[n, dim]` followed by the estimated hidden
+/// states of a key/value refresh at layer `layer`: for token `i` of `est`
+/// (`[k, w * dim]`, `w` >= 1), `est[i, ..dim]` plus, after the first layer,
+/// `est[i, layer * dim..(layer + 1) * dim]`. One pass over both instead of the sum, the
+/// concatenation and the norm. `counts` covers the `n + k` rows. CPU, f32 only.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_modulate_joined(
+    x: &Tensor,
+    est: &Tensor,
+    layer: usize,
+    m: &Tensor,
+    counts: &[usize],
+    shift: usize,
+    scale: usize,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let op = FrameOp {
+        counts: counts.to_vec(),
+        kind: FrameKind::NormModulate {
+            shift,
+            scale,
+            eps,
+            joined: Some(layer),
+        },
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&est.contiguous()?, &m.contiguous()?, &op)
 }
 
 /// A DiT block's gated residual in one pass: `x + y * m[f, gate]` for the tokens of frame
@@ -874,6 +908,9 @@ enum FrameKind {
         shift: usize,
         scale: usize,
         eps: f32,
+        /// The layer of the refresh estimates that follow the rows of `x` (see
+        /// [`norm_modulate_joined`]).
+        joined: Option<usize>,
     },
     GatedAdd {
         gate: usize,
@@ -904,17 +941,45 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 impl FrameOp {
-    /// `out[r] = f(row r, its frame's rows of m)` over the rows in order, in parallel.
+    /// `out[r] = f(row r, its frame's rows of m)` over the rows in order, in parallel. `y`
+    /// `[rows, y_width]`: the gated add's second input, or the estimates after `x`'s rows
+    /// of a joined norm.
     fn run(
         &self,
         x: &[f32],
-        y: Option<&[f32]>,
+        y: Option<(&[f32], &Shape)>,
         m: &[f32],
         shape: &Shape,
         m_shape: &Shape,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = shape.dims2()?;
+        let (nx, d) = shape.dims2()?;
         let (frames, six, md) = m_shape.dims3()?;
+        let joined = match self.kind {
+            FrameKind::NormModulate {
+                joined: Some(l), ..
+            } => Some(l),
+            _ => None,
+        };
+        // Rows of the output, and the width of `y`'s rows.
+        let (n, yw) = match (&self.kind, y, joined) {
+            (FrameKind::GatedAdd { .. }, Some((_, ys)), _) if ys == shape => (nx, d),
+            (FrameKind::NormModulate { .. }, None, None) => (nx, 0),
+            (FrameKind::NormModulate { .. }, Some((_, ys)), Some(l)) => {
+                let (k, w) = ys.dims2()?;
+                if w < d || w % d.max(1) != 0 || (l > 0 && (l + 1) * d > w) {
+                    candle_core::bail!(
+                        "refresh estimates {:?} for layer {l} of tokens of {d}",
+                        ys.dims()
+                    );
+                }
+                (nx + k, w)
+            }
+            _ => candle_core::bail!(
+                "per-frame op on {:?} with a second input {:?}",
+                shape.dims(),
+                y.map(|(_, s)| s.dims())
+            ),
+        };
         if md != d
             || six < 6
             || frames != self.counts.len()
@@ -926,9 +991,7 @@ impl FrameOp {
                 m_shape.dims()
             );
         }
-        if matches!(self.kind, FrameKind::GatedAdd { .. }) && y.is_none() {
-            candle_core::bail!("gated add without its second input");
-        }
+        let y = y.map(|(y, _)| y).unwrap_or_default();
         // The frame of every row.
         let frame: Vec<usize> = self
             .counts
@@ -942,12 +1005,28 @@ impl FrameOp {
         out.par_chunks_mut(rows * d.max(1))
             .enumerate()
             .for_each(|(c, dst)| {
+                // A refreshed token's estimate, summed here.
+                let mut est = vec![0f32; if joined.is_some() { d } else { 0 }];
                 for (j, o) in dst.chunks_mut(d).enumerate() {
                     let r = c * rows + j;
-                    let xr = &x[r * d..(r + 1) * d];
                     let f = frame[r];
+                    let xr = match joined {
+                        Some(l) if r >= nx => {
+                            let e = &y[(r - nx) * yw..(r - nx + 1) * yw];
+                            est.copy_from_slice(&e[..d]);
+                            if l > 0 {
+                                for (a, &b) in est.iter_mut().zip(&e[l * d..(l + 1) * d]) {
+                                    *a += b;
+                                }
+                            }
+                            &est[..]
+                        }
+                        _ => &x[r * d..(r + 1) * d],
+                    };
                     match self.kind {
-                        FrameKind::NormModulate { shift, scale, eps } => {
+                        FrameKind::NormModulate {
+                            shift, scale, eps, ..
+                        } => {
                             let mean = lane_sum(xr, |v| v) / d as f32;
                             let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
                             let inv = 1.0 / (var + eps).sqrt();
@@ -958,7 +1037,7 @@ impl FrameOp {
                             }
                         }
                         FrameKind::GatedAdd { gate } => {
-                            let yr = &y.unwrap_or_default()[r * d..(r + 1) * d];
+                            let yr = &y[r * d..(r + 1) * d];
                             for (((o, &a), &b), &g) in
                                 o.iter_mut().zip(xr).zip(yr).zip(row(f, gate))
                             {
@@ -968,7 +1047,7 @@ impl FrameOp {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), shape.clone()))
+        Ok((CpuStorage::F32(out), Shape::from((n, d))))
     }
 }
 
@@ -992,7 +1071,10 @@ impl candle_core::CustomOp2 for FrameOp {
 
 impl CustomOp3 for FrameOp {
     fn name(&self) -> &'static str {
-        "motioncache-gated-add"
+        match self.kind {
+            FrameKind::GatedAdd { .. } => "motioncache-gated-add",
+            FrameKind::NormModulate { .. } => "motioncache-norm-modulate-joined",
+        }
     }
 
     fn cpu_fwd(
@@ -1004,13 +1086,124 @@ impl CustomOp3 for FrameOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("gated add of {:?} and {:?}", l1.shape(), l2.shape());
-        }
         let x = contiguous_f32(s1, l1)?;
         let y = contiguous_f32(s2, l2)?;
         let m = contiguous_f32(s3, l3)?;
-        self.run(x, Some(y), m, l1.shape(), l3.shape())
+        self.run(x, Some((y, l2.shape())), m, l1.shape(), l3.shape())
+    }
+}
+
+/// Root-mean-square norm of every row of `x` (`[.., dim]`) times `w` (`[dim]`), as
+/// `candle_nn::ops::rms_norm`, whose CPU code sums each row in one scalar chain. CPU, f32
+/// only (see [`f32_kernels`]).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let op = RowNorm { eps };
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
+/// Layer norm of every row of `x` (`[.., dim]`) with weight `w` and bias `b` (`[dim]`), as
+/// `candle_nn::ops::layer_norm`, in two passes over each row (mean, then variance). CPU,
+/// f32 only.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let op = RowNorm { eps };
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)
+}
+
+/// [`rms_norm`], or with a bias [`layer_norm`].
+struct RowNorm {
+    eps: f32,
+}
+
+impl RowNorm {
+    fn run(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        w: &[f32],
+        b: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = shape.dims().last().copied().unwrap_or(0);
+        if d == 0 || w.len() != d || b.is_some_and(|b| b.len() != d) {
+            candle_core::bail!(
+                "row norm of {:?} with a weight of {} and a bias of {:?}",
+                shape.dims(),
+                w.len(),
+                b.map(<[f32]>::len)
+            );
+        }
+        let n = x.len() / d;
+        let mut out = vec![0f32; x.len()];
+        let rows = frame_rows(n);
+        let eps = self.eps;
+        out.par_chunks_mut(rows * d)
+            .zip(x.par_chunks(rows * d))
+            .for_each(|(dst, src)| {
+                for (o, xr) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
+                    match b {
+                        Some(b) => {
+                            let mean = lane_sum(xr, |v| v) / d as f32;
+                            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
+                            let inv = 1.0 / (var + eps).sqrt();
+                            for (((o, &v), &w), &b) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                                *o = (v - mean) * inv * w + b;
+                            }
+                        }
+                        None => {
+                            let ms = lane_sum(xr, |v| v * v) / d as f32;
+                            let inv = 1.0 / (ms + eps).sqrt();
+                            for ((o, &v), &w) in o.iter_mut().zip(xr).zip(w) {
+                                *o = v * inv * w;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), shape.clone()))
+    }
+}
+
+impl candle_core::CustomOp2 for RowNorm {
+    fn name(&self) -> &'static str {
+        "motioncache-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1)?;
+        let w = contiguous_f32(s2, l2)?;
+        self.run(x, l1.shape(), w, None)
+    }
+}
+
+impl CustomOp3 for RowNorm {
+    fn name(&self) -> &'static str {
+        "motioncache-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1)?;
+        let w = contiguous_f32(s2, l2)?;
+        let b = contiguous_f32(s3, l3)?;
+        self.run(x, l1.shape(), w, Some(b))
     }
 }
 
@@ -1606,6 +1799,29 @@ mod tests {
         let got = gated_add(&x, &y, &m, &counts, 5).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
         assert!(norm_modulate(&x, &m, &[n - 1], 3, 4, 1e-6).is_err());
+
+        // Joined: the first 100 rows from x, the other 50 from estimates of 3 column
+        // blocks (the first plus the layer's).
+        let (nx, k) = (100usize, 50usize);
+        let est = Tensor::from_vec(fill(k * 3 * d, 4), (k, 3 * d), &dev).unwrap();
+        for layer in [0usize, 2] {
+            let mut e = est.narrow(1, 0, d).unwrap();
+            if layer > 0 {
+                e = (e + est.narrow(1, layer * d, d).unwrap()).unwrap();
+            }
+            let joined = Tensor::cat(&[&x.narrow(0, 0, nx).unwrap(), &e], 0).unwrap();
+            let want = norm_modulate(&joined, &m, &counts, 3, 4, 1e-6).unwrap();
+            let xs = x.narrow(0, 0, nx).unwrap();
+            let got = norm_modulate_joined(&xs, &est, layer, &m, &counts, 3, 4, 1e-6).unwrap();
+            assert_eq!(got.dims(), [nx + k, d]);
+            assert!(max_abs_diff(&got, &want) < 1e-6, "layer {layer}");
+        }
+        // A layer past the estimates' columns, or rows that do not add up, are errors.
+        let xs = x.narrow(0, 0, nx).unwrap();
+        assert!(norm_modulate_joined(&xs, &est, 3, &m, &counts, 3, 4, 1e-6).is_err());
+        let short = est.narrow(0, 0, k - 1).unwrap();
+        assert!(norm_modulate_joined(&xs, &short, 1, &m, &counts, 3, 4, 1e-6).is_err());
+        assert!(gated_add(&x, &xs, &m, &counts, 5).is_err());
     }
 
     #[test]
@@ -1627,6 +1843,25 @@ mod tests {
         let there = on_pool(&dev, || std::thread::current().id());
         force_device_paths(None);
         assert_eq!(there, here);
+    }
+
+    #[test]
+    fn row_norms_match_candle() {
+        let dev = Device::Cpu;
+        // 70 rows of 40 (a tail after two 16-lane chunks), several tasks.
+        let x = (Tensor::randn(0f32, 1., (2, 35, 40), &dev).unwrap() * 3.0).unwrap();
+        let w = Tensor::randn(0f32, 1., 40, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 40, &dev).unwrap();
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        let got = rms_norm(&x, &w, 1e-6).unwrap();
+        assert_eq!(got.dims(), [2, 35, 40]);
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let want = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
+        let got = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let short = w.narrow(0, 0, 39).unwrap();
+        assert!(rms_norm(&x, &short, 1e-6).is_err());
+        assert!(layer_norm(&x, &w, &short, 1e-6).is_err());
     }
 
     #[test]

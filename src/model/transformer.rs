@@ -613,6 +613,9 @@ impl RmsNorm {
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if super::kernels::f32_kernels(&[x, &self.weight]) {
+            return super::kernels::rms_norm(x, &self.weight, self.eps);
+        }
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 }
@@ -641,7 +644,11 @@ impl LayerNorm {
     }
     /// Returns f32.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps)
+        let x = x.to_dtype(DType::F32)?;
+        if super::kernels::f32_kernels(&[&x, &self.weight, &self.bias]) {
+            return super::kernels::layer_norm(&x, &self.weight, &self.bias, self.eps);
+        }
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -809,9 +816,10 @@ impl Layer {
     /// One transformer block over the tokens of a batch; their keys/values are written
     /// into the cache layer `kv` at `target` first, then every attention group reads its
     /// range of it.
-    /// `refresh`: the refreshed tokens' estimated hidden states at this layer and the
-    /// batch's tokens joined with them (see [`KvRefresh`]); their keys and values go
-    /// through the same projections as the batch's own.
+    /// `refresh`: the refreshed tokens' estimate sources (`[m, layers * dim]`: their patch
+    /// embeddings, then their deltas; see [`KvRefresh`]), this layer's index, and the
+    /// batch's tokens joined with them; their keys and values go through the same
+    /// projections as the batch's own.
     fn forward(
         &self,
         x: &Tensor,
@@ -819,16 +827,16 @@ impl Layer {
         target: &KvTarget,
         kv: &(Tensor, Tensor),
         ctx: &(Tensor, Tensor),
-        refresh: Option<(&Tensor, &Joined)>,
+        refresh: Option<(&Tensor, usize, &Joined)>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let n = x.dim(0)?;
         let joined = match refresh {
-            Some((est, j)) => Some((Tensor::cat(&[x, est], 0)?, self.table(&j.proj)?, j)),
+            Some((est, l, j)) => Some((est, l, self.table(&j.proj)?, j)),
             None => None,
         };
         let m = match &joined {
-            Some((_, mj, _)) => mj.narrow(0, 0, b.frame_counts.len())?,
+            Some((_, _, mj, _)) => mj.narrow(0, 0, b.frame_counts.len())?,
             None => self.table(&b.proj)?,
         };
         let counts = &b.frame_counts;
@@ -851,7 +859,19 @@ impl Layer {
 
         // Self-attention (refreshed tokens: keys and values only).
         let h = match &joined {
-            Some((xj, mj, j)) => Self::modulate(&self.norm1, xj, mj, &j.counts, 0, 1)?,
+            Some((est, l, mj, j)) if super::kernels::f32_kernels(&[x, est, mj]) => {
+                let eps = self.norm1.eps;
+                super::kernels::norm_modulate_joined(x, est, *l, mj, &j.counts, 0, 1, eps)?
+            }
+            Some((est, l, mj, j)) => {
+                let d = x.dim(1)?;
+                let mut e = est.narrow(1, 0, d)?;
+                if *l > 0 {
+                    e = (e + est.narrow(1, l * d, d)?)?;
+                }
+                let xj = Tensor::cat(&[x, &e], 0)?;
+                Self::modulate(&self.norm1, &xj, mj, &j.counts, 0, 1)?
+            }
             None => modulate(&self.norm1, x, 0, 1)?,
         }
         .to_dtype(dtype)?;
@@ -1232,15 +1252,11 @@ impl Transformer {
                 {
                     candle_core::bail!("inconsistent key/value refresh of {m} tokens");
                 }
-                // Layer-major, so that each layer reads its deltas contiguously.
-                let deltas = match self.layers.len() {
-                    1 => None,
-                    l => Some(
-                        r.deltas
-                            .reshape((m, l - 1, d))?
-                            .transpose(0, 1)?
-                            .contiguous()?,
-                    ),
+                // Per token, its patch embedding and then its deltas: each layer's
+                // estimate is the sum of the first and the layer's columns.
+                let est = match self.layers.len() {
+                    1 => r.x.clone(),
+                    _ => Tensor::cat(&[&r.x, &r.deltas], 1)?,
                 };
                 let joined = Joined {
                     proj: Tensor::cat(&[&b.proj, &r.proj], 0)?,
@@ -1248,13 +1264,13 @@ impl Transformer {
                     cos: Tensor::cat(&[&b.cos, &r.cos], 0)?,
                     sin: Tensor::cat(&[&b.sin, &r.sin], 0)?,
                 };
-                Some((r, deltas, joined))
+                Some((est, joined))
             }
             None => None,
         };
-        let (slots, cos, sin) = match &refresh {
-            Some((r, _, j)) => (Tensor::cat(&[&b.slots, &r.slots], 0)?, &j.cos, &j.sin),
-            None => (b.slots.clone(), &b.cos, &b.sin),
+        let (slots, cos, sin) = match (&refresh, &b.refresh) {
+            (Some((_, j)), Some(r)) => (Tensor::cat(&[&b.slots, &r.slots], 0)?, &j.cos, &j.sin),
+            _ => (b.slots.clone(), &b.cos, &b.sin),
         };
         let target = if super::kernels::cache_store_fits(&cache.layers[0].0, b.x.dtype()) {
             let rope = Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?;
@@ -1280,12 +1296,7 @@ impl Transformer {
                 if l > 0 && b.record_hidden {
                     hidden.push((&x - &b.x)?);
                 }
-                let est = match &refresh {
-                    Some((r, Some(deltas), _)) if l > 0 => Some((&r.x + deltas.get(l - 1)?)?),
-                    Some((r, _, _)) => Some(r.x.clone()),
-                    None => None,
-                };
-                let joined = est.as_ref().zip(refresh.as_ref().map(|(_, _, j)| j));
+                let joined = refresh.as_ref().map(|(est, j)| (est, l, j));
                 x = layer.forward(&x, b, &target, &cache.layers[l], &ctx.layers[l], joined)?;
             }
             let hidden = match hidden.len() {

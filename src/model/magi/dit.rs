@@ -44,12 +44,11 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )
+        let x = x.to_dtype(DType::F32)?;
+        if crate::model::kernels::f32_kernels(&[&x, &self.weight, &self.bias]) {
+            return crate::model::kernels::layer_norm(&x, &self.weight, &self.bias, self.eps);
+        }
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -141,6 +141,9 @@ impl RmsNorm {
 
     /// `x`: channels last.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::model::kernels::f32_kernels(&[x, &self.gamma]) {
+            return crate::model::kernels::rms_norm(x, &self.gamma, RMS_EPS);
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.gamma, RMS_EPS)
     }
 }
