@@ -840,15 +840,7 @@ pub(crate) fn norm_modulate(
     scale: usize,
     eps: f32,
 ) -> candle_core::Result<Tensor> {
-    let op = FrameOp {
-        counts: counts.to_vec(),
-        kind: FrameKind::NormModulate {
-            shift,
-            scale,
-            eps,
-            joined: None,
-        },
-    };
+    let op = FrameOp::norm(counts, shift, scale, eps, None);
     x.contiguous()?.apply_op2_no_bwd(&m.contiguous()?, &op)
 }
 
@@ -868,15 +860,7 @@ pub(crate) fn norm_modulate_joined(
     scale: usize,
     eps: f32,
 ) -> candle_core::Result<Tensor> {
-    let op = FrameOp {
-        counts: counts.to_vec(),
-        kind: FrameKind::NormModulate {
-            shift,
-            scale,
-            eps,
-            joined: Some(layer),
-        },
-    };
+    let op = FrameOp::norm(counts, shift, scale, eps, Some(layer));
     x.contiguous()?
         .apply_op3_no_bwd(&est.contiguous()?, &m.contiguous()?, &op)
 }
@@ -941,6 +925,18 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 impl FrameOp {
+    fn norm(counts: &[usize], shift: usize, scale: usize, eps: f32, joined: Option<usize>) -> Self {
+        Self {
+            counts: counts.to_vec(),
+            kind: FrameKind::NormModulate {
+                shift,
+                scale,
+                eps,
+                joined,
+            },
+        }
+    }
+
     /// `out[r] = f(row r, its frame's rows of m)` over the rows in order, in parallel. `y`
     /// `[rows, y_width]`: the gated add's second input, or the estimates after `x`'s rows
     /// of a joined norm.
