@@ -28,6 +28,7 @@
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -74,7 +75,10 @@ pub(crate) fn device_tile_elems() -> usize {
 /// spinning: each of them looks for a task, runs it if there is one, and looks again until
 /// `f` returns. A small model's forward is thousands of parallel loops of tens of
 /// microseconds each between short serial stretches; a thread that went to sleep in such a
-/// stretch took about as long to wake up for the next loop as the loop itself.
+/// stretch took about as long to wake up for the next loop as the loop itself. After a
+/// short spin the waiting threads yield their core between checks, so that other
+/// processes (or another generator) on a busy machine still get it, and after
+/// [`MAX_SPIN_IDLE`] without a task they stop waiting (see the loop for why).
 pub(crate) fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) -> T {
     // Device code paths forced on the CPU stay on the calling thread, whose flag forces them.
     if !cpu_kernels(device) || rayon::current_thread_index().is_some() {
@@ -95,9 +99,28 @@ pub(crate) fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) ->
                 }
             }
         } else {
+            // Idle checks in a row; past a short spin, each one offers the core to the
+            // system's other runnable threads first (returns at once when there are none).
+            let mut idle = 0u32;
+            let mut idle_since = None;
             while !done.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle = 0;
+                    idle_since = None;
+                    continue;
+                }
+                // This thread may have picked up this wait while itself waiting inside a
+                // task of `f` (several callers share the pool): then `f` waits for that
+                // task, which cannot go on until the wait here returns. Idle for long
+                // means nothing is coming: hand the thread back to the pool.
+                if idle_since.get_or_insert_with(Instant::now).elapsed() > MAX_SPIN_IDLE {
+                    break;
+                }
+                if idle < SPIN_CHECKS {
+                    idle += 1;
                     std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
                 }
             }
         }
@@ -108,6 +131,15 @@ pub(crate) fn on_pool<T: Send>(device: &Device, f: impl FnOnce() -> T + Send) ->
         _ => unreachable!("the pool's first thread runs the job once"),
     }
 }
+
+/// Idle checks for a task that a waiting pool thread makes before it yields its core to
+/// other threads between checks (see [`on_pool`]).
+const SPIN_CHECKS: u32 = 64;
+
+/// How long a waiting pool thread stays idle before it stops waiting for `on_pool`'s job
+/// and goes back to the pool's own idling (a row's serial stretches take a few
+/// milliseconds at most; see [`on_pool`]).
+const MAX_SPIN_IDLE: Duration = Duration::from_millis(5);
 
 /// Sets its flag when dropped.
 struct SetOnDrop<'a>(&'a AtomicBool);
@@ -1833,6 +1865,49 @@ mod tests {
         assert_eq!(on_pool(&dev, || sum(100)), 4950);
         // Nested calls run in place.
         assert_eq!(on_pool(&dev, || on_pool(&dev, || sum(10))), 45);
+        // Several callers at once, each with nested parallel loops between serial
+        // stretches: a waiting thread can pick up another call's wait inside a task of a
+        // job, which must not leave that job waiting for ever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let callers = 4usize;
+        for t in 0..callers {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let dev = Device::Cpu;
+                let work = |i: usize| {
+                    (0..64usize)
+                        .into_par_iter()
+                        .map(|a| {
+                            (0..256usize)
+                                .into_par_iter()
+                                .map(|v| (v * a + i + t) % 7)
+                                .sum::<usize>()
+                        })
+                        .sum::<usize>()
+                };
+                let mut total = 0;
+                for i in 0..60 {
+                    // Odd callers also use the pool outside `on_pool`, as a decoder would.
+                    if t % 2 == 1 {
+                        total += work(i);
+                    }
+                    total += on_pool(&dev, || {
+                        (0..3)
+                            .map(|_| {
+                                std::thread::sleep(std::time::Duration::from_micros(30));
+                                work(i)
+                            })
+                            .sum::<usize>()
+                    });
+                }
+                let _ = tx.send(total);
+            });
+        }
+        drop(tx);
+        for _ in 0..callers {
+            let got = rx.recv_timeout(std::time::Duration::from_secs(120));
+            assert!(got.is_ok(), "concurrent on_pool calls did not finish");
+        }
         // Forced device paths stay on the calling thread, whose flag forces them.
         force_device_paths(Some(64));
         let here = std::thread::current().id();
