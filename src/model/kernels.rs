@@ -956,6 +956,15 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
 }
 
+/// A layer norm's statistics of one row: its mean and `1 / sqrt(variance + eps)`, in two
+/// passes (mean, then variance).
+fn mean_inv_std(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = lane_sum(x, |v| v) / d;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 impl FrameOp {
     fn norm(counts: &[usize], shift: usize, scale: usize, eps: f32, joined: Option<usize>) -> Self {
         Self {
@@ -1055,9 +1064,7 @@ impl FrameOp {
                         FrameKind::NormModulate {
                             shift, scale, eps, ..
                         } => {
-                            let mean = lane_sum(xr, |v| v) / d as f32;
-                            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
-                            let inv = 1.0 / (var + eps).sqrt();
+                            let (mean, inv) = mean_inv_std(xr, eps);
                             for (((o, &v), &sc), &sh) in
                                 o.iter_mut().zip(xr).zip(row(f, scale)).zip(row(f, shift))
                             {
@@ -1175,9 +1182,7 @@ impl RowNorm {
                 for (o, xr) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
                     match b {
                         Some(b) => {
-                            let mean = lane_sum(xr, |v| v) / d as f32;
-                            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
-                            let inv = 1.0 / (var + eps).sqrt();
+                            let (mean, inv) = mean_inv_std(xr, eps);
                             for (((o, &v), &w), &b) in o.iter_mut().zip(xr).zip(w).zip(b) {
                                 *o = (v - mean) * inv * w + b;
                             }
