@@ -58,6 +58,7 @@ pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "overlap",
     "refresh-interval",
     "min-update-ratio",
+    "max-update-ratio",
     "temporal-consistency",
     "kv-refresh",
 ];

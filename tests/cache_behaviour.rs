@@ -225,25 +225,14 @@ fn selective_forward_matches_full_forward() {
     assert!(rel_l2(&ys2, &want) > 1e-3);
 }
 
-/// Phase-2 recompute counts follow motion: feed the policy outputs in which the left half
-/// of every frame changes from frame to frame and the right half is static.
-#[test]
-fn moving_region_is_recomputed_more_often() {
+/// The policy's plans over 40 steps of a block of 3 frames of 8 tokens whose left half
+/// changes from frame to frame while the right half is static.
+fn plans_on_half_moving_block(s: &CacheSettings) -> Vec<Plan> {
     let dev = Device::Cpu;
-    let s = CacheSettings {
-        warmup_steps: 2,
-        uniform_updates: 2,
-        motion_threshold: 0.1,
-        temporal_consistency: 0.0,
-        min_update_ratio: 0.0,
-        refresh_interval: 0,
-        motion_source: MotionSource::Output,
-        ..Default::default()
-    };
     let (frames, tpf, dim) = (3usize, 8usize, 4usize);
     let mut st = MotionCacheState::default();
-    let mut counts = vec![0usize; frames * tpf];
     let mut rng = motioncache::generate::NoiseRng::new(9);
+    let mut plans = Vec::new();
     for step in 0..40 {
         // Modulation drifts steadily so that distance accumulates.
         let m = Tensor::full(1.0f32 + 0.03 * step as f32, (frames, 6, dim), &dev).unwrap();
@@ -256,14 +245,7 @@ fn moving_region_is_recomputed_more_often() {
             has_residual: true,
             sigma: 1.0 - step as f64 / 40.0,
         };
-        let plan = st.plan(&s, &info).unwrap();
-        if step >= 2 + 2 + 2 {
-            match &plan {
-                Plan::Tokens(t) => t.iter().for_each(|&i| counts[i as usize] += 1),
-                Plan::Full => counts.iter_mut().for_each(|c| *c += 1),
-                Plan::Skip => {}
-            }
-        }
+        let plan = st.plan(s, &info).unwrap();
         let mut rows = Vec::new();
         for f in 0..frames {
             for p in 0..tpf {
@@ -289,7 +271,38 @@ fn moving_region_is_recomputed_more_often() {
             patch: (1, 1),
             rates: &[],
         };
-        st.observe(&s, &info, &plan, &obs).unwrap();
+        st.observe(s, &info, &plan, &obs).unwrap();
+        plans.push(plan);
+    }
+    plans
+}
+
+/// Settings under which phase 2 (motion weights) starts at step 4.
+fn phase2_settings() -> CacheSettings {
+    CacheSettings {
+        warmup_steps: 2,
+        uniform_updates: 2,
+        motion_threshold: 0.1,
+        temporal_consistency: 0.0,
+        min_update_ratio: 0.0,
+        max_update_ratio: 1.0,
+        refresh_interval: 0,
+        motion_source: MotionSource::Output,
+        ..Default::default()
+    }
+}
+
+/// Phase-2 recompute counts follow motion (see [`plans_on_half_moving_block`]).
+#[test]
+fn moving_region_is_recomputed_more_often() {
+    let (frames, tpf) = (3usize, 8usize);
+    let mut counts = vec![0usize; frames * tpf];
+    for plan in &plans_on_half_moving_block(&phase2_settings())[2 + 2 + 2..] {
+        match plan {
+            Plan::Tokens(t) => t.iter().for_each(|&i| counts[i as usize] += 1),
+            Plan::Full => counts.iter_mut().for_each(|c| *c += 1),
+            Plan::Skip => {}
+        }
     }
     let moving: usize = (0..frames * tpf)
         .filter(|i| i % tpf < tpf / 2)
@@ -303,6 +316,37 @@ fn moving_region_is_recomputed_more_often() {
         moving > fixed,
         "moving {moving} vs static {fixed}: {counts:?}"
     );
+}
+
+/// `max_update_ratio`: a block-step that would recompute at least that fraction of the
+/// tokens recomputes all of them; below it, the same partial plans as without the bound.
+#[test]
+fn max_update_ratio_turns_nearly_full_passes_into_full_ones() {
+    let n = 3 * 8;
+    let free = plans_on_half_moving_block(&phase2_settings());
+    let partial = |p: &Plan| matches!(p, Plan::Tokens(t) if t.len() >= n / 2);
+    let first = free
+        .iter()
+        .position(partial)
+        .expect("the unbounded policy recomputes half the block at some step");
+    let bounded = plans_on_half_moving_block(&CacheSettings {
+        max_update_ratio: 0.5,
+        ..phase2_settings()
+    });
+    // Identical up to the first such step, which becomes a full pass.
+    assert_eq!(bounded[..first], free[..first]);
+    assert_eq!(bounded[first], Plan::Full, "{:?}", free[first]);
+    for (i, p) in bounded.iter().enumerate() {
+        assert!(
+            !partial(p),
+            "step {i}: {p:?} recomputes half or more but not all"
+        );
+    }
+    let fewer = plans_on_half_moving_block(&CacheSettings {
+        max_update_ratio: 1.0,
+        ..phase2_settings()
+    });
+    assert_eq!(fewer, free, "1 (all tokens) leaves the plans alone");
 }
 
 /// Cancellation reaches into a transformer pass: with the flag set, the layer loop stops

@@ -230,11 +230,15 @@ impl BlockPolicy for MotionCacheState {
                 }
             }
         }
-        let sel: Vec<u32> = (0..n as u32).filter(|&i| need[i as usize]).collect();
+        let mut sel: Vec<u32> = (0..n as u32).filter(|&i| need[i as usize]).collect();
         let ratio = sel.len() as f64 / n as f64;
         if !forced && ratio > 0.0 && ratio < s.min_update_ratio {
             // Too few tokens to pay for a forward: reuse all, keep accumulating.
             return Ok(Plan::Skip);
+        }
+        if ratio >= s.max_update_ratio {
+            // So few left to reuse that all are recomputed: no stale neighbours.
+            sel = (0..n as u32).collect();
         }
         for &i in &sel {
             self.acc[i as usize] = 0.0;

@@ -224,6 +224,7 @@ impl ObjectImpl for MotionCacheSrc {
             "uniform-updates" => s.uniform_updates = value.get().expect("type checked upstream"),
             "weight-floor" => s.weight_floor = value.get().expect("type checked upstream"),
             "min-update-ratio" => s.min_update_ratio = value.get().expect("type checked upstream"),
+            "max-update-ratio" => s.max_update_ratio = value.get().expect("type checked upstream"),
             "temporal-consistency" => {
                 s.temporal_consistency = value.get().expect("type checked upstream")
             }
@@ -308,6 +309,7 @@ impl ObjectImpl for MotionCacheSrc {
             "uniform-updates" => s.uniform_updates.to_value(),
             "weight-floor" => s.weight_floor.to_value(),
             "min-update-ratio" => s.min_update_ratio.to_value(),
+            "max-update-ratio" => s.max_update_ratio.to_value(),
             "temporal-consistency" => s.temporal_consistency.to_value(),
             "kv-refresh" => s.kv_refresh.to_value(),
             "is-live" => s.is_live.to_value(),

@@ -236,6 +236,15 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             true,
         ),
         float_prop(
+            "max-update-ratio",
+            "Maximum update ratio",
+            "Recompute every token of the block when at least this fraction of them need \
+             it, in [0, 1] (1 = only when all do; negative = the mode's default: \
+             motioncache 0.8, the reference 1)",
+            1.0,
+            true,
+        ),
+        float_prop(
             "temporal-consistency",
             "Temporal consistency",
             "Threshold of the per-position vote across a block's frames, 0 = off, in \

@@ -55,6 +55,7 @@ pub struct Settings {
     pub uniform_updates: i32,
     pub weight_floor: f64,
     pub min_update_ratio: f64,
+    pub max_update_ratio: f64,
     pub temporal_consistency: f64,
     pub kv_refresh: KvRefreshProp,
     pub is_live: bool,
@@ -87,6 +88,7 @@ impl Default for Settings {
             uniform_updates: MODEL_DEFAULT,
             weight_floor: MODEL_DEFAULT_F,
             min_update_ratio: MODEL_DEFAULT_F,
+            max_update_ratio: MODEL_DEFAULT_F,
             temporal_consistency: MODEL_DEFAULT_F,
             kv_refresh: DEFAULT_KV_REFRESH,
             is_live: DEFAULT_IS_LIVE,
@@ -136,6 +138,7 @@ impl Settings {
         c.uniform_updates = int_or(self.uniform_updates, m.uniform_updates);
         c.weight_floor = float_or(self.weight_floor, m.weight_floor);
         c.min_update_ratio = float_or(self.min_update_ratio, m.min_update_ratio);
+        c.max_update_ratio = float_or(self.max_update_ratio, m.max_update_ratio);
         c.temporal_consistency = float_or(self.temporal_consistency, m.temporal_consistency);
         match self.kv_refresh {
             KvRefreshProp::Auto => {}
@@ -180,6 +183,7 @@ impl Settings {
             "uniform-updates" => self.uniform_updates != d.uniform_updates,
             "weight-floor" => self.weight_floor != d.weight_floor,
             "min-update-ratio" => self.min_update_ratio != d.min_update_ratio,
+            "max-update-ratio" => self.max_update_ratio != d.max_update_ratio,
             "temporal-consistency" => self.temporal_consistency != d.temporal_consistency,
             "kv-refresh" => self.kv_refresh != d.kv_refresh,
             _ => false,
@@ -208,6 +212,7 @@ impl Settings {
                 "uniform-updates" => s.uniform_updates = d.uniform_updates,
                 "weight-floor" => s.weight_floor = d.weight_floor,
                 "min-update-ratio" => s.min_update_ratio = d.min_update_ratio,
+                "max-update-ratio" => s.max_update_ratio = d.max_update_ratio,
                 "temporal-consistency" => s.temporal_consistency = d.temporal_consistency,
                 "kv-refresh" => s.kv_refresh = d.kv_refresh,
                 _ => {}

@@ -134,6 +134,7 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             "refresh" => c.refresh_interval = num()? as usize,
             "uniform" => c.uniform_updates = num()? as usize,
             "min-ratio" => c.min_update_ratio = num()?,
+            "max-ratio" => c.max_update_ratio = num()?,
             "vote" => c.temporal_consistency = num()?,
             "full-last" => c.full_last_step = flag()?,
             "kv-refresh" => {
