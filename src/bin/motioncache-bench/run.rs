@@ -435,13 +435,22 @@ pub fn run(a: Args) -> BoxResult<()> {
     let mut rows = Vec::new();
     for (sname, base) in &scen {
         let specs = modes(&a, base.steps, &base.cache)?;
-        let mut results: Vec<(ModeSpec, Vec<Outcome>)> = Vec::new();
-        for m in specs {
-            let mut s = base.clone();
-            s.cache = m.cache.clone();
-            let mut outs = Vec::new();
-            for (i, prompt) in prompts.iter().enumerate() {
-                let seed = 1024 + i as u64;
+        // Prompt by prompt, every mode in turn (forwards for even prompts, backwards for
+        // odd ones), so that a machine whose speed drifts during the run (a shared VM
+        // drifts by several percent within minutes) slows every mode alike instead of the
+        // modes run last.
+        let mut outs: Vec<Vec<Outcome>> = specs.iter().map(|_| Vec::new()).collect();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let seed = 1024 + i as u64;
+            let order: Vec<usize> = if i % 2 == 0 {
+                (0..specs.len()).collect()
+            } else {
+                (0..specs.len()).rev().collect()
+            };
+            for j in order {
+                let m = &specs[j];
+                let mut s = base.clone();
+                s.cache = m.cache.clone();
                 let mut o = generate(&p, prompt, &s, seed, true)?;
                 for _ in 1..repeats(&a, sname) {
                     let again = generate(&p, prompt, &s, seed, false)?;
@@ -455,16 +464,16 @@ pub fn run(a: Args) -> BoxResult<()> {
                     o.vae_seconds = o.vae_seconds.min(again.vae_seconds);
                 }
                 eprintln!(
-                    "{sname} {:<22} {:>6} prompt {i}: transformer {:.2} s, vae {:.2} s",
+                    "{sname} {:<22} {:>6} prompt {i}: transformer {:.3} s, vae {:.3} s",
                     m.label,
                     m.threshold.map(|t| format!("{t}")).unwrap_or_default(),
                     o.transformer_seconds,
                     o.vae_seconds
                 );
-                outs.push(o);
+                outs[j].push(o);
             }
-            results.push((m, outs));
         }
+        let results: Vec<(ModeSpec, Vec<Outcome>)> = specs.into_iter().zip(outs).collect();
         let diff_secs = diffusers
             .as_ref()
             .and_then(|v| v.get(*sname))
@@ -504,6 +513,7 @@ fn summarise(
     let mut rows = Vec::new();
     for (i, (m, outs)) in results.iter().enumerate() {
         let (mut ps, mut ss, mut exact) = (0.0, 0.0, true);
+        let mut per_prompt = Vec::new();
         for (o, v) in outs.iter().zip(&results[0].1) {
             let a = Frames {
                 frames: &o.frames,
@@ -516,10 +526,17 @@ fn summarise(
                 height: h,
             };
             let q = psnr(&a, &b)?;
+            per_prompt.push(format!("{:.2}", q.min(99.0)));
             exact &= !q.is_finite() || q >= 99.0;
             ps += q.min(99.0);
             ss += ssim(&a, &b)?;
         }
+        eprintln!(
+            "{schedule} {:<22} {:>6} PSNR per prompt (dB): {}",
+            m.label,
+            m.threshold.map(|t| format!("{t}")).unwrap_or_default(),
+            per_prompt.join(" ")
+        );
         let n = outs.len() as f64;
         let secs = sum(i, &total);
         let tr = sum(i, &|o| o.transformer_seconds);
