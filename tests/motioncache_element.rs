@@ -2,9 +2,9 @@
 //! reached in every block after the first, and recomputation follows the motion: tokens in
 //! moving regions (the tenth of each frame's tokens whose pixels changed most, see
 //! `metrics::motion_selectivity`) go through the transformer at least twice as often as
-//! static ones (the lower half). Measured 2.18x on the fifth export (18.6 against 8.6
-//! recomputes per token over a block's 10 steps x 2 guidance branches; 2.16x on the fourth,
-//! 2.09x on the third).
+//! static ones (the lower half). Measured 2.14x on the fifth export with
+//! `max_update_ratio` 0.8 (18.55 against 8.68 recomputes per token over a block's 10 steps x
+//! 2 guidance branches; 2.18x without it, 2.16x on the fourth export, 2.09x on the third).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
