@@ -9,6 +9,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// im2col matrices are built and multiplied in tiles of at most this many elements, so that
 /// a large frame (540P with hundreds of channels) does not need gigabytes at once.
@@ -78,12 +80,15 @@ impl Im2Col {
             candle_core::bail!("im2col: rows out of range")
         }
         let k = g.kt * g.kh * g.kw * c + usize::from(self.ones_column);
-        let mut out = vec![T::zero(); self.rows * k];
-        let one = T::from_f64(1.0);
-        let fill = |first_row: usize, dst: &mut [T]| {
+        let n = self.rows * k;
+        // Every element is written below, the padding taps with zeros, so the matrix is
+        // not zeroed first (that memset took more time than the gather itself).
+        let mut out: Vec<T> = Vec::with_capacity(n);
+        let (zero, one) = (T::zero(), T::from_f64(1.0));
+        let fill = |first_row: usize, dst: &mut [MaybeUninit<T>]| {
             for (i, row) in dst.chunks_exact_mut(k).enumerate() {
                 if self.ones_column {
-                    row[k - 1] = one;
+                    row[k - 1].write(one);
                 }
                 let r = first_row + i;
                 let x0 = r % wo;
@@ -97,15 +102,21 @@ impl Im2Col {
                     for dy in 0..g.kh {
                         let yi = (y0 * g.stride_hw + dy) as isize - g.pad_before as isize;
                         if yi < 0 || yi >= h as isize {
+                            row[off..off + g.kw * c].fill(MaybeUninit::new(zero));
                             off += g.kw * c;
                             continue;
                         }
                         let line = (frame + yi as usize) * w;
                         for dx in 0..g.kw {
                             let xi = (x0 * g.stride_hw + dx) as isize - g.pad_before as isize;
+                            let tap = &mut row[off..off + c];
                             if xi >= 0 && xi < w as isize {
                                 let s = (line + xi as usize) * c;
-                                row[off..off + c].copy_from_slice(&src[s..s + c]);
+                                for (d, v) in tap.iter_mut().zip(&src[s..s + c]) {
+                                    d.write(*v);
+                                }
+                            } else {
+                                tap.fill(MaybeUninit::new(zero));
                             }
                             off += c;
                         }
@@ -113,18 +124,20 @@ impl Im2Col {
                 }
             }
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads > 1 && self.rows * k >= 1 << 16 {
-            let rows_per = self.rows.div_ceil(threads);
-            std::thread::scope(|s| {
-                for (j, part) in out.chunks_mut(rows_per * k).enumerate() {
-                    let fill = &fill;
-                    s.spawn(move || fill(self.row_start + j * rows_per, part));
-                }
-            });
+        let dst = &mut out.spare_capacity_mut()[..n];
+        // On the pool (whose size the thread settings give), a few bands per thread.
+        let threads = rayon::current_num_threads();
+        if threads > 1 && n >= 1 << 16 {
+            let rows_per = self.rows.div_ceil(threads * 2).max(1);
+            dst.par_chunks_mut(rows_per * k)
+                .enumerate()
+                .for_each(|(j, part)| fill(self.row_start + j * rows_per, part));
         } else {
-            fill(self.row_start, &mut out);
+            fill(self.row_start, dst);
         }
+        // SAFETY: `fill` wrote every element of the first `n`: each of the `rows` rows of
+        // `k` gets its ones column and, per tap (dt, dy, dx), `c` values, copied or zero.
+        unsafe { out.set_len(n) };
         Ok(out)
     }
 }
@@ -441,9 +454,17 @@ mod tests {
         }
     }
 
+    /// The gather against tensor ops, on a small input (one band) and on one large enough
+    /// to be gathered in bands on the pool.
     #[test]
     fn cpu_gather_equals_tensor_ops() -> Result<()> {
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7, 3), &Device::Cpu)?;
+        for dims in [(2, 5, 6, 7, 3), (1, 4, 24, 20, 16)] {
+            gather_equals_tensor_ops(&Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
+    fn gather_equals_tensor_ops(x: &Tensor) -> Result<()> {
         let geometries = [
             (3, 3, 1, 1, 1, 1),
             (3, 1, 2, 1, 0, 0),
@@ -460,7 +481,7 @@ mod tests {
                 pad_before,
                 pad_after,
             };
-            let reference = im2col_tensor_ops(&x, g)?;
+            let reference = im2col_tensor_ops(x, g)?;
             let rows = reference.dim(0)?;
             let split = rows / 3;
             let a = x.apply_op1_no_bwd(&Im2Col {
@@ -478,6 +499,24 @@ mod tests {
             let got = Tensor::cat(&[a, b], 0)?;
             let diff = (got - &reference)?.abs()?.sum_all()?.to_scalar::<f32>()?;
             assert_eq!(diff, 0.0, "{g:?}");
+            // With the ones column: the same matrix and a last column of ones.
+            let with_ones = x.apply_op1_no_bwd(&Im2Col {
+                g,
+                row_start: 0,
+                rows,
+                ones_column: true,
+            })?;
+            let k = reference.dim(1)?;
+            let diff = (with_ones.narrow(1, 0, k)? - &reference)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{g:?} with the ones column");
+            let ones = with_ones.narrow(1, k, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(
+                ones.iter().all(|&v| v == 1.0),
+                "{g:?}: ones column {ones:?}"
+            );
         }
         Ok(())
     }
