@@ -1132,7 +1132,15 @@ impl CustomOp3 for FrameOp {
 /// `candle_nn::ops::rms_norm`, whose CPU code sums each row in one scalar chain. CPU, f32
 /// only (see [`f32_kernels`]).
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    let op = RowNorm { eps };
+    let op = RowNorm { eps, silu: false };
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
+/// `silu(rms_norm(x, w))` in one pass over each row (the VAE's `norm` then `silu`), with
+/// a vectorised `exp` where candle's `silu` calls the scalar one per element. CPU, f32
+/// only.
+pub(crate) fn rms_norm_silu(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let op = RowNorm { eps, silu: true };
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
@@ -1145,7 +1153,7 @@ pub(crate) fn layer_norm(
     b: &Tensor,
     eps: f32,
 ) -> candle_core::Result<Tensor> {
-    let op = RowNorm { eps };
+    let op = RowNorm { eps, silu: false };
     x.contiguous()?
         .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)
 }
@@ -1153,6 +1161,8 @@ pub(crate) fn layer_norm(
 /// [`rms_norm`], or with a bias [`layer_norm`].
 struct RowNorm {
     eps: f32,
+    /// Whether each normalised row goes through SiLU (`x * sigmoid(x)`).
+    silu: bool,
 }
 
 impl RowNorm {
@@ -1176,6 +1186,7 @@ impl RowNorm {
         let mut out = vec![0f32; x.len()];
         let rows = frame_rows(n);
         let eps = self.eps;
+        let simd = Simd::detect();
         out.par_chunks_mut(rows * d)
             .zip(x.par_chunks(rows * d))
             .for_each(|(dst, src)| {
@@ -1195,6 +1206,9 @@ impl RowNorm {
                             }
                         }
                     }
+                }
+                if self.silu {
+                    silu_inplace(simd, dst);
                 }
             });
         Ok((CpuStorage::F32(out), shape.clone()))
@@ -1429,6 +1443,13 @@ fn gelu_slice(x: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn silu_slice(x: &mut [f32]) {
+    for v in x {
+        *v /= 1.0 + exp(-*v);
+    }
+}
+
 /// The f32 data of a storage.
 fn f32_data(s: &CpuStorage) -> candle_core::Result<&[f32]> {
     match s {
@@ -1496,6 +1517,7 @@ macro_rules! dispatch {
 }
 
 dispatch!(gelu_inplace, gelu_slice, avx512::gelu, ());
+dispatch!(silu_inplace, silu_slice, avx512::silu, ());
 
 const LANES: usize = 16;
 
@@ -1661,9 +1683,7 @@ mod avx512 {
     /// See `super::gelu_slice`.
     #[target_feature(enable = "avx512f")]
     pub(super) fn gelu(x: &mut [f32]) {
-        let (body, tail) = x.split_at_mut(x.len() / LANES * LANES);
-        let m = tail_mask(tail.len());
-        let f = |a: __m512| {
+        map(x, |a| {
             let k = _mm512_set1_ps(2.0 * GELU_K);
             let a3 = _mm512_mul_ps(_mm512_mul_ps(a, a), a);
             let u2 = _mm512_mul_ps(k, _mm512_fmadd_ps(_mm512_set1_ps(GELU_C), a3, a));
@@ -1672,7 +1692,27 @@ mod avx512 {
                 exp(_mm512_sub_ps(_mm512_setzero_ps(), u2)),
             );
             _mm512_div_ps(a, d)
-        };
+        })
+    }
+
+    /// See `super::silu_slice`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn silu(x: &mut [f32]) {
+        map(x, |a| {
+            let d = _mm512_add_ps(
+                _mm512_set1_ps(1.0),
+                exp(_mm512_sub_ps(_mm512_setzero_ps(), a)),
+            );
+            _mm512_div_ps(a, d)
+        })
+    }
+
+    /// Replaces every element of `x` by `f` of it, 16 lanes at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn map(x: &mut [f32], f: impl Fn(__m512) -> __m512) {
+        let (body, tail) = x.split_at_mut(x.len() / LANES * LANES);
+        let m = tail_mask(tail.len());
         let p = body.as_mut_ptr();
         // SAFETY: as in `softmax_row`.
         unsafe {
@@ -1932,6 +1972,9 @@ mod tests {
         let got = rms_norm(&x, &w, 1e-6).unwrap();
         assert_eq!(got.dims(), [2, 35, 40]);
         assert!(max_abs_diff(&got, &want) < 1e-5);
+        let want_silu = want.silu().unwrap();
+        let got = rms_norm_silu(&x, &w, 1e-6).unwrap();
+        assert!(max_abs_diff(&got, &want_silu) < 1e-5);
         let want = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
         let got = layer_norm(&x, &w, &b, 1e-6).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-5);
@@ -1974,16 +2017,23 @@ mod tests {
             let x: Vec<f32> = (0..len)
                 .map(|i| ((i * 7919) % 1000) as f32 / 60.0 - 8.0)
                 .collect();
-            let mut want_gelu = x.clone();
-            gelu_slice(&mut want_gelu);
-            for &simd in &simds {
-                let mut g = x.clone();
-                gelu_inplace(simd, &mut g);
-                for (a, b) in g.iter().zip(&want_gelu) {
-                    assert!(
-                        (a - b).abs() <= 1e-6 * b.abs() + 1e-9,
-                        "len {len}: gelu {a} vs {b}"
-                    );
+            type Kernel = fn(Simd, &mut [f32]);
+            let kernels: [(&str, fn(&mut [f32]), Kernel); 2] = [
+                ("gelu", gelu_slice, gelu_inplace),
+                ("silu", silu_slice, silu_inplace),
+            ];
+            for (name, portable, kernel) in kernels {
+                let mut want = x.clone();
+                portable(&mut want);
+                for &simd in &simds {
+                    let mut g = x.clone();
+                    kernel(simd, &mut g);
+                    for (a, b) in g.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-6 * b.abs() + 1e-9,
+                            "len {len}: {name} {a} vs {b}"
+                        );
+                    }
                 }
             }
         }

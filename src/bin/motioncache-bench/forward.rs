@@ -410,9 +410,8 @@ pub fn run(o: Args) -> BoxResult<()> {
         &cfg_path,
         serde_json::to_string_pretty(&diffusers_json(&cfg))?,
     )?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // The pool the kernels and candle's matrix multiplies run on (`RAYON_NUM_THREADS`).
+    let threads = rayon::current_num_threads();
     println!(
         "forward microbenchmark on {}: config {} (dim {}, {} layers), latent {}x{}x{}, text {text_len}, {threads} threads",
         o.device,

@@ -217,9 +217,8 @@ pub fn run(o: Args) -> BoxResult<()> {
         &cfg_path,
         serde_json::to_string_pretty(&upstream_json(&mc_json))?,
     )?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // The pool the kernels and candle's matrix multiplies run on (`RAYON_NUM_THREADS`).
+    let threads = rayon::current_num_threads();
     let p = mc.patch_size;
     let ct = chunk_frames * (o.height / p) * (o.width / p);
     let fl = flops(&mc, ct, o.chunks, o.caption_len.min(mc.caption_max_length));

@@ -421,9 +421,8 @@ pub fn run(a: Args) -> BoxResult<()> {
         Some(f) => Some(report::load_json("--diffusers", f)?),
         None => None,
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // The pool the kernels and candle's matrix multiplies run on (`RAYON_NUM_THREADS`).
+    let threads = rayon::current_num_threads();
     println!(
         "model: {} ({}x{} @ {} fps), {} prompts, {threads} threads",
         p.info().name,

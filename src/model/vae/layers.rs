@@ -146,6 +146,14 @@ impl RmsNorm {
         }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.gamma, RMS_EPS)
     }
+
+    /// `silu(self.forward(x))`, fused on the CPU.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::model::kernels::f32_kernels(&[x, &self.gamma]) {
+            return crate::model::kernels::rms_norm_silu(x, &self.gamma, RMS_EPS);
+        }
+        self.forward(x)?.silu()
+    }
 }
 
 /// Wan's `ResidualBlock`: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))` with
@@ -187,9 +195,9 @@ impl ResidualBlock {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward(x)?.silu()?;
+        let y = self.norm1.forward_silu(x)?;
         let y = self.conv1.forward_cached(&y, cache)?;
-        let y = self.norm2.forward(&y)?.silu()?;
+        let y = self.norm2.forward_silu(&y)?;
         let y = self.conv2.forward_cached(&y, cache)?;
         y + h
     }
@@ -539,7 +547,7 @@ impl Encoder3d {
             x = layer.forward(&x, cache)?;
         }
         let x = self.mid_block.forward(&x, cache)?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }
@@ -625,7 +633,7 @@ impl Decoder3d {
                 x = up.forward(&x, cache)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }
