@@ -2017,8 +2017,9 @@ mod tests {
             let x: Vec<f32> = (0..len)
                 .map(|i| ((i * 7919) % 1000) as f32 / 60.0 - 8.0)
                 .collect();
+            type Portable = fn(&mut [f32]);
             type Kernel = fn(Simd, &mut [f32]);
-            let kernels: [(&str, fn(&mut [f32]), Kernel); 2] = [
+            let kernels: [(&str, Portable, Kernel); 2] = [
                 ("gelu", gelu_slice, gelu_inplace),
                 ("silu", silu_slice, silu_inplace),
             ];
