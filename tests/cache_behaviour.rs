@@ -387,7 +387,7 @@ fn a_pass_stops_at_the_next_layer_when_cancelled() {
         ctx.len(),
     )
     .unwrap();
-    let batch = bb.build(&dev).unwrap();
+    let batch = bb.build().unwrap();
     let stop = AtomicBool::new(true);
     let stopped = m
         .forward_batch_until(&batch, &cache, &ctx, Some(&stop))
@@ -435,7 +435,7 @@ fn kv_refresh_from_current_hidden_states_is_exact() {
     bb.push(item(x.clone(), &toks), &full_cache, ctx.len())
         .unwrap();
     let full = m
-        .forward_batch_until(&bb.build(&dev).unwrap(), &full_cache, &ctx, None)
+        .forward_batch_until(&bb.build().unwrap(), &full_cache, &ctx, None)
         .unwrap()
         .expect("an output");
     let hidden = full.hidden.as_ref().expect("hidden states");
@@ -459,8 +459,7 @@ fn kv_refresh_from_current_hidden_states_is_exact() {
         if refresh {
             bb.push_refresh(
                 RefreshItem {
-                    x: x.index_select(&ri, 0).unwrap(),
-                    deltas: deltas.clone(),
+                    est: Tensor::cat(&[&x.index_select(&ri, 0).unwrap(), &deltas], 1).unwrap(),
                     modulation: &md,
                     tokens: &others,
                     branch: 0,
@@ -471,8 +470,7 @@ fn kv_refresh_from_current_hidden_states_is_exact() {
             )
             .unwrap();
         }
-        m.forward_batch(&bb.build(&dev).unwrap(), &cache, &ctx)
-            .unwrap()
+        m.forward_batch(&bb.build().unwrap(), &cache, &ctx).unwrap()
     };
     let want = full.y.index_select(&pi, 0).unwrap();
     let err = rel_l2(&run(true), &want);

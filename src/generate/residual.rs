@@ -6,10 +6,11 @@
 //! (colour right in 4 of 12 streams against 10 with the last residual), on the paper's 50
 //! it gains 1 to 2 dB at the same work and time.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::cache::Reuse;
+use crate::model::kernels::with_host_f32;
 
 /// Extrapolation is clamped to at most this many times the last computed interval.
 const MAX_FORECAST: f32 = 1.0;
@@ -124,12 +125,13 @@ impl ResidualStore {
                 let mut done = vec![false; n];
                 if let Some((_, idx, rows)) = fresh {
                     check_rows(n, d, idx, rows)?;
-                    let r = rows.flatten_all()?.to_vec1::<f32>()?;
-                    for (k, &i) in idx.iter().enumerate() {
-                        let i = i as usize;
-                        out[i * d..(i + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
-                        done[i] = true;
-                    }
+                    with_host_f32(rows, |r| {
+                        for (k, &i) in idx.iter().enumerate() {
+                            let i = i as usize;
+                            out[i * d..(i + 1) * d].copy_from_slice(&r[k * d..(k + 1) * d]);
+                            done[i] = true;
+                        }
+                    })?;
                 }
                 let rows = HostRows {
                     last,
@@ -162,30 +164,57 @@ impl ResidualStore {
     }
 
     /// The residuals the tokens `idx` (as a `[m]` u32 tensor and its values) would reuse at
-    /// `sigma`, `[m, dim]`.
+    /// `sigma`, `[m, dim]`; with `prefix` (`[tokens, p]`), each after the token's row of
+    /// it, `[m, p + dim]` (on the host in one pass).
     pub fn predict_rows(
         &self,
         sigma: f64,
         reuse: Reuse,
         idx: &Tensor,
         idx_vec: &[u32],
+        prefix: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let ratio = self.ratios(sigma, reuse);
         let n = self.sigma_last.len();
+        if let Some(p) = prefix
+            && p.dim(0)? != n
+        {
+            candle_core::bail!("a prefix of {:?} for {n} tokens", p.shape());
+        }
         match &self.data {
             Data::Host {
                 last,
                 prev,
                 dim,
                 device,
-            } => HostRows {
-                last,
-                prev: prev.as_deref(),
-                ratio: ratio.as_deref(),
-                dim: *dim,
+            } if prefix.is_none_or(is_host) => {
+                let rows = HostRows {
+                    last,
+                    prev: prev.as_deref(),
+                    ratio: ratio.as_deref(),
+                    dim: *dim,
+                };
+                match prefix {
+                    None => rows.gather(idx_vec, n, None, device),
+                    Some(p) => {
+                        let w = p.dim(1)?;
+                        with_host_f32(p, |p| rows.gather(idx_vec, n, Some((p, w)), device))?
+                    }
+                }
             }
-            .gather(idx_vec, n, device),
-            Data::Device { .. } => self.predict(sigma, reuse)?.index_select(idx, 0),
+            _ => {
+                let rows = self.predict(sigma, reuse)?.index_select(idx, 0)?;
+                match prefix {
+                    None => Ok(rows),
+                    Some(p) => {
+                        let p = p
+                            .contiguous()?
+                            .index_select(idx, 0)?
+                            .to_dtype(rows.dtype())?;
+                        Tensor::cat(&[&p, &rows], 1)
+                    }
+                }
+            }
         }
     }
 
@@ -208,7 +237,7 @@ impl ResidualStore {
                 };
                 match idx {
                     None => Tensor::from_slice(last, (self.sigma_last.len(), *dim), device),
-                    Some((_, v)) => rows.gather(v, self.sigma_last.len(), device),
+                    Some((_, v)) => rows.gather(v, self.sigma_last.len(), None, device),
                 }
             }
         }
@@ -256,14 +285,20 @@ impl ResidualStore {
     pub fn update_all(&mut self, residual: Tensor, sigma: f64) -> candle_core::Result<()> {
         match &mut self.data {
             Data::Host { last, prev, .. } => {
-                let new = residual.flatten_all()?.to_vec1::<f32>()?;
-                if new.len() != last.len() {
+                if residual.elem_count() != last.len() || residual.dtype() != DType::F32 {
                     candle_core::bail!(
-                        "residual {:?} for a store of {} values",
+                        "residual {:?} {:?} for a store of {} values",
                         residual.shape(),
+                        residual.dtype(),
                         last.len()
                     );
                 }
+                // The old `last` becomes `prev`; the old `prev` buffer takes the new rows.
+                let mut new = prev.take().unwrap_or_default();
+                with_host_f32(&residual, |r| {
+                    new.clear();
+                    new.extend_from_slice(r);
+                })?;
                 *prev = Some(std::mem::replace(last, new));
             }
             Data::Device { last, prev } => {
@@ -291,13 +326,14 @@ impl ResidualStore {
             } => {
                 let d = *dim;
                 check_rows(n, d, idx_vec, fresh)?;
-                let r = fresh.flatten_all()?.to_vec1::<f32>()?;
                 let prev = prev.get_or_insert_with(|| last.clone());
-                for (k, &i) in idx_vec.iter().enumerate() {
-                    let row = i as usize * d..(i as usize + 1) * d;
-                    prev[row.clone()].copy_from_slice(&last[row.clone()]);
-                    last[row].copy_from_slice(&r[k * d..(k + 1) * d]);
-                }
+                with_host_f32(fresh, |r| {
+                    for (k, &i) in idx_vec.iter().enumerate() {
+                        let row = i as usize * d..(i as usize + 1) * d;
+                        prev[row.clone()].copy_from_slice(&last[row.clone()]);
+                        last[row].copy_from_slice(&r[k * d..(k + 1) * d]);
+                    }
+                })?;
             }
             Data::Device { last, prev } => {
                 let old = last.index_select(idx, 0)?;
@@ -356,23 +392,43 @@ impl HostRows<'_> {
         }
     }
 
-    /// The rows of the tokens `idx` (of `n`), `[m, dim]`.
-    fn gather(&self, idx: &[u32], n: usize, device: &Device) -> candle_core::Result<Tensor> {
+    /// The rows of the tokens `idx` (of `n`), `[m, dim]`; with `prefix` (`n` rows of `p`
+    /// values), each after the token's row of it, `[m, p + dim]`.
+    fn gather(
+        &self,
+        idx: &[u32],
+        n: usize,
+        prefix: Option<(&[f32], usize)>,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let d = self.dim;
         if let Some(i) = idx.iter().find(|&&i| i as usize >= n) {
             candle_core::bail!("token {i} of a residual store of {n}");
         }
-        let mut out = vec![0f32; idx.len() * d];
-        out.par_chunks_mut(d)
+        let p = prefix.map_or(0, |(_, w)| w);
+        if let Some((v, w)) = prefix
+            && v.len() != n * w
+        {
+            candle_core::bail!("a prefix of {} values for {n} rows of {w}", v.len());
+        }
+        let mut out = vec![0f32; idx.len() * (p + d)];
+        out.par_chunks_mut(p + d)
             .with_min_len(ROWS_PER_TASK)
             .zip(idx)
-            .for_each(|(dst, &i)| self.write(i as usize, dst));
-        Tensor::from_vec(out, (idx.len(), d), device)
+            .for_each(|(dst, &i)| {
+                let i = i as usize;
+                if let Some((v, w)) = prefix {
+                    dst[..w].copy_from_slice(&v[i * w..(i + 1) * w]);
+                }
+                self.write(i, &mut dst[p..]);
+            });
+        Tensor::from_vec(out, (idx.len(), p + d), device)
     }
 }
 
-/// Whether a residual is kept on the host (see [`Data::Host`]).
-fn is_host(t: &Tensor) -> bool {
+/// Whether a residual is kept on the host (see [`Data::Host`]): a store keeps its own
+/// copy of such rows, never the tensor it was given.
+pub(crate) fn is_host(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
@@ -487,8 +543,33 @@ mod tests {
                 device.predict(0.55, reuse).unwrap(),
             );
             same(
-                host.predict_rows(0.55, reuse, &idx, &idx_vec).unwrap(),
-                device.predict_rows(0.55, reuse, &idx, &idx_vec).unwrap(),
+                host.predict_rows(0.55, reuse, &idx, &idx_vec, None)
+                    .unwrap(),
+                device
+                    .predict_rows(0.55, reuse, &idx, &idx_vec, None)
+                    .unwrap(),
+            );
+            // After a prefix: its rows of the tokens first, then the same predictions.
+            let prefix = res(5.0).narrow(1, 0, 3).unwrap().contiguous().unwrap();
+            let after = host
+                .predict_rows(0.55, reuse, &idx, &idx_vec, Some(&prefix))
+                .unwrap();
+            assert_eq!(after.dims(), [3, 3 + d]);
+            same(
+                after.clone(),
+                device
+                    .predict_rows(0.55, reuse, &idx, &idx_vec, Some(&f64t(&prefix)))
+                    .unwrap(),
+            );
+            same(
+                after.narrow(1, 0, 3).unwrap(),
+                f64t(&prefix.index_select(&idx, 0).unwrap()),
+            );
+            same(
+                after.narrow(1, 3, d).unwrap(),
+                device
+                    .predict_rows(0.55, reuse, &idx, &idx_vec, None)
+                    .unwrap(),
             );
             let rows = res(4.0).index_select(&idx, 0).unwrap();
             same(

@@ -14,6 +14,7 @@
 //! 5. [`Segment::step_blocks`]: guidance, the cache policies' observation (the predicted
 //!    clean latent, the outputs), the solver step; then finished blocks are emitted in order.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 
@@ -30,7 +31,7 @@ use crate::model::transformer::{
 };
 use crate::schedule::{FlowSchedule, SchedulerConfig, StepMatrix, UniPcState};
 
-use super::residual::ResidualStore;
+use super::residual::{ResidualStore, is_host};
 use super::{BlockStats, GeneratorSettings, NoiseRng, check};
 
 /// What a row needs from the generator.
@@ -164,6 +165,10 @@ pub(super) struct Segment {
     kv: KvCache,
     /// Last frame of each block's clean latents (final or latest prediction), `[C, H, W]`.
     x0_last: Vec<Option<Tensor>>,
+    /// A block's timestep conditioning by timestep (its bits) and fps class: every block
+    /// steps through the same few timesteps, each of which would otherwise run the
+    /// embedding's three small matrix multiplies again every row.
+    modulations: HashMap<(u64, u32), FrameModulation>,
 }
 
 impl Segment {
@@ -228,6 +233,7 @@ impl Segment {
             grid: (gf, gh, gw),
             kv,
             x0_last,
+            modulations: HashMap::new(),
         })
     }
 
@@ -425,32 +431,43 @@ impl Segment {
     /// Inputs, tokens and modulation of every block of the window the row may touch: all
     /// of them in vanilla, the started ones otherwise (blocks that have not started are
     /// never computed under the block-causal mask).
-    fn inputs(&self, row: &Row, env: &mut Env) -> Result<Inputs> {
+    fn inputs(&mut self, row: &Row, env: &mut Env) -> Result<Inputs> {
         let blocks = self.latents.len();
         let need: Vec<bool> = (0..blocks)
             .map(|b| (row.v0..row.v1).contains(&b) && (row.vanilla || row.index[b] > 0))
             .collect();
         let gf = self.grid.0;
         let mut tokens = vec![None; blocks];
-        let mut modulation = vec![None; blocks];
-        // One conditioning computation for every block of the row.
-        let mut ts = Vec::new();
-        let mut order = Vec::new();
+        let mut keys = vec![None; blocks];
+        // One conditioning computation for the row's timesteps not seen before.
+        let mut new = Vec::new();
         for b in (0..blocks).filter(|&b| need[b]) {
             let (xb, t) = self.block_input(row, b, env.rng)?;
             tokens[b] = Some(env.model.patchify(&xb)?);
-            ts.extend(std::iter::repeat_n(t, gf));
-            order.push(b);
+            let key = (t.to_bits(), row.fps_class);
+            if !self.modulations.contains_key(&key) && !new.contains(&t) {
+                new.push(t);
+            }
+            keys[b] = Some(key);
         }
-        if !order.is_empty() {
+        if !new.is_empty() {
+            let ts: Vec<f64> = new
+                .iter()
+                .flat_map(|&t| std::iter::repeat_n(t, gf))
+                .collect();
             let m = env.model.modulation(&ts, row.fps_class)?;
-            for (i, &b) in order.iter().enumerate() {
-                modulation[b] = Some(FrameModulation {
+            for (i, &t) in new.iter().enumerate() {
+                let block = FrameModulation {
                     temb: m.temb.narrow(0, i * gf, gf)?,
                     proj: m.proj.narrow(0, i * gf, gf)?,
-                });
+                };
+                self.modulations.insert((t.to_bits(), row.fps_class), block);
             }
         }
+        let modulation = keys
+            .iter()
+            .map(|k| k.and_then(|k| self.modulations.get(&k).cloned()))
+            .collect();
         Ok(Inputs { tokens, modulation })
     }
 
@@ -567,8 +584,7 @@ impl Segment {
             self.stats[tgt].flops += env.model.refresh_flops(set.len());
             bb.push_refresh(
                 RefreshItem {
-                    x: x.index_select(ix, 0)?,
-                    deltas: hidden.predict_rows(sigma, row.cache.reuse, ix, rest)?,
+                    est: hidden.predict_rows(sigma, row.cache.reuse, ix, rest, Some(x))?,
                     modulation: inputs.modulation[*b]
                         .as_ref()
                         .ok_or_else(|| missing_input(*b))?,
@@ -647,7 +663,7 @@ impl Segment {
         if bb.is_empty() {
             return Ok((None, ranges));
         }
-        let batch = bb.build(env.model.device())?;
+        let batch = bb.build()?;
         let f = env
             .model
             .forward_batch_until(&batch, &self.kv, env.stacked, Some(env.cancel))?
@@ -727,10 +743,17 @@ impl Segment {
                         }
                         Plan::Full => {
                             let y = rows(r)?;
-                            // A copy of the block's rows: a view would keep the whole
+                            // The block's rows. A store keeps host rows in its own
+                            // buffers; elsewhere a copy, as a view would keep the whole
                             // batch's hidden states alive as long as the store.
                             let own = match hidden {
-                                Some(h) => Some(h.narrow(0, r.start, r.len())?.copy()?),
+                                Some(h) => {
+                                    let rows = h.narrow(0, r.start, r.len())?;
+                                    Some(match is_host(&rows) {
+                                        true => rows,
+                                        false => rows.copy()?,
+                                    })
+                                }
                                 None => None,
                             };
                             br.hidden[b] = match (br.hidden[b].take(), own) {

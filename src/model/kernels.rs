@@ -860,10 +860,60 @@ pub(crate) fn f32_kernels(ts: &[&Tensor]) -> bool {
         .all(|t| cpu_kernels(t.device()) && t.dtype() == DType::F32)
 }
 
+/// `f` on the values of `t`, borrowed from its storage when it is a contiguous f32 tensor on
+/// the CPU, else copied to the host first.
+pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?))
+}
+
+/// Writes `x - x0` (both `[n, d]`) into the columns `col * d..(col + 1) * d` of `dst`, `n`
+/// rows of `width` values: a forward's hidden state at one layer minus its input, recorded
+/// straight into one buffer for all layers. Any device and dtype (read as f32).
+pub(crate) fn write_difference(
+    dst: &mut [f32],
+    width: usize,
+    col: usize,
+    x: &Tensor,
+    x0: &Tensor,
+) -> candle_core::Result<()> {
+    let (n, d) = x.dims2()?;
+    if x0.dims() != [n, d] || dst.len() != n * width || (col + 1) * d > width {
+        candle_core::bail!(
+            "difference of {:?} and {:?} into column {col} of {} rows of {width}",
+            x.shape(),
+            x0.shape(),
+            dst.len() / width.max(1)
+        );
+    }
+    with_host_f32(x, |x| {
+        with_host_f32(x0, |x0| {
+            dst.par_chunks_mut(width)
+                .with_min_len(64)
+                .zip(x.par_chunks(d).zip(x0.par_chunks(d)))
+                .for_each(|(o, (a, b))| {
+                    for ((o, &a), &b) in o[col * d..(col + 1) * d].iter_mut().zip(a).zip(b) {
+                        *o = a - b;
+                    }
+                });
+        })
+    })?
+}
+
 /// A DiT block's modulated norm in one pass: `layer_norm(x) * (1 + m[f, scale]) +
 /// m[f, shift]` for the tokens of frame `f` (`x` `[n, dim]` sorted by frame, `counts` the
-/// tokens of each frame, `m` `[frames, 6, dim]`; the norm without affine, in f32).
-/// CPU, f32 only (see [`f32_kernels`]).
+/// tokens of each frame, `m` `[frames, rows, dim]` with rows `shift` and `scale` among
+/// them; the norm without affine, in f32). CPU, f32 only (see [`f32_kernels`]).
 pub(crate) fn norm_modulate(
     x: &Tensor,
     m: &Tensor,
@@ -1017,8 +1067,12 @@ impl FrameOp {
                 y.map(|(_, s)| s.dims())
             ),
         };
+        let needed = match self.kind {
+            FrameKind::NormModulate { shift, scale, .. } => shift.max(scale) + 1,
+            FrameKind::GatedAdd { gate } => gate + 1,
+        };
         if md != d
-            || six < 6
+            || six < needed
             || frames != self.counts.len()
             || self.counts.iter().sum::<usize>() != n
         {

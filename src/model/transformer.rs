@@ -130,8 +130,9 @@ pub struct Batch {
     /// RoPE tables of the tokens, `[n, head_dim / 2]`.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// `[n]` u32: the cache row each token's keys/values are written to.
-    pub slots: Tensor,
+    /// The cache row each token's keys/values are written to, then those of the
+    /// [`KvRefresh`] tokens.
+    pub slots: Vec<u32>,
     /// Self-attention: each group of query rows attends to a range of cache rows.
     pub self_groups: Vec<super::kernels::Group>,
     /// Cross-attention: each group of query rows attends to its branch's context in the
@@ -141,6 +142,10 @@ pub struct Batch {
     pub refresh: Option<KvRefresh>,
     /// Whether the forward returns the tokens' hidden states (see [`Forward::hidden`]).
     pub record_hidden: bool,
+    /// With `refresh`: the modulation and rope tables of the batch's tokens followed by
+    /// the refreshed ones (`proj`, `cos` and `sin` above, and the refresh's, are views of
+    /// these).
+    joined: Option<Joined>,
 }
 
 /// Tokens of a [`Batch`] that only refresh their keys/values: at every layer their hidden
@@ -151,20 +156,16 @@ pub struct Batch {
 /// step instead of the one they were last computed at, for the key and value projections
 /// alone (about a seventh of a layer's work).
 pub struct KvRefresh {
-    /// `[m, dim]` patch embeddings at this step.
-    pub x: Tensor,
-    /// `[m, (layers - 1) * dim]`: per layer after the first, the hidden state at that
-    /// layer's input minus the patch embedding, at the token's last computation (one
-    /// tensor, so that a cache keeps, forecasts and gathers all layers in one op each).
-    pub deltas: Tensor,
+    /// `[m, layers * dim]`: per token its patch embedding at this step, then per layer
+    /// after the first the hidden state at that layer's input minus the patch embedding,
+    /// at the token's last computation (see [`RefreshItem::est`]).
+    pub est: Tensor,
     /// `[runs, 6, dim]`, f32, and the tokens of each frame run (as in [`Batch`]).
     pub proj: Tensor,
     pub frame_counts: Vec<usize>,
     /// RoPE tables, `[m, head_dim / 2]`.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// `[m]` u32: cache rows.
-    pub slots: Tensor,
 }
 
 /// A batch's tokens followed by its [`KvRefresh`] tokens, for the layers' key/value
@@ -204,10 +205,11 @@ pub struct Forward {
 
 /// Tokens of one attention block of one guidance branch for a [`KvRefresh`].
 pub struct RefreshItem<'a> {
-    /// `[m, dim]` patch embeddings at this step.
-    pub x: Tensor,
-    /// `[m, (layers - 1) * dim]` (see [`KvRefresh::deltas`]).
-    pub deltas: Tensor,
+    /// `[m, layers * dim]`: per token its patch embedding at this step, then per layer
+    /// after the first the change the layers before made to it at the token's last
+    /// computation (the [`Forward::hidden`] of that computation; one tensor, so that a
+    /// cache keeps, forecasts and gathers all layers in one op each).
+    pub est: Tensor,
     pub modulation: &'a FrameModulation,
     /// Which tokens of the block (a subset: its `idx` names them).
     pub tokens: &'a TokenSet,
@@ -219,8 +221,7 @@ pub struct RefreshItem<'a> {
 /// Accumulated [`RefreshItem`]s.
 #[derive(Default)]
 struct RefreshParts {
-    x: Vec<Tensor>,
-    deltas: Vec<Tensor>,
+    est: Vec<Tensor>,
     proj: Vec<Tensor>,
     counts: Vec<usize>,
     cos: Vec<Tensor>,
@@ -288,12 +289,11 @@ impl BatchBuilder {
         let Some(idx) = &item.tokens.idx else {
             candle_core::bail!("a key/value refresh needs the indices of its tokens");
         };
-        let (n, d) = item.x.dims2()?;
-        if n != m || item.deltas.dims() != [m, layers.saturating_sub(1) * d] {
+        let (n, w) = item.est.dims2()?;
+        if n != m || layers == 0 || !w.is_multiple_of(layers) {
             candle_core::bail!(
-                "key/value refresh of {:?} tokens with deltas of {:?}, token set of {m} for {layers} layers",
-                item.x.shape(),
-                item.deltas.shape()
+                "key/value refresh of {:?} estimates, token set of {m} for {layers} layers",
+                item.est.shape(),
             );
         }
         check_modulation(item.modulation, item.tokens)?;
@@ -313,8 +313,7 @@ impl BatchBuilder {
             }
             r.slots.push(base + i);
         }
-        r.x.push(item.x);
-        r.deltas.push(item.deltas);
+        r.est.push(item.est);
         r.proj.push(item.modulation.proj.clone());
         r.counts.extend_from_slice(&item.tokens.frame_counts);
         r.cos.push(item.tokens.cos.clone());
@@ -404,7 +403,7 @@ impl BatchBuilder {
         Ok(start..self.n)
     }
 
-    pub fn build(self, dev: &Device) -> candle_core::Result<Batch> {
+    pub fn build(self) -> candle_core::Result<Batch> {
         if self.n == 0 {
             candle_core::bail!("an empty batch");
         }
@@ -416,30 +415,56 @@ impl BatchBuilder {
             }
         };
         let r = self.refresh;
-        let refresh = if r.x.is_empty() {
-            None
+        let mut slots = self.slots;
+        // With a refresh, each table once for both sets of tokens; the batch's and the
+        // refresh's tables are views of it.
+        let (proj, cos, sin, refresh, joined) = if r.est.is_empty() {
+            (
+                cat(&self.proj)?,
+                cat(&self.cos)?,
+                cat(&self.sin)?,
+                None,
+                None,
+            )
         } else {
-            Some(KvRefresh {
-                x: cat(&r.x)?,
-                deltas: cat(&r.deltas)?,
-                proj: cat(&r.proj)?,
-                frame_counts: r.counts,
-                cos: cat(&r.cos)?,
-                sin: cat(&r.sin)?,
-                slots: Tensor::new(r.slots.as_slice(), dev)?,
-            })
+            let (runs, n) = (self.counts.len(), self.n);
+            let m = r.counts.iter().sum::<usize>();
+            let proj = cat(&[self.proj, r.proj].concat())?;
+            let cos = cat(&[self.cos, r.cos].concat())?;
+            let sin = cat(&[self.sin, r.sin].concat())?;
+            slots.extend_from_slice(&r.slots);
+            let refresh = KvRefresh {
+                est: cat(&r.est)?,
+                proj: proj.narrow(0, runs, r.counts.len())?,
+                cos: cos.narrow(0, n, m)?,
+                sin: sin.narrow(0, n, m)?,
+                frame_counts: r.counts.clone(),
+            };
+            let batch = (
+                proj.narrow(0, 0, runs)?,
+                cos.narrow(0, 0, n)?,
+                sin.narrow(0, 0, n)?,
+            );
+            let joined = Joined {
+                proj,
+                counts: [self.counts.as_slice(), &r.counts].concat(),
+                cos,
+                sin,
+            };
+            (batch.0, batch.1, batch.2, Some(refresh), Some(joined))
         };
         Ok(Batch {
             x: cat(&self.x)?,
-            proj: cat(&self.proj)?,
+            proj,
             frame_counts: self.counts,
-            cos: cat(&self.cos)?,
-            sin: cat(&self.sin)?,
-            slots: Tensor::new(self.slots.as_slice(), dev)?,
+            cos,
+            sin,
+            slots,
             self_groups: self.self_groups,
             cross_groups: self.cross_groups,
             refresh,
             record_hidden: self.record_hidden,
+            joined,
         })
     }
 }
@@ -1120,6 +1145,17 @@ impl Transformer {
         temb: &Tensor,
         counts: &[usize],
     ) -> candle_core::Result<Tensor> {
+        if super::kernels::f32_kernels(&[x, temb]) {
+            // `[frames, 2, dim]`: shift, then scale, as the blocks' tables.
+            let m = temb
+                .unsqueeze(1)?
+                .broadcast_add(&self.head_table.unsqueeze(0)?)?;
+            let h = super::kernels::norm_modulate(x, &m, counts, 0, 1, self.norm_out.eps)?;
+            return self
+                .proj_out
+                .forward(&h.to_dtype(self.dtype)?)?
+                .to_dtype(DType::F32);
+        }
         let xn = self.norm_out.forward(x)?;
         let shift = temb.broadcast_add(&self.head_table.i(0)?.unsqueeze(0)?)?;
         let scale = (temb.broadcast_add(&self.head_table.i(1)?.unsqueeze(0)?)? + 1.0)?;
@@ -1235,7 +1271,11 @@ impl Transformer {
         cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> candle_core::Result<Option<Forward>> {
         let n = b.x.dim(0)?;
-        if b.frame_counts.iter().sum::<usize>() != n || b.slots.dim(0)? != n {
+        let m = b
+            .refresh
+            .as_ref()
+            .map_or(0, |r| r.frame_counts.iter().sum());
+        if b.frame_counts.iter().sum::<usize>() != n || b.slots.len() != n + m {
             candle_core::bail!("inconsistent batch of {n} tokens");
         }
         if cache.layers.len() != self.layers.len() || ctx.layers.len() != self.layers.len() {
@@ -1243,42 +1283,29 @@ impl Transformer {
         }
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.attention_head_dim;
-        let refresh = match &b.refresh {
-            Some(r) => {
-                let (m, d) = r.x.dims2()?;
-                if r.slots.dim(0)? != m
-                    || r.frame_counts.iter().sum::<usize>() != m
-                    || r.deltas.dims() != [m, (self.layers.len() - 1) * d]
-                {
-                    candle_core::bail!("inconsistent key/value refresh of {m} tokens");
-                }
+        let refresh = match (&b.refresh, &b.joined) {
+            (Some(r), Some(j)) => {
                 // Per token, its patch embedding and then its deltas: each layer's
                 // estimate is the sum of the first and the layer's columns.
-                let est = match self.layers.len() {
-                    1 => r.x.clone(),
-                    _ => Tensor::cat(&[&r.x, &r.deltas], 1)?,
-                };
-                let joined = Joined {
-                    proj: Tensor::cat(&[&b.proj, &r.proj], 0)?,
-                    counts: [b.frame_counts.as_slice(), &r.frame_counts].concat(),
-                    cos: Tensor::cat(&[&b.cos, &r.cos], 0)?,
-                    sin: Tensor::cat(&[&b.sin, &r.sin], 0)?,
-                };
-                Some((est, joined))
+                if r.est.dims() != [m, self.layers.len() * b.x.dim(1)?] {
+                    candle_core::bail!("inconsistent key/value refresh of {m} tokens");
+                }
+                Some((&r.est, j))
             }
-            None => None,
+            (None, _) => None,
+            (Some(_), None) => candle_core::bail!("a key/value refresh without its tables"),
         };
-        let (slots, cos, sin) = match (&refresh, &b.refresh) {
-            (Some((_, j)), Some(r)) => (Tensor::cat(&[&b.slots, &r.slots], 0)?, &j.cos, &j.sin),
-            _ => (b.slots.clone(), &b.cos, &b.sin),
+        let (cos, sin) = match refresh {
+            Some((_, j)) => (&j.cos, &j.sin),
+            None => (&b.cos, &b.sin),
         };
         let target = if super::kernels::cache_store_fits(&cache.layers[0].0, b.x.dtype()) {
             let rope = Tensor::cat(&[cos, sin], 1)?.to_dtype(DType::F32)?;
-            KvTarget::Rows(slots.to_vec1::<u32>()?, rope)
+            KvTarget::Rows(b.slots.clone(), rope)
         } else {
-            let all = slots.dim(0)?;
+            let all = b.slots.len();
             KvTarget::Scatter {
-                slots: slots
+                slots: Tensor::new(b.slots.as_slice(), &self.device)?
                     .reshape((1, 1, all, 1))?
                     .broadcast_as((1, heads, all, hd))?
                     .contiguous()?,
@@ -1288,20 +1315,36 @@ impl Transformer {
         };
         let run = || -> candle_core::Result<Option<Forward>> {
             let mut x = b.x.clone();
-            let mut hidden = Vec::new();
+            // Each token's hidden state at the inputs of the layers after the first, minus
+            // its patch embedding: on the CPU in f32 written straight into one
+            // `[n, (layers - 1) * dim]` buffer, elsewhere one tensor per layer, joined.
+            let d = b.x.dim(1)?;
+            let width = (self.layers.len() - 1) * d;
+            let host = super::kernels::f32_kernels(&[&b.x]);
+            let mut buffer = match b.record_hidden && host {
+                true => vec![0f32; n * width],
+                false => Vec::new(),
+            };
+            let mut parts = Vec::new();
             for (l, layer) in self.layers.iter().enumerate() {
                 if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                     return Ok(None);
                 }
                 if l > 0 && b.record_hidden {
-                    hidden.push((&x - &b.x)?);
+                    match host {
+                        true => {
+                            super::kernels::write_difference(&mut buffer, width, l - 1, &x, &b.x)?
+                        }
+                        false => parts.push((&x - &b.x)?),
+                    }
                 }
-                let joined = refresh.as_ref().map(|(est, j)| (est, l, j));
+                let joined = refresh.map(|(est, j)| (est, l, j));
                 x = layer.forward(&x, b, &target, &cache.layers[l], &ctx.layers[l], joined)?;
             }
-            let hidden = match hidden.len() {
-                0 => None,
-                _ => Some(Tensor::cat(&hidden, 1)?),
+            let hidden = match (b.record_hidden && width > 0, host) {
+                (false, _) => None,
+                (true, true) => Some(Tensor::from_vec(buffer, (n, width), &self.device)?),
+                (true, false) => Some(Tensor::cat(&parts, 1)?),
             };
             Ok(Some(Forward { y: x, hidden }))
         };
@@ -1351,7 +1394,7 @@ impl Transformer {
             &cache,
             ctx.len(),
         )?;
-        let y = self.forward_batch(&bb.build(&self.device)?, &cache, ctx)?;
+        let y = self.forward_batch(&bb.build()?, &cache, ctx)?;
         *kv = Some(cache.read(pre, own)?);
         Ok(y)
     }
