@@ -942,8 +942,8 @@ impl Layer {
 /// The diffusion-forcing DiT.
 pub struct Transformer {
     cfg: TransformerConfig,
-    patch_w: Tensor,
-    patch_b: Tensor,
+    /// The patch embedding as a linear map of flattened patches.
+    patch: Linear,
     time_1: Linear,
     time_2: Linear,
     time_proj: Linear,
@@ -987,8 +987,7 @@ impl Transformer {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            patch_w,
-            patch_b,
+            patch: kernel_layout(Linear::new(patch_w, Some(patch_b)))?,
             // The time embedder stays in f32 in diffusers (`_keep_in_fp32_modules`).
             time_1: f32_linear(cfg.freq_dim, dim, ce.pp("time_embedder.linear_1"))?,
             time_2: f32_linear(dim, dim, ce.pp("time_embedder.linear_2"))?,
@@ -1002,7 +1001,11 @@ impl Transformer {
                 .get((1, 2, dim), "scale_shift_table")?
                 .to_dtype(DType::F32)?
                 .squeeze(0)?,
-            proj_out: candle_nn::linear(dim, cfg.out_channels * pt * ph * pw, vb.pp("proj_out"))?,
+            proj_out: kernel_layout(candle_nn::linear(
+                dim,
+                cfg.out_channels * pt * ph * pw,
+                vb.pp("proj_out"),
+            )?)?,
             rope: Rope::new(cfg.attention_head_dim, cfg.rope_max_seq_len, &dev)?,
             dtype: vb.dtype(),
             device: dev,
@@ -1119,9 +1122,7 @@ impl Transformer {
             .reshape(vec![c, gf, pt, gh, ph, gw, pw])?
             .permute(vec![1, 3, 5, 0, 2, 4, 6])?
             .reshape((gf * gh * gw, c * pt * ph * pw))?;
-        patches
-            .matmul(&self.patch_w.t()?)?
-            .broadcast_add(&self.patch_b)
+        super::kernels::linear(&self.patch, &patches)
     }
 
     /// Output head and unpatchify: tokens `[N, dim]` of a `(F', H', W')` grid -> the
@@ -1151,10 +1152,7 @@ impl Transformer {
                 .unsqueeze(1)?
                 .broadcast_add(&self.head_table.unsqueeze(0)?)?;
             let h = super::kernels::norm_modulate(x, &m, counts, 0, 1, self.norm_out.eps)?;
-            return self
-                .proj_out
-                .forward(&h.to_dtype(self.dtype)?)?
-                .to_dtype(DType::F32);
+            return super::kernels::linear(&self.proj_out, &h);
         }
         let xn = self.norm_out.forward(x)?;
         let shift = temb.broadcast_add(&self.head_table.i(0)?.unsqueeze(0)?)?;

@@ -57,7 +57,7 @@ pub struct Args {
     pub set: Vec<String>,
     /// Generate every video this many times and keep its fastest transformer and VAE
     /// times (the runs are deterministic: a repeat that gives other frames is reported).
-    /// Default: 3 on the element's schedule, whose videos take a few tenths of a second
+    /// Default: 5 on the element's schedule, whose videos take a few tenths of a second
     /// and whose single timings move by tens of percent on a small VM; 1 elsewhere.
     #[arg(long)]
     pub repeats: Option<usize>,
@@ -492,7 +492,7 @@ pub fn run(a: Args) -> BoxResult<()> {
 /// How many times each video of `schedule` is generated (see [`Args::repeats`]).
 fn repeats(a: &Args, schedule: &str) -> usize {
     a.repeats
-        .unwrap_or(if schedule == "element-default" { 3 } else { 1 })
+        .unwrap_or(if schedule == "element-default" { 5 } else { 1 })
         .max(1)
 }
 
