@@ -58,7 +58,9 @@ pub struct Args {
     /// Generate every video this many times and keep its fastest transformer and VAE
     /// times (the runs are deterministic: a repeat that gives other frames is reported).
     /// Default: 5 on the element's schedule, whose videos take a few tenths of a second
-    /// and whose single timings move by tens of percent on a small VM; 1 elsewhere.
+    /// and whose single timings move by tens of percent on a small VM; 2 on "paper", whose
+    /// single timings of the same video moved by up to 5% within one run; 1 elsewhere.
+    /// tools/bench_diffusers.py runs diffusers' videos as often.
     #[arg(long)]
     pub repeats: Option<usize>,
     /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
@@ -492,7 +494,11 @@ pub fn run(a: Args) -> BoxResult<()> {
 /// How many times each video of `schedule` is generated (see [`Args::repeats`]).
 fn repeats(a: &Args, schedule: &str) -> usize {
     a.repeats
-        .unwrap_or(if schedule == "element-default" { 5 } else { 1 })
+        .unwrap_or(match schedule {
+            "element-default" => 5,
+            "paper" => 2,
+            _ => 1,
+        })
         .max(1)
 }
 
