@@ -163,6 +163,93 @@ impl ResidualStore {
         }
     }
 
+    /// A block's output after a forward of its tokens `idx` (sorted, distinct; as a `[m]`
+    /// u32 tensor and its values), `[tokens, dim]`: the forward's rows `y` (`[m, dim]`) at
+    /// those tokens, elsewhere the input `x_in` (`[tokens, dim]`) plus the residual the
+    /// token reuses at `sigma`; the store then takes the computed tokens' residuals
+    /// `y - x_in` at `sigma`. The same as [`Self::predict_replacing`] and
+    /// [`Self::update_tokens`] with those residuals, on the host in one pass over the
+    /// block and no intermediate tensors.
+    pub fn apply_tokens(
+        &mut self,
+        x_in: &Tensor,
+        y: &Tensor,
+        idx: &Tensor,
+        idx_vec: &[u32],
+        sigma: f64,
+        reuse: Reuse,
+    ) -> candle_core::Result<Tensor> {
+        let n = self.sigma_last.len();
+        let host = is_host(x_in) && is_host(y) && matches!(self.data, Data::Host { .. });
+        if !host {
+            let fresh = (y - x_in.index_select(idx, 0)?)?;
+            let used = self.predict_replacing(sigma, reuse, idx, idx_vec, &fresh)?;
+            self.update_tokens(idx, idx_vec, &fresh, sigma)?;
+            return x_in + used;
+        }
+        let ratio = self.ratios(sigma, reuse);
+        let Data::Host {
+            last,
+            prev,
+            dim,
+            device,
+        } = &mut self.data
+        else {
+            unreachable!("checked above");
+        };
+        let d = *dim;
+        check_rows(n, d, idx_vec, y)?;
+        if x_in.dims() != [n, d] {
+            candle_core::bail!("input {:?} of a block of {n} tokens of {d}", x_in.shape());
+        }
+        // Each token's row of `y`, if computed.
+        let mut slot = vec![usize::MAX; n];
+        for (k, &i) in idx_vec.iter().enumerate() {
+            slot[i as usize] = k;
+        }
+        let mut out = vec![0f32; n * d];
+        with_host_f32(x_in, |x| {
+            with_host_f32(y, |y| {
+                let rows = HostRows {
+                    last,
+                    prev: prev.as_deref(),
+                    ratio: ratio.as_deref(),
+                    dim: d,
+                };
+                out.par_chunks_mut(d)
+                    .with_min_len(ROWS_PER_TASK)
+                    .enumerate()
+                    .for_each(|(i, o)| match slot[i] {
+                        usize::MAX => {
+                            rows.write(i, o);
+                            for (o, &x) in o.iter_mut().zip(&x[i * d..(i + 1) * d]) {
+                                *o += x;
+                            }
+                        }
+                        k => o.copy_from_slice(&y[k * d..(k + 1) * d]),
+                    });
+                let prev = prev.get_or_insert_with(|| last.clone());
+                for (k, &i) in idx_vec.iter().enumerate() {
+                    let row = i as usize * d..(i as usize + 1) * d;
+                    prev[row.clone()].copy_from_slice(&last[row.clone()]);
+                    for ((l, &a), &b) in last[row.clone()]
+                        .iter_mut()
+                        .zip(&y[k * d..(k + 1) * d])
+                        .zip(&x[row])
+                    {
+                        *l = a - b;
+                    }
+                }
+            })
+        })??;
+        for &i in idx_vec {
+            let i = i as usize;
+            self.sigma_prev[i] = self.sigma_last[i];
+            self.sigma_last[i] = sigma as f32;
+        }
+        Tensor::from_vec(out, (n, d), device)
+    }
+
     /// The residuals the tokens `idx` (as a `[m]` u32 tensor and its values) would reuse at
     /// `sigma`, `[m, dim]`; with `prefix` (`[tokens, p]`), each after the token's row of
     /// it, `[m, p + dim]` (on the host in one pass).
@@ -600,6 +687,84 @@ mod tests {
         assert!(host.update_tokens(&idx, &[1, 9, 2], &fresh, 0.5).is_err());
         assert!(
             host.update_all(res(0.0).narrow(0, 0, 2).unwrap(), 0.5)
+                .is_err()
+        );
+    }
+
+    /// `apply_tokens` is `x_in + predict_replacing(y - x_in)` followed by `update_tokens`,
+    /// on the host rows and on the tensor path alike.
+    #[test]
+    fn apply_tokens_is_predict_then_update() {
+        let dev = Device::Cpu;
+        let (n, d) = (9, 6);
+        let t = |k: f32| {
+            let v: Vec<f32> = (0..n * d)
+                .map(|i| ((i as f32 * 0.53 + k).cos() * 2.0).round() / 8.0)
+                .collect();
+            Tensor::from_vec(v, (n, d), &dev).unwrap()
+        };
+        let f64t = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let idx_vec = [0u32, 3, 4, 8];
+        let idx = Tensor::new(&idx_vec, &dev).unwrap();
+        let start = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let mut s = ResidualStore::new(f(&t(0.0)), 0.9).unwrap();
+            s.update_all(f(&t(1.0)), 0.8).unwrap();
+            s
+        };
+        let same = |a: &Tensor, b: &Tensor| {
+            let diff = (f64t(a) - f64t(b))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+        };
+        let x_in = t(2.0);
+        let y = t(3.0).index_select(&idx, 0).unwrap();
+        for reuse in [Reuse::Residual, Reuse::Forecast] {
+            let mut fused = start(&|r: &Tensor| r.clone());
+            let mut device = start(&f64t);
+            let mut parts = start(&|r: &Tensor| r.clone());
+            assert!(matches!(device.data, Data::Device { .. }));
+            let got = fused
+                .apply_tokens(&x_in, &y, &idx, &idx_vec, 0.7, reuse)
+                .unwrap();
+            let on_device = device
+                .apply_tokens(&f64t(&x_in), &f64t(&y), &idx, &idx_vec, 0.7, reuse)
+                .unwrap();
+            let fresh = (&y - x_in.index_select(&idx, 0).unwrap()).unwrap();
+            let used = parts
+                .predict_replacing(0.7, reuse, &idx, &idx_vec, &fresh)
+                .unwrap();
+            parts.update_tokens(&idx, &idx_vec, &fresh, 0.7).unwrap();
+            let want = (&x_in + used).unwrap();
+            same(&got, &want);
+            same(&on_device, &want);
+            // The computed tokens are the forward's rows exactly.
+            assert_eq!(
+                got.index_select(&idx, 0).unwrap().to_vec2::<f32>().unwrap(),
+                y.to_vec2::<f32>().unwrap()
+            );
+            // The stores agree afterwards.
+            same(
+                &fused.predict(0.6, Reuse::Forecast).unwrap(),
+                &parts.predict(0.6, Reuse::Forecast).unwrap(),
+            );
+            same(
+                &device.predict(0.6, Reuse::Forecast).unwrap(),
+                &parts.predict(0.6, Reuse::Forecast).unwrap(),
+            );
+        }
+        // Rows that do not fit are errors.
+        let mut s = start(&|r: &Tensor| r.clone());
+        assert!(
+            s.apply_tokens(&x_in, &y, &idx, &[0, 3, 4, 9], 0.7, Reuse::Residual)
+                .is_err()
+        );
+        let short = x_in.narrow(0, 0, n - 1).unwrap();
+        assert!(
+            s.apply_tokens(&short, &y, &idx, &idx_vec, 0.7, Reuse::Residual)
                 .is_err()
         );
     }

@@ -786,23 +786,17 @@ impl Segment {
                             let y = rows(r)?;
                             let store = br.residual[b].as_mut().ok_or_else(|| missing(b))?;
                             let ix = Tensor::new(idx.as_slice(), store.device())?;
-                            let fresh = (&y - x_in.index_select(&ix, 0)?)?;
-                            let m = fresh.dim(0)?;
-                            let used = store.predict_replacing(
-                                sigma,
-                                row.cache.reuse,
-                                &ix,
-                                idx,
-                                &fresh,
-                            )?;
+                            let m = y.dim(0)?;
                             if want_rates {
+                                let fresh = (&y - x_in.index_select(&ix, 0)?)?;
                                 rates = idx
                                     .iter()
                                     .copied()
                                     .zip(store.rates(Some((&ix, idx)), &fresh, sigma)?)
                                     .collect();
                             }
-                            store.update_tokens(&ix, idx, &fresh, sigma)?;
+                            let x_out =
+                                store.apply_tokens(&x_in, &y, &ix, idx, sigma, row.cache.reuse)?;
                             br.hidden[b] = match (br.hidden[b].take(), hidden) {
                                 (Some(mut old), Some(h)) => {
                                     old.update_tokens(&ix, idx, &h.narrow(0, r.start, m)?, sigma)?;
@@ -810,7 +804,7 @@ impl Segment {
                                 }
                                 _ => None,
                             };
-                            (&x_in + used)?
+                            x_out
                         }
                     };
                     let step = br.steps_done[b];
