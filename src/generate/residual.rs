@@ -133,12 +133,7 @@ impl ResidualStore {
                         }
                     })?;
                 }
-                let rows = HostRows {
-                    last,
-                    prev: prev.as_deref(),
-                    ratio: ratio.as_deref(),
-                    dim: d,
-                };
+                let rows = HostRows::new(last, prev, &ratio, d);
                 out.par_chunks_mut(d)
                     .with_min_len(ROWS_PER_TASK)
                     .enumerate()
@@ -210,12 +205,7 @@ impl ResidualStore {
         let mut out = vec![0f32; n * d];
         with_host_f32(x_in, |x| {
             with_host_f32(y, |y| {
-                let rows = HostRows {
-                    last,
-                    prev: prev.as_deref(),
-                    ratio: ratio.as_deref(),
-                    dim: d,
-                };
+                let rows = HostRows::new(last, prev, &ratio, d);
                 out.par_chunks_mut(d)
                     .with_min_len(ROWS_PER_TASK)
                     .enumerate()
@@ -275,12 +265,7 @@ impl ResidualStore {
                 dim,
                 device,
             } if prefix.is_none_or(is_host) => {
-                let rows = HostRows {
-                    last,
-                    prev: prev.as_deref(),
-                    ratio: ratio.as_deref(),
-                    dim: *dim,
-                };
+                let rows = HostRows::new(last, prev, &ratio, *dim);
                 match prefix {
                     None => rows.gather(idx_vec, n, None, device),
                     Some(p) => {
@@ -461,7 +446,21 @@ struct HostRows<'a> {
 /// in scheduling than the copy).
 const ROWS_PER_TASK: usize = 64;
 
-impl HostRows<'_> {
+impl<'a> HostRows<'a> {
+    fn new(
+        last: &'a [f32],
+        prev: &'a Option<Vec<f32>>,
+        ratio: &'a Option<Vec<f32>>,
+        dim: usize,
+    ) -> Self {
+        Self {
+            last,
+            prev: prev.as_deref(),
+            ratio: ratio.as_deref(),
+            dim,
+        }
+    }
+
     /// Token `i`'s row into `dst`: `last + (last - prev) * ratio`, or `last` where the
     /// token does not extrapolate.
     fn write(&self, i: usize, dst: &mut [f32]) {
@@ -561,6 +560,27 @@ fn replace_rows(
 mod tests {
     use super::*;
 
+    /// `[n, d]` values `f(i)` of the element index, rounded to a few bits.
+    fn values(n: usize, d: usize, f: impl Fn(f32) -> f32) -> Tensor {
+        let v: Vec<f32> = (0..n * d).map(|i| f(i as f32)).collect();
+        Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    }
+
+    fn f64t(t: &Tensor) -> Tensor {
+        t.to_dtype(candle_core::DType::F64).unwrap()
+    }
+
+    /// Both tensors agree to 1e-5 (either dtype).
+    fn same(a: &Tensor, b: &Tensor) {
+        let diff = (f64t(a) - f64t(b))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+    }
+
     #[test]
     fn replace_rows_replaces_the_named_rows() {
         let dev = Device::Cpu;
@@ -592,22 +612,12 @@ mod tests {
     fn host_rows_match_the_tensor_path() {
         let dev = Device::Cpu;
         let (n, d) = (7, 5);
-        let res = |k: f32| {
-            let v: Vec<f32> = (0..n * d)
-                .map(|i| ((i as f32 * 0.37 + k).sin() * 3.0).round() / 4.0)
-                .collect();
-            Tensor::from_vec(v, (n, d), &dev).unwrap()
-        };
-        let f64t = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let res = |k: f32| values(n, d, |i| ((i * 0.37 + k).sin() * 3.0).round() / 4.0);
         let mut host = ResidualStore::new(res(0.0), 0.9).unwrap();
         let mut device = ResidualStore::new(f64t(&res(0.0)), 0.9).unwrap();
         assert!(matches!(host.data, Data::Host { .. }));
         assert!(matches!(device.data, Data::Device { .. }));
-        let same = |a: Tensor, b: Tensor| {
-            let a = a.to_dtype(candle_core::DType::F64).unwrap();
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
-        };
+        let same = |a: Tensor, b: Tensor| same(&a, &b);
         let idx_vec = [1u32, 4, 6];
         let idx = Tensor::new(&idx_vec, &dev).unwrap();
         let fresh = res(1.0).index_select(&idx, 0).unwrap();
@@ -697,13 +707,7 @@ mod tests {
     fn apply_tokens_is_predict_then_update() {
         let dev = Device::Cpu;
         let (n, d) = (9, 6);
-        let t = |k: f32| {
-            let v: Vec<f32> = (0..n * d)
-                .map(|i| ((i as f32 * 0.53 + k).cos() * 2.0).round() / 8.0)
-                .collect();
-            Tensor::from_vec(v, (n, d), &dev).unwrap()
-        };
-        let f64t = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let t = |k: f32| values(n, d, |i| ((i * 0.53 + k).cos() * 2.0).round() / 8.0);
         let idx_vec = [0u32, 3, 4, 8];
         let idx = Tensor::new(&idx_vec, &dev).unwrap();
         let start = |f: &dyn Fn(&Tensor) -> Tensor| {
@@ -711,20 +715,11 @@ mod tests {
             s.update_all(f(&t(1.0)), 0.8).unwrap();
             s
         };
-        let same = |a: &Tensor, b: &Tensor| {
-            let diff = (f64t(a) - f64t(b))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
-        };
         let x_in = t(2.0);
         let y = t(3.0).index_select(&idx, 0).unwrap();
         for reuse in [Reuse::Residual, Reuse::Forecast] {
             let mut fused = start(&|r: &Tensor| r.clone());
-            let mut device = start(&f64t);
+            let mut device = start(&|r: &Tensor| f64t(r));
             let mut parts = start(&|r: &Tensor| r.clone());
             assert!(matches!(device.data, Data::Device { .. }));
             let got = fused
