@@ -218,26 +218,16 @@ impl ResidualStore {
                         }
                         k => o.copy_from_slice(&y[k * d..(k + 1) * d]),
                     });
-                let prev = prev.get_or_insert_with(|| last.clone());
-                for (k, &i) in idx_vec.iter().enumerate() {
-                    let row = i as usize * d..(i as usize + 1) * d;
-                    prev[row.clone()].copy_from_slice(&last[row.clone()]);
-                    for ((l, &a), &b) in last[row.clone()]
-                        .iter_mut()
-                        .zip(&y[k * d..(k + 1) * d])
-                        .zip(&x[row])
-                    {
+                push_rows(last, prev, d, idx_vec, |k, i, l| {
+                    for ((l, &a), &b) in l.iter_mut().zip(&y[k * d..(k + 1) * d]).zip(&x[i * d..]) {
                         *l = a - b;
                     }
-                }
+                });
             })
         })??;
-        for &i in idx_vec {
-            let i = i as usize;
-            self.sigma_prev[i] = self.sigma_last[i];
-            self.sigma_last[i] = sigma as f32;
-        }
-        Tensor::from_vec(out, (n, d), device)
+        let out = Tensor::from_vec(out, (n, d), &*device)?;
+        self.stamp(idx_vec, sigma);
+        Ok(out)
     }
 
     /// The residuals the tokens `idx` (as a `[m]` u32 tensor and its values) would reuse at
@@ -398,13 +388,10 @@ impl ResidualStore {
             } => {
                 let d = *dim;
                 check_rows(n, d, idx_vec, fresh)?;
-                let prev = prev.get_or_insert_with(|| last.clone());
                 with_host_f32(fresh, |r| {
-                    for (k, &i) in idx_vec.iter().enumerate() {
-                        let row = i as usize * d..(i as usize + 1) * d;
-                        prev[row.clone()].copy_from_slice(&last[row.clone()]);
-                        last[row].copy_from_slice(&r[k * d..(k + 1) * d]);
-                    }
+                    push_rows(last, prev, d, idx_vec, |k, _, l| {
+                        l.copy_from_slice(&r[k * d..(k + 1) * d])
+                    })
                 })?;
             }
             Data::Device { last, prev } => {
@@ -417,12 +404,18 @@ impl ResidualStore {
                 *prev = Some(p);
             }
         }
-        for &i in idx_vec {
+        self.stamp(idx_vec, sigma);
+        Ok(())
+    }
+
+    /// The tokens `idx` were computed at `sigma`: their last computation becomes the one
+    /// before.
+    fn stamp(&mut self, idx: &[u32], sigma: f64) {
+        for &i in idx {
             let i = i as usize;
             self.sigma_prev[i] = self.sigma_last[i];
             self.sigma_last[i] = sigma as f32;
         }
-        Ok(())
     }
 
     pub fn device(&self) -> &Device {
@@ -430,6 +423,24 @@ impl ResidualStore {
             Data::Host { device, .. } => device,
             Data::Device { last, .. } => last.device(),
         }
+    }
+}
+
+/// Host rows of the tokens `idx` (rows of `d`): each one's last row becomes its previous
+/// one, and `fill(k, i, row)` writes the new last row of `idx[k] = i`.
+fn push_rows(
+    last: &mut [f32],
+    prev: &mut Option<Vec<f32>>,
+    d: usize,
+    idx: &[u32],
+    fill: impl Fn(usize, usize, &mut [f32]),
+) {
+    let prev = prev.get_or_insert_with(|| last.to_vec());
+    for (k, &i) in idx.iter().enumerate() {
+        let i = i as usize;
+        let row = i * d..(i + 1) * d;
+        prev[row.clone()].copy_from_slice(&last[row.clone()]);
+        fill(k, i, &mut last[row]);
     }
 }
 

@@ -748,10 +748,10 @@ impl Segment {
                             // batch's hidden states alive as long as the store.
                             let own = match hidden {
                                 Some(h) => {
-                                    let rows = h.narrow(0, r.start, r.len())?;
-                                    Some(match is_host(&rows) {
-                                        true => rows,
-                                        false => rows.copy()?,
+                                    let block = h.narrow(0, r.start, r.len())?;
+                                    Some(match is_host(&block) {
+                                        true => block,
+                                        false => block.copy()?,
                                     })
                                 }
                                 None => None,

@@ -142,15 +142,12 @@ pub struct Batch {
     pub refresh: Option<KvRefresh>,
     /// Whether the forward returns the tokens' hidden states (see [`Forward::hidden`]).
     pub record_hidden: bool,
-    /// With `refresh`: the modulation and rope tables of the batch's tokens followed by
-    /// the refreshed ones (`proj`, `cos` and `sin` above, and the refresh's, are views of
-    /// these).
-    joined: Option<Joined>,
 }
 
 /// Tokens of a [`Batch`] that only refresh their keys/values: at every layer their hidden
 /// state is estimated as this step's patch embedding plus the change the layers before made
-/// to it at the token's last computation (`x + deltas[.., l - 1]`; exact at the first layer),
+/// to it at the token's last computation (the sum of `est`'s first and `l`-th columns of
+/// `dim`; exact at the first layer),
 /// normalised and modulated at this step's timestep, projected to keys and values, rotated
 /// and written into the cache. Tokens a cache reuses then keep keys/values of the current
 /// step instead of the one they were last computed at, for the key and value projections
@@ -160,12 +157,9 @@ pub struct KvRefresh {
     /// after the first the hidden state at that layer's input minus the patch embedding,
     /// at the token's last computation (see [`RefreshItem::est`]).
     pub est: Tensor,
-    /// `[runs, 6, dim]`, f32, and the tokens of each frame run (as in [`Batch`]).
-    pub proj: Tensor,
-    pub frame_counts: Vec<usize>,
-    /// RoPE tables, `[m, head_dim / 2]`.
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// The modulation and rope tables of the batch's tokens followed by these ones (the
+    /// batch's own tables are views of them).
+    joined: Joined,
 }
 
 /// A batch's tokens followed by its [`KvRefresh`] tokens, for the layers' key/value
@@ -199,7 +193,7 @@ pub struct Forward {
     pub y: Tensor,
     /// With [`Batch::record_hidden`], `[n, (layers - 1) * dim]`: per layer after the first,
     /// the tokens' hidden state at that layer's input minus their patch embedding (the
-    /// [`KvRefresh::deltas`] of a later refresh of the same tokens).
+    /// columns after the first of [`KvRefresh::est`] in a later refresh of the same tokens).
     pub hidden: Option<Tensor>,
 }
 
@@ -416,42 +410,28 @@ impl BatchBuilder {
         };
         let r = self.refresh;
         let mut slots = self.slots;
-        // With a refresh, each table once for both sets of tokens; the batch's and the
-        // refresh's tables are views of it.
-        let (proj, cos, sin, refresh, joined) = if r.est.is_empty() {
-            (
-                cat(&self.proj)?,
-                cat(&self.cos)?,
-                cat(&self.sin)?,
-                None,
-                None,
-            )
+        // With a refresh, each table once for both sets of tokens; the batch's are views
+        // of it.
+        let (proj, cos, sin, refresh) = if r.est.is_empty() {
+            (cat(&self.proj)?, cat(&self.cos)?, cat(&self.sin)?, None)
         } else {
             let (runs, n) = (self.counts.len(), self.n);
-            let m = r.counts.iter().sum::<usize>();
-            let proj = cat(&[self.proj, r.proj].concat())?;
-            let cos = cat(&[self.cos, r.cos].concat())?;
-            let sin = cat(&[self.sin, r.sin].concat())?;
             slots.extend_from_slice(&r.slots);
-            let refresh = KvRefresh {
-                est: cat(&r.est)?,
-                proj: proj.narrow(0, runs, r.counts.len())?,
-                cos: cos.narrow(0, n, m)?,
-                sin: sin.narrow(0, n, m)?,
-                frame_counts: r.counts.clone(),
-            };
-            let batch = (
-                proj.narrow(0, 0, runs)?,
-                cos.narrow(0, 0, n)?,
-                sin.narrow(0, 0, n)?,
-            );
             let joined = Joined {
-                proj,
+                proj: cat(&[self.proj, r.proj].concat())?,
                 counts: [self.counts.as_slice(), &r.counts].concat(),
-                cos,
-                sin,
+                cos: cat(&[self.cos, r.cos].concat())?,
+                sin: cat(&[self.sin, r.sin].concat())?,
             };
-            (batch.0, batch.1, batch.2, Some(refresh), Some(joined))
+            (
+                joined.proj.narrow(0, 0, runs)?,
+                joined.cos.narrow(0, 0, n)?,
+                joined.sin.narrow(0, 0, n)?,
+                Some(KvRefresh {
+                    est: cat(&r.est)?,
+                    joined,
+                }),
+            )
         };
         Ok(Batch {
             x: cat(&self.x)?,
@@ -464,7 +444,6 @@ impl BatchBuilder {
             cross_groups: self.cross_groups,
             refresh,
             record_hidden: self.record_hidden,
-            joined,
         })
     }
 }
@@ -1269,10 +1248,7 @@ impl Transformer {
         cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> candle_core::Result<Option<Forward>> {
         let n = b.x.dim(0)?;
-        let m = b
-            .refresh
-            .as_ref()
-            .map_or(0, |r| r.frame_counts.iter().sum());
+        let m = b.refresh.as_ref().map_or(Ok(0), |r| r.est.dim(0))?;
         if b.frame_counts.iter().sum::<usize>() != n || b.slots.len() != n + m {
             candle_core::bail!("inconsistent batch of {n} tokens");
         }
@@ -1281,17 +1257,18 @@ impl Transformer {
         }
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.attention_head_dim;
-        let refresh = match (&b.refresh, &b.joined) {
-            (Some(r), Some(j)) => {
+        let refresh = match &b.refresh {
+            Some(r) => {
                 // Per token, its patch embedding and then its deltas: each layer's
                 // estimate is the sum of the first and the layer's columns.
-                if r.est.dims() != [m, self.layers.len() * b.x.dim(1)?] {
+                if r.est.dims() != [m, self.layers.len() * b.x.dim(1)?]
+                    || r.joined.counts.iter().sum::<usize>() != n + m
+                {
                     candle_core::bail!("inconsistent key/value refresh of {m} tokens");
                 }
-                Some((&r.est, j))
+                Some((&r.est, &r.joined))
             }
-            (None, _) => None,
-            (Some(_), None) => candle_core::bail!("a key/value refresh without its tables"),
+            None => None,
         };
         let (cos, sin) = match refresh {
             Some((_, j)) => (&j.cos, &j.sin),
