@@ -192,6 +192,7 @@ pub fn sdpa_grouped(
         let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
         let op = CpuAttention {
             groups: groups.to_vec(),
+            tokens: None,
         };
         let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?;
         return out.to_dtype(dt);
@@ -218,6 +219,65 @@ pub fn sdpa_grouped(
         1 => Ok(outs.remove(0)),
         _ => Tensor::cat(&outs, 2),
     }
+}
+
+/// [`sdpa_grouped`] with token-major queries and output, `[n, heads * head_dim]` (as the
+/// projections produce and take them), the queries rotated first by `rope` (`[n,
+/// head_dim]`: the `head_dim / 2` cosines, then the sines; interleaved pairs as
+/// `candle_nn::rotary_emb::rope_i`) when given. On the CPU one kernel reads the queries and
+/// writes the output in place of the head split, the rotation and the head merge (three
+/// copies of the queries or the output); elsewhere those candle ops around
+/// [`sdpa_grouped`].
+pub fn sdpa_tokens(
+    q: &Tensor,
+    rope: Option<&Tensor>,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[Group],
+) -> candle_core::Result<Tensor> {
+    let (n, d) = q.dims2()?;
+    let (_, heads, _, hd) = k.dims4()?;
+    if d != heads * hd || rope.is_some_and(|r| r.dims() != [n, hd]) || hd % 2 != 0 {
+        candle_core::bail!(
+            "token-major attention of queries {:?} (rope {:?}) on keys {:?}",
+            q.shape(),
+            rope.map(|r| r.shape().clone()),
+            k.shape()
+        );
+    }
+    if cpu_kernels(q.device()) {
+        // The head-major shape checks the groups, keys and values.
+        check_grouped(
+            &q.reshape((1, n, heads, hd))?.transpose(1, 2)?,
+            k,
+            v,
+            groups,
+        )?;
+        let dt = q.dtype();
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let op = CpuAttention {
+            groups: groups.to_vec(),
+            tokens: Some(TokenMajor {
+                rope: rope.map(f).transpose()?,
+            }),
+        };
+        let out = f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?;
+        return out.to_dtype(dt);
+    }
+    let qh = q
+        .reshape((1, n, heads, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let qh = match rope {
+        Some(r) => {
+            let (cos, sin) = (r.narrow(1, 0, hd / 2)?, r.narrow(1, hd / 2, hd / 2)?);
+            let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
+            candle_nn::rotary_emb::rope_i(&qh, &cos.contiguous()?, &sin.contiguous()?)?
+        }
+        None => qh,
+    };
+    let a = sdpa_grouped(&qh, k, v, groups)?;
+    a.transpose(1, 2)?.reshape((n, d))
 }
 
 /// Checks the shapes of a grouped attention; returns the head dimension.
@@ -502,6 +562,15 @@ fn generic(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
 
 struct CpuAttention {
     groups: Vec<Group>,
+    /// `None`: queries and output `[1, heads, n, head_dim]`. `Some`: both token-major,
+    /// `[n, heads * head_dim]` (straight from the query projection, straight into the
+    /// output projection), the queries rotated by the `[n, head_dim]` table (cosines, then
+    /// sines; `rope_i`'s interleaved pairs) when one is given.
+    tokens: Option<TokenMajor>,
+}
+
+struct TokenMajor {
+    rope: Option<Tensor>,
 }
 
 /// Score floats per task buffer (512 KB): a task's scores stay in L2.
@@ -547,42 +616,50 @@ impl CustomOp3 for CpuAttention {
         let q = contiguous_f32(s1, l1)?;
         let k = contiguous_f32(s2, l2)?;
         let v = contiguous_f32(s3, l3)?;
-        let (_, heads, n, hd) = l1.shape().dims4()?;
-        let l = l2.shape().dims()[2];
+        let (_, heads, l, hd) = l2.shape().dims4()?;
+        let n = match &self.tokens {
+            None => l1.shape().dims4()?.2,
+            Some(_) => l1.shape().dims2()?.0,
+        };
+        let rope = match self.tokens.as_ref().and_then(|t| t.rope.as_ref()) {
+            Some(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
         let mut out = vec![0f32; heads * n * hd];
         if n == 0 || hd == 0 {
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let simd = Simd::detect();
-        // Tasks: (head, first query row, first key, keys seen, its rows of the output):
-        // chunks of query rows inside one group.
-        let mut tasks: Vec<(usize, usize, usize, usize, &mut [f32])> = Vec::new();
-        for (h, oh) in out.chunks_mut(n * hd).enumerate() {
-            let mut rest = oh;
+        // Tasks: (head, first query row, rows, first key, keys seen): chunks of query rows
+        // inside one group.
+        let mut tasks: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+        for h in 0..heads {
             for g in &self.groups {
-                let (mut grp, tail) = rest.split_at_mut(g.q_len * hd);
-                rest = tail;
                 let mut q0 = g.q_start;
-                while !grp.is_empty() {
-                    let rows = task_rows(g.keys).min(grp.len() / hd);
-                    let (o, tail) = grp.split_at_mut(rows * hd);
-                    grp = tail;
-                    tasks.push((h, q0, g.k_start, g.keys, o));
+                while q0 < g.q_start + g.q_len {
+                    let rows = task_rows(g.keys).min(g.q_start + g.q_len - q0);
+                    tasks.push((h, q0, rows, g.k_start, g.keys));
                     q0 += rows;
                 }
             }
         }
+        // Where query row `i` of head `h` is read and its output written: head-major
+        // (`[heads, n, hd]`) or token-major (`[n, heads * hd]`).
+        let at = |h: usize, i: usize| match &self.tokens {
+            None => (h * n + i) * hd,
+            Some(_) => i * heads * hd + h * hd,
+        };
+        // Each (head, query row) pair belongs to exactly one task.
+        let dst = Tile(out.as_mut_ptr());
         // Every product runs with its output column-major (query rows contiguous), the
         // layout `gemm`'s microkernels compute in: the query rows are the vectorised
         // dimension of both, the keys and values are read in place (neither is packed),
         // and the scores are already laid out as the second product's left operand.
         tasks
             .into_par_iter()
-            .for_each_init(TaskBuffers::default, |b, (h, q0, k0, keys, o)| {
-                let rows = o.len() / hd;
+            .for_each_init(TaskBuffers::default, |b, (h, q0, rows, k0, keys)| {
                 let rp = rows.next_multiple_of(LANES);
-                let qh = &q[(h * n + q0) * hd..(h * n + q0 + rows) * hd];
                 let kh = &k[(h * l + k0) * hd..(h * l + k0 + keys) * hd];
                 let vh = &v[(h * l + k0) * hd..(h * l + k0 + keys) * hd];
                 // The buffers only grow (whatever they hold is overwritten below, but
@@ -597,11 +674,30 @@ impl CustomOp3 for CpuAttention {
                         buf.resize(len, 0.0);
                     }
                 }
-                for (c, col) in b.q.chunks_exact_mut(rp).take(hd).enumerate() {
-                    for (x, row) in col.iter_mut().zip(qh.chunks_exact(hd)) {
-                        *x = row[c];
+                match &rope {
+                    None => {
+                        for (c, col) in b.q.chunks_exact_mut(rp).take(hd).enumerate() {
+                            for (i, x) in col[..rows].iter_mut().enumerate() {
+                                *x = q[at(h, q0 + i) + c];
+                            }
+                            col[rows..].fill(0.0);
+                        }
                     }
-                    col[rows..].fill(0.0);
+                    Some(r) => {
+                        let half = hd / 2;
+                        for i in 0..rows {
+                            let s = &q[at(h, q0 + i)..at(h, q0 + i) + hd];
+                            let (cos, sin) = r[(q0 + i) * hd..(q0 + i + 1) * hd].split_at(half);
+                            for j in 0..half {
+                                let (x, y) = (s[2 * j], s[2 * j + 1]);
+                                b.q[2 * j * rp + i] = x * cos[j] - y * sin[j];
+                                b.q[(2 * j + 1) * rp + i] = x * sin[j] + y * cos[j];
+                            }
+                        }
+                        for col in b.q.chunks_exact_mut(rp).take(hd) {
+                            col[rows..].fill(0.0);
+                        }
+                    }
                 }
                 // SAFETY: every pointer/stride pair below describes a buffer of exactly
                 // the stated rows x columns: b.q is rp x hd (column-major), kh and vh
@@ -656,8 +752,11 @@ impl CustomOp3 for CpuAttention {
                         gemm::Parallelism::None,
                     );
                 }
-                for (i, orow) in o.chunks_exact_mut(hd).enumerate() {
+                for i in 0..rows {
                     let inv = 1.0 / b.sums[i];
+                    // SAFETY: the `hd` values of (head h, query row q0 + i) lie inside
+                    // `out` (`heads * n * hd` values) and belong to this task alone.
+                    let orow = unsafe { std::slice::from_raw_parts_mut(dst.at(at(h, q0 + i)), hd) };
                     for (c, x) in orow.iter_mut().enumerate() {
                         *x = b.o[c * rp + i] * inv;
                     }
@@ -840,10 +939,12 @@ impl CustomOp3 for CpuLinear {
     }
 }
 
-/// The output of [`CpuLinear`], shared by its tasks, each of which writes its own tile.
+/// The output of [`CpuLinear`] or [`CpuAttention`], shared by its tasks, each of which
+/// writes its own elements.
 struct Tile(*mut f32);
 
-// SAFETY: the tasks write disjoint elements (see `CpuLinear::cpu_fwd`).
+// SAFETY: the tasks write disjoint elements (see `CpuLinear::cpu_fwd` and
+// `CpuAttention::cpu_fwd`).
 unsafe impl Sync for Tile {}
 
 impl Tile {
@@ -2216,6 +2317,76 @@ mod tests {
             keys: 10,
         }];
         assert!(sdpa_grouped(&q, &k, &v, &gap).is_err());
+    }
+
+    /// Token-major queries and output with the rotation applied on the way in: what the
+    /// head split, `rope_i`, the head-major kernel and the head merge give, over
+    /// block-causal groups with a chunked block and a second branch's cache; bad shapes
+    /// are refused.
+    #[test]
+    fn token_major_attention_matches_split_rope_merge() {
+        let dev = Device::Cpu;
+        let (heads, hd, n) = (3, 16, 170);
+        let q = Tensor::randn(0f32, 1.0, (n, heads * hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, heads, 260, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, heads, 260, hd), &dev).unwrap();
+        let cos = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
+        let sin = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
+        let rope = Tensor::cat(&[&cos, &sin], 1).unwrap();
+        let groups = [
+            Group {
+                q_start: 0,
+                q_len: 100,
+                k_start: 0,
+                keys: 140,
+            },
+            Group {
+                q_start: 100,
+                q_len: 50,
+                k_start: 0,
+                keys: 190,
+            },
+            Group {
+                q_start: 150,
+                q_len: 20,
+                k_start: 190,
+                keys: 70,
+            },
+        ];
+        let split = q
+            .reshape((1, n, heads, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for rotate in [false, true] {
+            let qh = if rotate {
+                candle_nn::rotary_emb::rope_i(&split, &cos, &sin).unwrap()
+            } else {
+                split.clone()
+            };
+            let want = sdpa_grouped(&qh, &k, &v, &groups)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((n, heads * hd))
+                .unwrap();
+            let got = sdpa_tokens(&q, rotate.then_some(&rope), &k, &v, &groups).unwrap();
+            assert_eq!(got.dims(), [n, heads * hd]);
+            let err = max_abs_diff(&got, &want);
+            assert!(err < 1e-5, "rotate {rotate}: {err}");
+            // The other devices' path (candle ops around the head-major attention).
+            force_device_paths(Some(1 << 20));
+            let other = sdpa_tokens(&q, rotate.then_some(&rope), &k, &v, &groups);
+            force_device_paths(None);
+            let err = max_abs_diff(&other.unwrap(), &want);
+            assert!(err < 1e-5, "device path, rotate {rotate}: {err}");
+        }
+        let short = rope.narrow(0, 0, n - 1).unwrap();
+        assert!(sdpa_tokens(&q, Some(&short), &k, &v, &groups).is_err());
+        let wide = Tensor::zeros((n, heads * hd + 1), DType::F32, &dev).unwrap();
+        assert!(sdpa_tokens(&wide, None, &k, &v, &groups).is_err());
     }
 
     /// The CUDA kernel's own source, run on the CPU (emulate.h), against the CPU kernel on

@@ -879,15 +879,16 @@ impl Layer {
             None => modulate(&self.norm1, x, 0, 1)?,
         }
         .to_dtype(dtype)?;
-        let q = split_heads(&self.attn1.q(&h.narrow(0, 0, n)?)?, self.heads)?;
+        let q = self.attn1.q(&h.narrow(0, 0, n)?)?;
         let k = self.attn1.k(&h)?;
         let v = super::kernels::linear(&self.attn1.to_v, &h)?;
-        let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
-        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        match target {
+        let a = match target {
             KvTarget::Rows(rows, rope) => {
                 super::kernels::cache_store(&kv.0, &k, rows, Some(rope))?;
                 super::kernels::cache_store(&kv.1, &v, rows, None)?;
+                // The batch's rotation table is the first `n` rows of the joined one.
+                let rope = rope.narrow(0, 0, n)?;
+                super::kernels::sdpa_tokens(&q, Some(&rope), &kv.0, &kv.1, &b.self_groups)?
             }
             KvTarget::Scatter { slots, cos, sin } => {
                 let (k, v) = (split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
@@ -895,10 +896,14 @@ impl Layer {
                 let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
                 kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
                 kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
+                let q = split_heads(&q, self.heads)?;
+                let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
+                let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+                let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
+                merge_heads(&a)?
             }
-        }
-        let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
-        let a = super::kernels::linear(&self.attn1.to_out, &merge_heads(&a)?)?;
+        };
+        let a = super::kernels::linear(&self.attn1.to_out, &a)?;
         let x = gated_add(x, &a, 2)?;
 
         // Cross-attention on the text context (all positions, padding included).
@@ -906,9 +911,9 @@ impl Layer {
             Some(n) => n.forward(&x)?.to_dtype(dtype)?,
             None => x.clone(),
         };
-        let q = split_heads(&self.attn2.q(&h)?, self.heads)?;
-        let a = super::kernels::sdpa_grouped(&q, &ctx.0, &ctx.1, &b.cross_groups)?;
-        let x = (&x + super::kernels::linear(&self.attn2.to_out, &merge_heads(&a)?)?)?;
+        let q = self.attn2.q(&h)?;
+        let a = super::kernels::sdpa_tokens(&q, None, &ctx.0, &ctx.1, &b.cross_groups)?;
+        let x = (&x + super::kernels::linear(&self.attn2.to_out, &a)?)?;
 
         // Feed-forward.
         let h = modulate(&self.norm3, &x, 3, 4)?.to_dtype(dtype)?;
