@@ -774,17 +774,47 @@ impl CustomOp3 for CpuAttention {
 /// synchronisation cost about as much as the multiply. Other devices, dtypes and ranks run
 /// candle's `Linear`.
 pub fn linear(l: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    linear_then(l, x, false)
+    linear_then(l, x, Epilogue::None)
 }
 
 /// `gelu(linear(l, x))` (the feed-forward's first half): on the CPU, for f32, each task of
 /// [`linear`] applies the GELU to its band of rows right after its product, while the band
 /// is in cache, instead of a second pass over a copy of the whole output.
 pub fn linear_gelu(l: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    linear_then(l, x, true)
+    linear_then(l, x, Epilogue::Gelu)
 }
 
-fn linear_then(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+/// `rms_norm(linear(l, x), w, eps)` (the attention's query and key projections with
+/// their norm across heads): on the CPU, for f32, each task of [`linear`] that holds whole
+/// rows normalises them right after its product, while they are in cache; a pass of a few
+/// rows split by columns normalises after the product. Elsewhere candle's ops.
+pub fn linear_rms(
+    l: &candle_nn::Linear,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let o = l.weight().dim(0)?;
+    if w.dims() != [o] {
+        candle_core::bail!("rms norm weight {:?} after a linear map to {o}", w.shape());
+    }
+    let weight = w.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    linear_then(l, x, Epilogue::Rms { weight, eps, w })
+}
+
+/// What [`CpuLinear`] applies to its output rows.
+enum Epilogue<'a> {
+    None,
+    Gelu,
+    /// RMS norm of each row with this weight (`w`, also as values on the host).
+    Rms {
+        weight: Vec<f32>,
+        eps: f32,
+        w: &'a Tensor,
+    },
+}
+
+fn linear_then(l: &candle_nn::Linear, x: &Tensor, then: Epilogue) -> candle_core::Result<Tensor> {
     use candle_core::Module;
     let w = l.weight();
     let f32_cpu = |t: &Tensor| cpu_kernels(t.device()) && t.dtype() == DType::F32;
@@ -794,7 +824,13 @@ fn linear_then(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> candle_core::Re
         && l.bias().is_none_or(|b| b.dims() == [w.dim(0).unwrap_or(0)]);
     if !(fits && f32_cpu(x) && f32_cpu(w) && l.bias().is_none_or(f32_cpu)) {
         let y = l.forward(x)?;
-        return if gelu { self::gelu(&y) } else { Ok(y) };
+        return match then {
+            Epilogue::None => Ok(y),
+            Epilogue::Gelu => self::gelu(&y),
+            Epilogue::Rms { w, eps, .. } => {
+                candle_nn::ops::rms_norm(&y, &w.to_dtype(y.dtype())?, eps)
+            }
+        };
     }
     let zeros;
     let b = match l.bias() {
@@ -811,8 +847,14 @@ fn linear_then(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> candle_core::Re
     } else {
         w.contiguous()?
     };
-    x.contiguous()?
-        .apply_op3_no_bwd(&w, &b.contiguous()?, &CpuLinear { gelu })
+    let op = CpuLinear {
+        gelu: matches!(then, Epilogue::Gelu),
+        rms: match then {
+            Epilogue::Rms { weight, eps, .. } => Some((weight, eps)),
+            _ => None,
+        },
+    };
+    x.contiguous()?.apply_op3_no_bwd(&w, &b.contiguous()?, &op)
 }
 
 /// `l` with its weight stored transposed (`[in, out]` in memory, the same `[out, in]`
@@ -831,6 +873,17 @@ pub fn kernel_layout(l: candle_nn::Linear) -> candle_core::Result<candle_nn::Lin
 struct CpuLinear {
     /// Apply the GELU to the output.
     gelu: bool,
+    /// RMS-normalise every output row with this weight and epsilon.
+    rms: Option<(Vec<f32>, f32)>,
+}
+
+/// `row <- row * w / sqrt(mean(row^2) + eps)`, in place.
+fn rms_row(row: &mut [f32], w: &[f32], eps: f32) {
+    let ms = lane_sum(row, |v| v * v) / row.len().max(1) as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for (v, &w) in row.iter_mut().zip(w) {
+        *v = *v * inv * w;
+    }
 }
 
 /// Rows of the output per task, at least (smaller bands cost more in `gemm`'s packing than
@@ -876,20 +929,20 @@ impl CustomOp3 for CpuLinear {
         // Tiles of the output (rows r0..r1, columns c0..c1), one task each: bands of rows,
         // or, where there are too few rows for every thread to get LINEAR_MIN_ROWS, bands
         // of columns (a partial pass of a few dozen tokens).
-        let tiles: Vec<(usize, usize, usize, usize)> =
-            if n >= threads * LINEAR_MIN_ROWS || o < threads * LANES {
-                let rows = n.div_ceil(threads).max(LINEAR_MIN_ROWS);
-                (0..n)
-                    .step_by(rows)
-                    .map(|r0| (r0, (r0 + rows).min(n), 0, o))
-                    .collect()
-            } else {
-                let cols = o.div_ceil(threads).next_multiple_of(LANES);
-                (0..o)
-                    .step_by(cols)
-                    .map(|c0| (0, n, c0, (c0 + cols).min(o)))
-                    .collect()
-            };
+        let row_bands = n >= threads * LINEAR_MIN_ROWS || o < threads * LANES;
+        let tiles: Vec<(usize, usize, usize, usize)> = if row_bands {
+            let rows = n.div_ceil(threads).max(LINEAR_MIN_ROWS);
+            (0..n)
+                .step_by(rows)
+                .map(|r0| (r0, (r0 + rows).min(n), 0, o))
+                .collect()
+        } else {
+            let cols = o.div_ceil(threads).next_multiple_of(LANES);
+            (0..o)
+                .step_by(cols)
+                .map(|c0| (0, n, c0, (c0 + cols).min(o)))
+                .collect()
+        };
         let mut out = Vec::<f32>::with_capacity(n * o);
         let dst = Tile(out.as_mut_ptr());
         tiles.into_par_iter().for_each(|(r0, r1, c0, c1)| {
@@ -931,8 +984,23 @@ impl CustomOp3 for CpuLinear {
                         gelu_inplace(simd, std::slice::from_raw_parts_mut(dst.at(r * o + c0), c));
                     }
                 }
+                if let Some((w, eps)) = &self.rms
+                    && c == o
+                {
+                    for r in r0..r1 {
+                        rms_row(std::slice::from_raw_parts_mut(dst.at(r * o), o), w, *eps);
+                    }
+                }
             }
         });
+        // Tiles of part of the columns: the rows are normalised once all are written.
+        if let Some((w, eps)) = &self.rms
+            && !row_bands
+        {
+            // SAFETY: as below, every element was written above.
+            let all = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), n * o) };
+            all.par_chunks_mut(o).for_each(|r| rms_row(r, w, *eps));
+        }
         // SAFETY: the tiles cover all `n * o` elements, each written above.
         unsafe { out.set_len(n * o) };
         Ok((CpuStorage::F32(out), Shape::from((n, o))))
@@ -1971,6 +2039,11 @@ mod tests {
                     assert!(d < 1e-5, "{o} outputs, n {n}: {d}");
                     let d = max_abs_diff(&linear_gelu(l, &x).unwrap(), &want.gelu().unwrap());
                     assert!(d < 1e-5, "{o} outputs, n {n}, with the GELU: {d}");
+                    // The RMS norm epilogue, in row bands and after column bands.
+                    let nw = Tensor::from_vec(fill(o, 5), o, &dev).unwrap();
+                    let want_rms = candle_nn::ops::rms_norm(&want, &nw, 1e-6).unwrap();
+                    let d = max_abs_diff(&linear_rms(l, &x, &nw, 1e-6).unwrap(), &want_rms);
+                    assert!(d < 1e-4, "{o} outputs, n {n}, with the RMS norm: {d}");
                 }
             }
             let xt = Tensor::from_vec(fill(i * 9, 3), (i, 9), &dev)
@@ -1983,6 +2056,10 @@ mod tests {
             let d = max_abs_diff(&linear(&l, &x3).unwrap(), &l.forward(&x3).unwrap());
             assert_eq!(d, 0.0, "rank 3 runs candle's Linear");
         }
+        let l = candle_nn::Linear::new(Tensor::ones((8, 4), DType::F32, &dev).unwrap(), None);
+        let x = Tensor::ones((3, 4), DType::F32, &dev).unwrap();
+        let bad = Tensor::ones(7, DType::F32, &dev).unwrap();
+        assert!(linear_rms(&l, &x, &bad, 1e-6).is_err());
     }
 
     /// The fused norm-modulate and gated add give the same values as candle's layer norm

@@ -687,18 +687,21 @@ impl Attention {
     }
 
     fn q(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let q = super::kernels::linear(&self.to_q, x)?;
-        match &self.norm_q {
-            Some(n) => n.forward(&q),
-            None => Ok(q),
-        }
+        Self::project(&self.to_q, self.norm_q.as_ref(), x)
     }
 
     fn k(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let k = super::kernels::linear(&self.to_k, x)?;
-        match &self.norm_k {
-            Some(n) => n.forward(&k),
-            None => Ok(k),
+        Self::project(&self.to_k, self.norm_k.as_ref(), x)
+    }
+
+    /// A projection and its RMS norm across heads, fused on the CPU in f32.
+    fn project(l: &Linear, norm: Option<&RmsNorm>, x: &Tensor) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(n) if super::kernels::f32_kernels(&[x, &n.weight]) => {
+                super::kernels::linear_rms(l, x, &n.weight, n.eps)
+            }
+            Some(n) => n.forward(&super::kernels::linear(l, x)?),
+            None => super::kernels::linear(l, x),
         }
     }
 }
