@@ -1964,6 +1964,17 @@ mod tests {
             .unwrap()
     }
 
+    /// `[n, heads * head_dim]` -> `[1, heads, n, head_dim]`, contiguous.
+    fn head_major(x: &Tensor, heads: usize) -> Tensor {
+        let (n, d) = x.dims2().unwrap();
+        x.reshape((1, n, heads, d / heads))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
     /// The one-pass cache store writes what head split, `rope_i` and a scatter write, at
     /// arbitrary rows, and leaves the other rows alone; bad slots are refused by name.
     #[test]
@@ -1975,13 +1986,7 @@ mod tests {
         let sin = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
         let slots = [7u32, 0, 10, 3];
         let base = Tensor::randn(0f32, 1., (1, heads, rows, hd), &dev).unwrap();
-        let split = x
-            .reshape((1, n, heads, hd))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let split = head_major(&x, heads);
         let ix = Tensor::new(&slots, &dev)
             .unwrap()
             .reshape((1, 1, n, 1))
@@ -2430,13 +2435,7 @@ mod tests {
                 keys: 70,
             },
         ];
-        let split = q
-            .reshape((1, n, heads, hd))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let split = head_major(&q, heads);
         for rotate in [false, true] {
             let qh = if rotate {
                 candle_nn::rotary_emb::rope_i(&split, &cos, &sin).unwrap()
