@@ -20,7 +20,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::MagiModelConfig;
 use crate::cache::Plan;
-use crate::model::kernels::{Group, sdpa_grouped};
+use crate::model::kernels::{Group, sdpa_tokens};
 
 /// PyTorch `LayerNorm` over the last axis, optionally with zero-centred gamma; always in
 /// f32 (upstream runs the q/k norms, post-norms and the final norm in f32).
@@ -843,7 +843,12 @@ fn attention(
             .reshape((1, heads, l, hd))?
             .contiguous()
     };
-    let q = q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?;
-    let o = sdpa_grouped(&q, &expand(k)?, &expand(v)?, groups)?;
-    o.squeeze(0)?.transpose(0, 1)?.reshape((s, heads * hd))
+    // Token-major queries and output: no head split or merge (see `sdpa_tokens`).
+    sdpa_tokens(
+        &q.reshape((s, heads * hd))?,
+        None,
+        &expand(k)?,
+        &expand(v)?,
+        groups,
+    )
 }
