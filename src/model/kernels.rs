@@ -847,14 +847,8 @@ fn linear_then(l: &candle_nn::Linear, x: &Tensor, then: Epilogue) -> candle_core
     } else {
         w.contiguous()?
     };
-    let op = CpuLinear {
-        gelu: matches!(then, Epilogue::Gelu),
-        rms: match then {
-            Epilogue::Rms { weight, eps, .. } => Some((weight, eps)),
-            _ => None,
-        },
-    };
-    x.contiguous()?.apply_op3_no_bwd(&w, &b.contiguous()?, &op)
+    x.contiguous()?
+        .apply_op3_no_bwd(&w, &b.contiguous()?, &CpuLinear(then))
 }
 
 /// `l` with its weight stored transposed (`[in, out]` in memory, the same `[out, in]`
@@ -870,17 +864,18 @@ pub fn kernel_layout(l: candle_nn::Linear) -> candle_core::Result<candle_nn::Lin
     Ok(candle_nn::Linear::new(wt, l.bias().cloned()))
 }
 
-struct CpuLinear {
-    /// Apply the GELU to the output.
-    gelu: bool,
-    /// RMS-normalise every output row with this weight and epsilon.
-    rms: Option<(Vec<f32>, f32)>,
+/// The linear map and what it applies to its output rows.
+struct CpuLinear<'a>(Epilogue<'a>);
+
+/// `1 / sqrt(mean(x^2) + eps)`: the factor of an RMS norm.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = lane_sum(x, |v| v * v) / x.len().max(1) as f32;
+    1.0 / (ms + eps).sqrt()
 }
 
 /// `row <- row * w / sqrt(mean(row^2) + eps)`, in place.
 fn rms_row(row: &mut [f32], w: &[f32], eps: f32) {
-    let ms = lane_sum(row, |v| v * v) / row.len().max(1) as f32;
-    let inv = 1.0 / (ms + eps).sqrt();
+    let inv = inv_rms(row, eps);
     for (v, &w) in row.iter_mut().zip(w) {
         *v = *v * inv * w;
     }
@@ -890,7 +885,7 @@ fn rms_row(row: &mut [f32], w: &[f32], eps: f32) {
 /// they gain in parallelism).
 const LINEAR_MIN_ROWS: usize = 32;
 
-impl CustomOp3 for CpuLinear {
+impl CustomOp3 for CpuLinear<'_> {
     fn name(&self) -> &'static str {
         "motioncache-linear"
     }
@@ -979,30 +974,33 @@ impl CustomOp3 for CpuLinear {
                         gemm::Parallelism::None,
                     );
                 }
-                if self.gelu {
-                    for r in r0..r1 {
-                        gelu_inplace(simd, std::slice::from_raw_parts_mut(dst.at(r * o + c0), c));
+                match &self.0 {
+                    Epilogue::None => {}
+                    Epilogue::Gelu => {
+                        for r in r0..r1 {
+                            let row = std::slice::from_raw_parts_mut(dst.at(r * o + c0), c);
+                            gelu_inplace(simd, row);
+                        }
                     }
-                }
-                if let Some((w, eps)) = &self.rms
-                    && c == o
-                {
-                    for r in r0..r1 {
-                        rms_row(std::slice::from_raw_parts_mut(dst.at(r * o), o), w, *eps);
+                    // Whole rows: normalised here, while in cache.
+                    Epilogue::Rms { weight, eps, .. } if c == o => {
+                        for r in r0..r1 {
+                            let row = std::slice::from_raw_parts_mut(dst.at(r * o), o);
+                            rms_row(row, weight, *eps);
+                        }
                     }
+                    Epilogue::Rms { .. } => {}
                 }
             }
         });
-        // Tiles of part of the columns: the rows are normalised once all are written.
-        if let Some((w, eps)) = &self.rms
-            && !row_bands
-        {
-            // SAFETY: as below, every element was written above.
-            let all = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), n * o) };
-            all.par_chunks_mut(o).for_each(|r| rms_row(r, w, *eps));
-        }
         // SAFETY: the tiles cover all `n * o` elements, each written above.
         unsafe { out.set_len(n * o) };
+        // Tiles of part of the columns: the rows are normalised once all are written.
+        if let Epilogue::Rms { weight, eps, .. } = &self.0
+            && !row_bands
+        {
+            out.par_chunks_mut(o).for_each(|r| rms_row(r, weight, *eps));
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, o))))
     }
 }
@@ -1422,8 +1420,7 @@ impl RowNorm {
                             }
                         }
                         None => {
-                            let ms = lane_sum(xr, |v| v * v) / d as f32;
-                            let inv = 1.0 / (ms + eps).sqrt();
+                            let inv = inv_rms(xr, eps);
                             for ((o, &v), &w) in o.iter_mut().zip(xr).zip(w) {
                                 *o = v * inv * w;
                             }

@@ -714,11 +714,6 @@ fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .contiguous()
 }
 
-fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, h, n, hd) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((n, h * hd))
-}
-
 /// Per-frame affine map of tokens sorted by frame: `x * mul[f] (+ add[f])` for the tokens
 /// of frame `f` (`mul`, `add`: `[frames, dim]`). One broadcast op when every frame has the
 /// same number of tokens (full forwards), else the rows are expanded per token.
@@ -899,11 +894,8 @@ impl Layer {
                 let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
                 kv.0.scatter_set(slots, &k.to_dtype(kv.0.dtype())?, 2)?;
                 kv.1.scatter_set(slots, &v.to_dtype(kv.1.dtype())?, 2)?;
-                let q = split_heads(&q, self.heads)?;
-                let (cos, sin) = (b.cos.to_dtype(dtype)?, b.sin.to_dtype(dtype)?);
-                let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-                let a = super::kernels::sdpa_grouped(&q, &kv.0, &kv.1, &b.self_groups)?;
-                merge_heads(&a)?
+                let rope = Tensor::cat(&[&b.cos, &b.sin], 1)?;
+                super::kernels::sdpa_tokens(&q, Some(&rope), &kv.0, &kv.1, &b.self_groups)?
             }
         };
         let a = super::kernels::linear(&self.attn1.to_out, &a)?;
