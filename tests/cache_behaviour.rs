@@ -244,6 +244,7 @@ fn plans_on_half_moving_block(s: &CacheSettings) -> Vec<Plan> {
             tokens_per_frame: tpf,
             has_residual: true,
             sigma: 1.0 - step as f64 / 40.0,
+            first_block: false,
         };
         let plan = st.plan(s, &info).unwrap();
         let mut rows = Vec::new();

@@ -54,6 +54,9 @@ pub struct StepInfo<'a> {
     pub has_residual: bool,
     /// The block's noise level at this step.
     pub sigma: f64,
+    /// Whether this is the video's first block: nothing generated before conditions it,
+    /// and every later frame is conditioned on it.
+    pub first_block: bool,
 }
 
 /// What a policy sees after a block-step.

@@ -183,7 +183,10 @@ impl BlockPolicy for MotionCacheState {
         }
         let prev = self.prev.replace(info.modulation.clone());
         let prev_sigma = self.prev_sigma.replace(info.sigma);
-        let warm = info.step < s.warmup_steps || !info.has_residual || s.motion_threshold <= 0.0;
+        let warm = info.step < s.warmup_steps
+            || !info.has_residual
+            || s.motion_threshold <= 0.0
+            || (s.full_first_block && info.first_block);
         let last = s.full_last_step && info.step + 1 >= info.steps;
         let Some(prev) = prev.filter(|_| !warm && !last) else {
             return Ok(Plan::Full);
@@ -351,6 +354,7 @@ mod tests {
             tokens_per_frame: tpf,
             has_residual: true,
             sigma: 0.5,
+            first_block: false,
         }
     }
 

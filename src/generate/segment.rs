@@ -237,6 +237,11 @@ impl Segment {
         })
     }
 
+    /// Whether block `b` is the video's first generated block (not history).
+    fn is_first_block(&self, b: usize) -> bool {
+        self.first_global == 0 && b == self.prefix_blocks
+    }
+
     pub fn block_frames(&self) -> usize {
         self.settings.causal_block_size
     }
@@ -349,6 +354,7 @@ impl Segment {
                 if !row.update[b] {
                     continue;
                 }
+                let first_block = self.is_first_block(b);
                 let branch = &mut self.branches[br];
                 if branch.policy[b]
                     .as_ref()
@@ -371,6 +377,7 @@ impl Segment {
                     tokens_per_frame: gh * gw,
                     has_residual: branch.residual[b].is_some(),
                     sigma,
+                    first_block,
                 };
                 let mut plan = match branch.policy[b].as_mut() {
                     Some((_, p)) => p.plan(&row.cache, &info)?,
@@ -943,6 +950,7 @@ impl Segment {
             let sigma = self.sigma(row, b);
             let x0 = (&self.latents[b] - (&pred * sigma)?)?;
             let modulation = &inputs.modulation[b].as_ref().ok_or_else(missing)?.proj;
+            let first_block = self.is_first_block(b);
             for (br, per_block) in outs.iter().enumerate() {
                 let Some(o) = &per_block[b] else { continue };
                 let branch = &mut self.branches[br];
@@ -955,6 +963,7 @@ impl Segment {
                         tokens_per_frame: tpf,
                         has_residual: true,
                         sigma,
+                        first_block,
                     };
                     let prev_last_out = if b > 0 {
                         branch.last_out[b - 1].as_ref()

@@ -52,7 +52,7 @@ pub struct Args {
     pub thresholds: Option<Vec<f64>>,
     /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
     /// uniform, min-ratio, vote, reuse=residual|forecast, source=output|latent,
-    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, kv-refresh=true|false); repeatable.
+    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, full-first=true|false, kv-refresh=true|false); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Generate every video this many times and keep its fastest transformer and VAE
@@ -139,6 +139,7 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             "max-ratio" => c.max_update_ratio = num()?,
             "vote" => c.temporal_consistency = num()?,
             "full-last" => c.full_last_step = flag()?,
+            "full-first" => c.full_first_block = flag()?,
             "kv-refresh" => {
                 // Forced: at every threshold.
                 c.kv_refresh = flag()?;
