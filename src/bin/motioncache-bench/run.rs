@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long)]
     pub sweep: bool,
     /// Thresholds of the sweep, for every family (default 0.02,0.05,0.1,0.2,0.3,0.5, and
-    /// for motioncache thirteen from 0.25x to 5x its default threshold of the schedule,
+    /// for motioncache sixteen from 0.25x to 10x its default threshold of the schedule,
     /// 0.5 / steps; MAGI-1 0.002,0.004,0.0065,0.01,0.02,0.04).
     #[arg(long, value_delimiter = ',')]
     pub thresholds: Option<Vec<f64>>,
@@ -295,13 +295,16 @@ fn modes(a: &Args, steps: usize, model: &CacheSettings) -> BoxResult<Vec<ModeSpe
 pub const MOTIONCACHE_SLOW: f64 = 1.0;
 pub const MOTIONCACHE_FAST: f64 = 2.0;
 /// motioncache's sweep, multiples of its default threshold for the schedule (paper, 50
-/// steps: 0.0025 to 0.05; element, 10 steps: 0.0125 to 0.25). Denser where its PSNR
+/// steps: 0.0025 to 0.1; element, 10 steps: 0.0125 to 0.5). Up to 10x since the first
+/// block is computed in full (`full_first_block`), which keeps 23.5 dB at 5x on the paper
+/// schedule: the frontier's low end (20 dB, the reference's PSNR + 1 dB) needs points
+/// below it. Denser where its PSNR
 /// falls fastest (from 38 to 29 dB between 1.5x and 2x on the paper schedule, from exact
 /// to 25 dB between 0.25x and 0.5x at 10 steps), so that the frontier between two points
 /// is not a straight line over a cliff), and on both sides of 2x, where the key/value
 /// refresh stops from 20 steps on (`KV_REFRESH_THRESHOLD_STEPS`).
-pub const MOTIONCACHE_SWEEP: [f64; 13] = [
-    0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 5.0,
+pub const MOTIONCACHE_SWEEP: [f64; 16] = [
+    0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 5.0, 6.25, 7.5, 10.0,
 ];
 /// MAGI-1's: the reference's threshold and twice it.
 pub const MAGI_SLOW: f64 = 0.0065;
