@@ -388,4 +388,60 @@ mod tests {
         let i = info(2, &m, 2, 4);
         assert_eq!(st.plan(&s, &i).unwrap(), Plan::Skip);
     }
+
+    /// With `full_first_block`, the video's first block goes through the transformer in
+    /// full at every step after the warm-up, however little its modulation moved; a later
+    /// block, or the first one with the setting off, reuses its tokens on the same inputs.
+    #[test]
+    fn first_block_is_full_after_warmup() {
+        let dev = Device::Cpu;
+        let on = CacheSettings {
+            warmup_steps: 2,
+            refresh_interval: 0,
+            ..CacheSettings::for_schedule(super::super::CacheMode::MotionCache, 10)
+        };
+        assert!(on.full_first_block, "motioncache's default");
+        let off = CacheSettings {
+            full_first_block: false,
+            ..on.clone()
+        };
+        let x = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
+        let x0 = Tensor::zeros((2, 2, 4, 2), DType::F32, &dev).unwrap();
+        let obs = Observation {
+            x_in: &x,
+            x_out: &x,
+            prev_last_out: None,
+            x0: &x0,
+            prev_x0_last: None,
+            patch: (2, 1),
+            rates: &[],
+        };
+        let plans = |s: &CacheSettings, first_block: bool| -> Vec<Plan> {
+            let mut st = MotionCacheState::default();
+            (0..6)
+                .map(|step| {
+                    let m = Tensor::full(2.0f32 + 1e-4 * step as f32, (2, 6, 2), &dev).unwrap();
+                    let i = StepInfo {
+                        first_block,
+                        ..info(step, &m, 2, 4)
+                    };
+                    let p = st.plan(s, &i).unwrap();
+                    st.observe(s, &i, &p, &obs).unwrap();
+                    p
+                })
+                .collect()
+        };
+        let warm = [Plan::Full, Plan::Full];
+        assert_eq!(plans(&on, true), vec![Plan::Full; 6]);
+        for (s, first) in [(&on, false), (&off, true), (&off, false)] {
+            let p = plans(s, first);
+            assert_eq!(p[..2], warm, "first block {first}");
+            assert_eq!(
+                p[2..],
+                vec![Plan::Skip; 4],
+                "first block {first}, {:?}",
+                s.full_first_block
+            );
+        }
+    }
 }

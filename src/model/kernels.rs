@@ -1948,6 +1948,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::transformer::split_heads;
     use candle_core::Device;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -1958,17 +1959,6 @@ mod tests {
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    /// `[n, heads * head_dim]` -> `[1, heads, n, head_dim]`, contiguous.
-    fn head_major(x: &Tensor, heads: usize) -> Tensor {
-        let (n, d) = x.dims2().unwrap();
-        x.reshape((1, n, heads, d / heads))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
             .unwrap()
     }
 
@@ -1983,7 +1973,7 @@ mod tests {
         let sin = Tensor::rand(-1f32, 1., (n, hd / 2), &dev).unwrap();
         let slots = [7u32, 0, 10, 3];
         let base = Tensor::randn(0f32, 1., (1, heads, rows, hd), &dev).unwrap();
-        let split = head_major(&x, heads);
+        let split = split_heads(&x, heads).unwrap();
         let ix = Tensor::new(&slots, &dev)
             .unwrap()
             .reshape((1, 1, n, 1))
@@ -2432,7 +2422,7 @@ mod tests {
                 keys: 70,
             },
         ];
-        let split = head_major(&q, heads);
+        let split = split_heads(&q, heads).unwrap();
         for rotate in [false, true] {
             let qh = if rotate {
                 candle_nn::rotary_emb::rope_i(&split, &cos, &sin).unwrap()

@@ -707,7 +707,7 @@ impl Attention {
 }
 
 /// `[tokens, heads * head_dim]` -> `[1, heads, tokens, head_dim]`, contiguous.
-fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (n, d) = x.dims2()?;
     x.reshape((1, n, heads, d / heads))?
         .transpose(1, 2)?
