@@ -61,6 +61,7 @@ pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "max-update-ratio",
     "temporal-consistency",
     "kv-refresh",
+    "full-first-block",
 ];
 
 /// What a model generates by default.

@@ -296,6 +296,40 @@ fn runtime_motion_threshold_changes_statistics() {
     });
 }
 
+/// `full-first-block`: auto (motioncache's default, on) runs the video's first block in
+/// full at every step whatever the threshold, the next block reuses; off caches the first
+/// block like the others.
+#[test]
+fn full_first_block_property_decides_the_first_block() {
+    with_timeout(300, || {
+        let blocks = |extra: &str| {
+            let pipeline = launch(&format!(
+                "motioncachesrc cache-mode=motioncache warmup-steps=1 motion-threshold=1000 \
+                 refresh-interval=0 {extra} {} ! fakesink sync=false",
+                fast_launch()
+            ));
+            let out = run_blocks(&pipeline, 1, u64::MAX, || {});
+            assert!(out.errors.is_empty(), "{:?}", out.errors);
+            assert!(out.stats.len() >= 2, "{} blocks", out.stats.len());
+            out.stats
+        };
+        let auto = blocks("");
+        assert_eq!(
+            (auto[0].full, auto[0].partial, auto[0].skipped),
+            (auto[0].steps, 0, 0),
+            "{:?}",
+            auto[0]
+        );
+        assert!(auto[1].skipped > 0, "{:?}", auto[1]);
+        let off = blocks("full-first-block=off");
+        assert!(
+            off[0].skipped > 0 && off[0].full < off[0].steps,
+            "{:?}",
+            off[0]
+        );
+    });
+}
+
 fn pull_frames(h: &mut gst_check::Harness, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|_| {

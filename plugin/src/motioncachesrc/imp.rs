@@ -22,7 +22,7 @@ use super::convert::{I420Planes, Layout, rgb_to_i420, rgb_to_packed};
 use super::properties::{self, MAX_FPS};
 use super::settings::*;
 use super::worker::{Callbacks, Popped, Worker};
-use super::{CacheModeProp, DTypeProp, KvRefreshProp, OverlayProp};
+use super::{CacheModeProp, DTypeProp, FullFirstBlockProp, KvRefreshProp, OverlayProp};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -231,6 +231,11 @@ impl ObjectImpl for MotionCacheSrc {
             "kv-refresh" => {
                 s.kv_refresh = value.get::<KvRefreshProp>().expect("type checked upstream")
             }
+            "full-first-block" => {
+                s.full_first_block = value
+                    .get::<FullFirstBlockProp>()
+                    .expect("type checked upstream")
+            }
             "is-live" => {
                 s.is_live = value.get().expect("type checked upstream");
                 self.obj().set_live(s.is_live);
@@ -312,6 +317,7 @@ impl ObjectImpl for MotionCacheSrc {
             "max-update-ratio" => s.max_update_ratio.to_value(),
             "temporal-consistency" => s.temporal_consistency.to_value(),
             "kv-refresh" => s.kv_refresh.to_value(),
+            "full-first-block" => s.full_first_block.to_value(),
             "is-live" => s.is_live.to_value(),
             "overlay" => s.overlay.to_value(),
             "stats" => {

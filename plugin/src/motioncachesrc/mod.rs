@@ -100,6 +100,28 @@ pub enum KvRefreshProp {
     Off = 2,
 }
 
+/// Whether the video's first block skips token-level reuse (property `full-first-block`).
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstMotionCacheFullFirstBlock")]
+pub enum FullFirstBlockProp {
+    #[enum_value(
+        name = "Auto: the cache mode's default (motioncache on, the reference off)",
+        nick = "auto"
+    )]
+    Auto = 0,
+    #[enum_value(
+        name = "On: the video's first block goes through the transformer in full at every step",
+        nick = "on"
+    )]
+    On = 1,
+    #[enum_value(
+        name = "Off: the first block is cached like every other block",
+        nick = "off"
+    )]
+    Off = 2,
+}
+
 /// Floating-point type the model runs in (property `dtype`).
 #[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, glib::Enum)]
 #[repr(u32)]
@@ -123,6 +145,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     DTypeProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     OverlayProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     KvRefreshProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    FullFirstBlockProp::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "motioncachesrc",

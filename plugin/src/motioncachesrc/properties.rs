@@ -265,6 +265,17 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             )
             .mutable_playing()
             .build(),
+        glib::ParamSpecEnum::builder_with_default("full-first-block", DEFAULT_FULL_FIRST_BLOCK)
+            .nick("Full first block")
+            .blurb(
+                "Whether the video's first block goes through the transformer in full at \
+                 every step (nothing but the prompt conditions it, and every later frame is \
+                 conditioned on it) or is cached like the others; auto = the cache mode's \
+                 default (motioncache on, the reference off). Used by motioncache and \
+                 motioncache-reference, not by MAGI-1",
+            )
+            .mutable_playing()
+            .build(),
         glib::ParamSpecEnum::builder_with_default("overlay", DEFAULT_OVERLAY)
             .nick("Overlay")
             .blurb(

@@ -8,7 +8,7 @@ use candle_core::DType;
 use motioncache::cache::CacheMode;
 use motioncache::generate::GeneratorSettings;
 
-use super::{CacheModeProp, DTypeProp, KvRefreshProp, OverlayProp};
+use super::{CacheModeProp, DTypeProp, FullFirstBlockProp, KvRefreshProp, OverlayProp};
 
 pub const DEFAULT_MODEL: &str = "";
 pub const DEFAULT_PROMPT: &str = "a red circle moving right on a striped blue background";
@@ -24,6 +24,7 @@ pub const DEFAULT_CACHE_MODE: CacheModeProp = CacheModeProp::MotionCache;
 pub const DEFAULT_IS_LIVE: bool = false;
 pub const DEFAULT_OVERLAY: OverlayProp = OverlayProp::None;
 pub const DEFAULT_KV_REFRESH: KvRefreshProp = KvRefreshProp::Auto;
+pub const DEFAULT_FULL_FIRST_BLOCK: FullFirstBlockProp = FullFirstBlockProp::Auto;
 
 /// Property values as the user set them (Clone: copied under a short lock).
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +59,7 @@ pub struct Settings {
     pub max_update_ratio: f64,
     pub temporal_consistency: f64,
     pub kv_refresh: KvRefreshProp,
+    pub full_first_block: FullFirstBlockProp,
     pub is_live: bool,
     pub overlay: OverlayProp,
 }
@@ -91,6 +93,7 @@ impl Default for Settings {
             max_update_ratio: MODEL_DEFAULT_F,
             temporal_consistency: MODEL_DEFAULT_F,
             kv_refresh: DEFAULT_KV_REFRESH,
+            full_first_block: DEFAULT_FULL_FIRST_BLOCK,
             is_live: DEFAULT_IS_LIVE,
             overlay: DEFAULT_OVERLAY,
         }
@@ -148,6 +151,11 @@ impl Settings {
             }
             KvRefreshProp::Off => c.kv_refresh = false,
         }
+        match self.full_first_block {
+            FullFirstBlockProp::Auto => {}
+            FullFirstBlockProp::On => c.full_first_block = true,
+            FullFirstBlockProp::Off => c.full_first_block = false,
+        }
         s.validate()?;
         Ok(s)
     }
@@ -186,6 +194,7 @@ impl Settings {
             "max-update-ratio" => self.max_update_ratio != d.max_update_ratio,
             "temporal-consistency" => self.temporal_consistency != d.temporal_consistency,
             "kv-refresh" => self.kv_refresh != d.kv_refresh,
+            "full-first-block" => self.full_first_block != d.full_first_block,
             _ => false,
         }
     }
@@ -215,6 +224,7 @@ impl Settings {
                 "max-update-ratio" => s.max_update_ratio = d.max_update_ratio,
                 "temporal-consistency" => s.temporal_consistency = d.temporal_consistency,
                 "kv-refresh" => s.kv_refresh = d.kv_refresh,
+                "full-first-block" => s.full_first_block = d.full_first_block,
                 _ => {}
             }
         }
@@ -332,6 +342,24 @@ mod tests {
         assert!(!at(0.0225, KvRefreshProp::Auto) && at(0.0225, KvRefreshProp::On));
         assert!(!at(0.03, KvRefreshProp::Auto) && at(0.03, KvRefreshProp::On));
         assert!(!at(0.01, KvRefreshProp::Off));
+        // full-first-block: auto = the mode's (motioncache on, the reference off).
+        assert!(s.cache.full_first_block && !r.cache.full_first_block);
+        let first = |mode: CacheModeProp, p: FullFirstBlockProp| {
+            Settings {
+                cache_mode: mode,
+                full_first_block: p,
+                ..Default::default()
+            }
+            .generator_settings(&model)
+            .unwrap()
+            .cache
+            .full_first_block
+        };
+        assert!(!first(CacheModeProp::MotionCache, FullFirstBlockProp::Off));
+        assert!(first(
+            CacheModeProp::MotionCacheReference,
+            FullFirstBlockProp::On
+        ));
 
         let user = Settings {
             steps: 3,
