@@ -3,8 +3,11 @@
 //! moving regions (the tenth of each frame's tokens whose pixels changed most, see
 //! `metrics::motion_selectivity`) go through the transformer at least twice as often as
 //! static ones (the lower half), in the blocks after the first (which is computed in full,
-//! `full_first_block`). Measured 2.10x (17.98 against 8.55 recomputes per token over a
-//! block's 10 steps x 2 guidance branches; 2.01x counting the first block); before the
+//! `full_first_block`). Measured 2.03x (17.25 against 8.52 recomputes per token over a
+//! block's 10 steps x 2 guidance branches; 2.00x counting the first block) since the
+//! reused tokens refresh their keys/values at 10 steps too (2.10x before); a static token's
+//! floor is about 8 (two warm-up steps and the staleness bound's two per branch), a moving
+//! token's ceiling 20. Before the
 //! first block was computed in full, 2.14x on the fifth export with `max_update_ratio` 0.8
 //! (2.18x without it, 2.16x on the fourth export, 2.09x on the third).
 

@@ -169,9 +169,6 @@ pub struct CacheSettings {
     /// see [`crate::model::transformer::KvRefresh`]) instead of keeping those of the step
     /// they were last computed at, as the reference does.
     pub kv_refresh: bool,
-    /// With `kv_refresh`, the refresh runs only while the motion threshold is at most this
-    /// (`f64::INFINITY`: at every threshold); see [`Self::kv_refresh_active`].
-    pub kv_refresh_max_threshold: f64,
     /// Rescale polynomial of the relative modulation distance, highest power first
     /// (TeaCache's fit for Wan 2.1 1.3B by default; `motioncache-bench calibrate` fits
     /// one per model).
@@ -235,20 +232,6 @@ pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
 /// little.
 pub const MAX_UPDATE_RATIO: f64 = 0.8;
 
-/// `motioncache`'s key/value refresh runs (from [`LONG_SCHEDULE_STEPS`] steps on) while its
-/// threshold is at most this over the step count: 0.02 at 50 steps, twice the default
-/// threshold. Measured on the embedded model (paper schedule, four prompts, Intel Xeon VM,
-/// 2026-12-05 12:00, after the column-major attention; speedups over vanilla): the refresh
-/// gains 4 to 10 dB at equal threshold but costs 10-20% more transformer time than its
-/// FLOPs (norms, rotations and cache writes of the reused tokens at every layer). From
-/// about 28 dB up it is worth it (0.01: 42.8 dB at 1.51x with it, 0.005 without: 41.6 dB
-/// at 1.42x; 0.015: 38.4 dB at 1.66x, 0.0075 without: 37.2 dB at 1.59x; 0.02: 29.4 dB at
-/// 1.76x, 0.01 without: 30.6 dB at 1.74x); below, the same time spent on a lower threshold
-/// without it gives more (0.025: 24.0 dB at 1.87x with it, 0.0125 without: 23.7 dB at
-/// 1.96x; 0.0225 without: 20.0 dB at 2.24x). It was 1.25 (0.025) until the CPU kernels
-/// of that day made vanilla's large passes faster than the cached modes' small ones.
-pub const KV_REFRESH_THRESHOLD_STEPS: f64 = 1.0;
-
 /// The reference's warm-up: `warmup_steps = 4` runs steps 0..=4 in full, five full steps
 /// (fewer when the schedule is shorter).
 const REFERENCE_WARMUP: usize = 5;
@@ -273,15 +256,19 @@ impl CacheSettings {
     /// `[weight_floor, 1]` (max-rescaled, as the reference does with its floor 0.6); a
     /// block-step that would recompute fewer than [`LONG_MIN_UPDATE_RATIO`] of its tokens
     /// is skipped there.
-    /// From [`LONG_SCHEDULE_STEPS`] steps on, the tokens a partial forward reuses refresh
-    /// their keys/values (`kv_refresh`): stale keys/values of reused neighbours were the
-    /// largest error of token-level reuse on the embedded model (paper schedule, two
-    /// prompts: exact keys/values for every token would give 35.9 dB at threshold 0.02
-    /// against 21.8 dB; refreshed from forecast hidden states 28.8 dB, and 37.3 against
-    /// 30.2 dB at 0.01, for 0.02 more of vanilla's FLOPs). At the element's 10 steps it
-    /// gained less (18.3 against 15.2 dB at 0.05, 21.8 against 18.4 dB on four prompts)
-    /// than its time cost there (transformer time per FLOP up to 1.30 of vanilla's,
-    /// against 1.16 without; the frontier about the same): off below.
+    /// At every schedule and threshold, the tokens a partial forward reuses refresh their
+    /// keys/values (`kv_refresh`): stale keys/values of reused neighbours were the largest
+    /// error of token-level reuse on the embedded model (paper schedule, two prompts: exact
+    /// keys/values for every token would give 35.9 dB at threshold 0.02 against 21.8 dB;
+    /// refreshed from forecast hidden states 28.8 dB, and 37.3 against 30.2 dB at 0.01, for
+    /// 0.02 more of vanilla's FLOPs). Its time per FLOP, 1.1-1.3 of vanilla's on
+    /// 2026-12-05, is now that of the passes without it (Intel Xeon VM, 2026-12-06 08:10,
+    /// interleaved runs: 1.01 against 1.03-1.04 at 10 steps, 1.07-1.09 against 1.07-1.11
+    /// at 50), so it pays at every threshold measured: at 10 steps (four prompts, first
+    /// block in full) 30.4 dB at 0.417 of diffusers' FLOPs (0.05) against 26.6 dB at 0.398,
+    /// 32.0 against 28.5 dB at 0.0375, 26.5 dB at 0.388 (0.1) where 0.075 without it gives
+    /// 24.7 dB at 0.376; on the paper schedule (two prompts) 30.6 dB at 0.280 (0.025)
+    /// against 21.6 dB at 0.259, 27.1 dB at 0.03 in the time 0.025 takes without it.
     /// The video's first block is computed in full at every step (`full_first_block`):
     /// nothing conditions it but the prompt, and every later frame is conditioned on it, so
     /// an error there does not stay there. On the embedded model (four prompts, 2026-12-06)
@@ -319,7 +306,6 @@ impl CacheSettings {
             reuse: Reuse::Residual,
             commit_finished: false,
             kv_refresh: false,
-            kv_refresh_max_threshold: f64::INFINITY,
             rescale: WAN_1_3B_RESCALE.to_vec(),
             teacache_threshold: 0.1,
             flowcache_threshold: 0.1,
@@ -350,8 +336,7 @@ impl CacheSettings {
                     Reuse::Residual
                 },
                 commit_finished: true,
-                kv_refresh: long,
-                kv_refresh_max_threshold: KV_REFRESH_THRESHOLD_STEPS / steps as f64,
+                kv_refresh: true,
                 ..reference
             },
             // Chunk-level baselines and the exact modes: finished blocks recomputed once at
@@ -435,12 +420,6 @@ impl CacheSettings {
         Self::for_schedule(mode, 50)
     }
 
-    /// Whether reused tokens refresh their keys/values at these settings: `kv_refresh`,
-    /// and the motion threshold at most `kv_refresh_max_threshold`.
-    pub fn kv_refresh_active(&self) -> bool {
-        self.kv_refresh && self.motion_threshold <= self.kv_refresh_max_threshold * (1.0 + 1e-9)
-    }
-
     /// The threshold the mode compares its accumulated distance against.
     pub fn threshold(&self) -> f64 {
         match self.mode {
@@ -471,13 +450,6 @@ impl CacheSettings {
         finite_nonneg("motion-threshold", self.motion_threshold)?;
         finite_nonneg("teacache-threshold", self.teacache_threshold)?;
         finite_nonneg("flowcache-threshold", self.flowcache_threshold)?;
-        if self.kv_refresh_max_threshold.is_nan() || self.kv_refresh_max_threshold < 0.0 {
-            return Err(Error::setting(
-                "kv-refresh-max-threshold",
-                self.kv_refresh_max_threshold,
-                "must be a number >= 0 (or infinite)",
-            ));
-        }
         if self.mode != CacheMode::Vanilla
             && self.mode != CacheMode::None
             && self.warmup_steps > steps

@@ -545,7 +545,7 @@ impl Segment {
             })
             .collect::<candle_core::Result<_>>()?;
         // With `kv_refresh`, the tokens a partial forward reuses refresh their keys/values.
-        let kv_refresh = row.cache.kv_refresh_active();
+        let kv_refresh = row.cache.kv_refresh;
         let refresh: Vec<Option<(Vec<u32>, TokenSet)>> = work
             .iter()
             .map(|w| match w {

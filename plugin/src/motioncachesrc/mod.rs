@@ -84,7 +84,7 @@ pub enum OverlayProp {
 #[enum_type(name = "GstMotionCacheKvRefresh")]
 pub enum KvRefreshProp {
     #[enum_value(
-        name = "Auto: the cache mode's default (motioncache on from 20 steps while motion-threshold <= 1 / steps, the reference off)",
+        name = "Auto: the cache mode's default (motioncache on, the reference off)",
         nick = "auto"
     )]
     Auto = 0,

@@ -259,9 +259,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
                  hidden states estimated from this step's input and their last \
                  computations, for the key and value projections alone) or keep those of \
                  the step they were last computed at, as the reference does; auto = the \
-                 cache mode's default (motioncache on from 20 steps while motion-threshold \
-                 is at most 1 / steps, the reference off); on = at every threshold. Not \
-                 used by MAGI-1",
+                 cache mode's default (motioncache on, the reference off). Not used by \
+                 MAGI-1",
             )
             .mutable_playing()
             .build(),

@@ -145,10 +145,7 @@ impl Settings {
         c.temporal_consistency = float_or(self.temporal_consistency, m.temporal_consistency);
         match self.kv_refresh {
             KvRefreshProp::Auto => {}
-            KvRefreshProp::On => {
-                c.kv_refresh = true;
-                c.kv_refresh_max_threshold = f64::INFINITY;
-            }
+            KvRefreshProp::On => c.kv_refresh = true,
             KvRefreshProp::Off => c.kv_refresh = false,
         }
         match self.full_first_block {
@@ -295,53 +292,33 @@ mod tests {
         .generator_settings(&model)
         .unwrap();
         assert_eq!((r.cache.warmup_steps, r.cache.uniform_updates), (5, 6));
-        // kv-refresh: auto = the mode's (motioncache on from 20 steps, the reference
-        // off), else forced.
-        assert!(!s.cache.kv_refresh && !r.cache.kv_refresh);
-        let long = GeneratorSettings {
-            steps: 50,
-            ..Default::default()
-        };
-        assert!(
-            Settings::default()
-                .generator_settings(&long)
-                .unwrap()
-                .cache
-                .kv_refresh
-        );
-        let off = Settings {
-            kv_refresh: KvRefreshProp::Off,
-            ..Default::default()
-        };
-        assert!(!off.generator_settings(&model).unwrap().cache.kv_refresh);
-        assert!(off.is_set("kv-refresh") && !off.without(&["kv-refresh"]).is_set("kv-refresh"));
-        let on = Settings {
-            kv_refresh: KvRefreshProp::On,
-            cache_mode: CacheModeProp::MotionCacheReference,
-            ..Default::default()
-        };
-        assert!(
-            on.generator_settings(&model)
-                .unwrap()
-                .cache
-                .kv_refresh_active()
-        );
-        // auto at 50 steps: on up to threshold 0.02, off above; on: at every threshold.
-        let at = |t: f64, kv: KvRefreshProp| {
+        // kv-refresh: auto = the mode's (motioncache on at every schedule and threshold,
+        // the reference off), else forced.
+        assert!(s.cache.kv_refresh && !r.cache.kv_refresh);
+        let kv = |mode: CacheModeProp, t: f64, kv: KvRefreshProp| {
             Settings {
+                cache_mode: mode,
                 motion_threshold: t,
                 kv_refresh: kv,
                 ..Default::default()
             }
-            .generator_settings(&long)
+            .generator_settings(&model)
             .unwrap()
             .cache
-            .kv_refresh_active()
+            .kv_refresh
         };
-        assert!(at(0.01, KvRefreshProp::Auto) && at(0.02, KvRefreshProp::Auto));
-        assert!(!at(0.0225, KvRefreshProp::Auto) && at(0.0225, KvRefreshProp::On));
-        assert!(!at(0.03, KvRefreshProp::Auto) && at(0.03, KvRefreshProp::On));
-        assert!(!at(0.01, KvRefreshProp::Off));
+        let (mc, reference) = (
+            CacheModeProp::MotionCache,
+            CacheModeProp::MotionCacheReference,
+        );
+        assert!(kv(mc, 0.01, KvRefreshProp::Auto) && kv(mc, 10.0, KvRefreshProp::Auto));
+        assert!(!kv(mc, 0.01, KvRefreshProp::Off) && !kv(reference, 0.1, KvRefreshProp::Auto));
+        assert!(kv(reference, 0.1, KvRefreshProp::On));
+        let off = Settings {
+            kv_refresh: KvRefreshProp::Off,
+            ..Default::default()
+        };
+        assert!(off.is_set("kv-refresh") && !off.without(&["kv-refresh"]).is_set("kv-refresh"));
         // full-first-block: auto = the mode's (motioncache on, the reference off).
         assert!(s.cache.full_first_block && !r.cache.full_first_block);
         let first = |mode: CacheModeProp, p: FullFirstBlockProp| {

@@ -140,11 +140,7 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             "vote" => c.temporal_consistency = num()?,
             "full-last" => c.full_last_step = flag()?,
             "full-first" => c.full_first_block = flag()?,
-            "kv-refresh" => {
-                // Forced: at every threshold.
-                c.kv_refresh = flag()?;
-                c.kv_refresh_max_threshold = f64::INFINITY;
-            }
+            "kv-refresh" => c.kv_refresh = flag()?,
             "distance" => {
                 c.distance_mode = match v {
                     "global" => DistanceMode::Global,
@@ -301,8 +297,7 @@ pub const MOTIONCACHE_FAST: f64 = 2.0;
 /// below it. Denser where its PSNR
 /// falls fastest (from 38 to 29 dB between 1.5x and 2x on the paper schedule, from exact
 /// to 25 dB between 0.25x and 0.5x at 10 steps), so that the frontier between two points
-/// is not a straight line over a cliff), and on both sides of 2x, where the key/value
-/// refresh stops from 20 steps on (`KV_REFRESH_THRESHOLD_STEPS`).
+/// is not a straight line over a cliff), and on both sides of 2x.
 pub const MOTIONCACHE_SWEEP: [f64; 16] = [
     0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 5.0, 6.25, 7.5, 10.0,
 ];
