@@ -262,9 +262,9 @@ impl CacheSettings {
     /// keys/values for every token would give 35.9 dB at threshold 0.02 against 21.8 dB;
     /// refreshed from forecast hidden states 28.8 dB, and 37.3 against 30.2 dB at 0.01, for
     /// 0.02 more of vanilla's FLOPs). Its time per FLOP, 1.1-1.3 of vanilla's on
-    /// 2026-12-05, is now that of the passes without it (Intel Xeon VM, 2026-12-06 08:10,
-    /// interleaved runs: 1.01 against 1.03-1.04 at 10 steps, 1.07-1.09 against 1.07-1.11
-    /// at 50), so it pays at every threshold measured: at 10 steps (four prompts, first
+    /// 2026-12-05 (Intel Xeon VM), was that of the passes without it on 2026-12-06 08:10
+    /// (2-core AMD EPYC VM, interleaved runs: 1.01 against 1.03-1.04 at 10 steps, 1.07-1.09
+    /// against 1.07-1.11 at 50), so it pays at every threshold measured: at 10 steps (four prompts, first
     /// block in full) 30.4 dB at 0.417 of diffusers' FLOPs (0.05) against 26.6 dB at 0.398,
     /// 32.0 against 28.5 dB at 0.0375, 26.5 dB at 0.388 (0.1) where 0.075 without it gives
     /// 24.7 dB at 0.376; on the paper schedule (two prompts) 30.6 dB at 0.280 (0.025)
