@@ -358,6 +358,19 @@ mod tests {
         }
     }
 
+    /// An observation of a block whose output equals its input (nothing moves).
+    fn still<'a>(x: &'a Tensor, x0: &'a Tensor) -> Observation<'a> {
+        Observation {
+            x_in: x,
+            x_out: x,
+            prev_last_out: None,
+            x0,
+            prev_x0_last: None,
+            patch: (2, 1),
+            rates: &[],
+        }
+    }
+
     #[test]
     fn warmup_is_full_and_min_ratio_skips() {
         let dev = Device::Cpu;
@@ -368,15 +381,7 @@ mod tests {
         let mut st = MotionCacheState::default();
         let x = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
         let x0 = Tensor::zeros((2, 2, 4, 2), DType::F32, &dev).unwrap();
-        let obs = Observation {
-            x_in: &x,
-            x_out: &x,
-            prev_last_out: None,
-            x0: &x0,
-            prev_x0_last: None,
-            patch: (2, 1),
-            rates: &[],
-        };
+        let obs = still(&x, &x0);
         for step in 0..2 {
             let m = Tensor::full(1.0f32 + step as f32, (2, 6, 2), &dev).unwrap();
             let i = info(step, &m, 2, 4);
@@ -407,15 +412,7 @@ mod tests {
         };
         let x = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
         let x0 = Tensor::zeros((2, 2, 4, 2), DType::F32, &dev).unwrap();
-        let obs = Observation {
-            x_in: &x,
-            x_out: &x,
-            prev_last_out: None,
-            x0: &x0,
-            prev_x0_last: None,
-            patch: (2, 1),
-            rates: &[],
-        };
+        let obs = still(&x, &x0);
         let plans = |s: &CacheSettings, first_block: bool| -> Vec<Plan> {
             let mut st = MotionCacheState::default();
             (0..6)
