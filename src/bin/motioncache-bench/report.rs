@@ -368,9 +368,52 @@ pub fn write(
         md.push_str("\n| target | measured | met? |\n|---|---|---|\n");
         md.push_str(&targets);
     }
+    for s in &schedules {
+        if let Some((spread, groups)) = timing_spread(rows, s) {
+            md.push_str(&format!(
+                "\nTiming noise on {s}: rows that give the same frames for the same work ({groups} groups, e.g. `none` and the thresholds that reproduce it) took up to {:.0}% more transformer time than each other.\n",
+                (spread - 1.0) * 100.0
+            ));
+        }
+    }
     std::fs::write(out.join("bench.md"), &md)?;
     print!("{md}");
     Ok(())
+}
+
+/// The largest ratio of transformer seconds between two rows of `schedule` that did the
+/// same work and gave the same frames (equal FLOPs, token work and PSNR: the same
+/// computation timed twice), and how many such groups there are; `None` without any. It
+/// says how far apart two timings of one computation fell in this run, which bounds what a
+/// time ratio of the run can tell.
+pub fn timing_spread(rows: &[Row], schedule: &str) -> Option<(f64, usize)> {
+    let rs: Vec<&Row> = rows.iter().filter(|r| r.schedule == schedule).collect();
+    let same = |a: &Row, b: &Row| {
+        a.flops_ratio == b.flops_ratio
+            && a.recomputed_fraction == b.recomputed_fraction
+            && (a.exact == b.exact)
+            && (a.exact || a.psnr_db == b.psnr_db)
+    };
+    let mut seen = vec![false; rs.len()];
+    let (mut worst, mut groups) = (1.0f64, 0);
+    for i in 0..rs.len() {
+        if seen[i] {
+            continue;
+        }
+        let group: Vec<usize> = (i..rs.len()).filter(|&j| same(rs[i], rs[j])).collect();
+        if group.len() < 2 {
+            continue;
+        }
+        groups += 1;
+        let t = |j: &usize| rs[*j].transformer_seconds;
+        let hi = group.iter().map(t).fold(0.0, f64::max);
+        let lo = group.iter().map(t).fold(f64::INFINITY, f64::min);
+        worst = worst.max(hi / lo);
+        for j in group {
+            seen[j] = true;
+        }
+    }
+    (groups > 0).then_some((worst, groups))
 }
 
 fn yes(b: bool) -> &'static str {
@@ -471,6 +514,30 @@ mod tests {
         let rows = [row(40.0, 1.1)];
         let r: Vec<&Row> = rows.iter().collect();
         assert_eq!(frontier_at(&r, &none, 35.0), 1.2);
+    }
+
+    #[test]
+    fn timing_spread_compares_only_the_same_computation() {
+        let timed = |flops: f64, psnr: f64, secs: f64| Row {
+            flops_ratio: flops,
+            transformer_seconds: secs,
+            ..row(psnr, 1.0)
+        };
+        // Two groups of the same work and frames (1.2x and 1.5x apart); the other rows
+        // differ in work or in frames and are not compared.
+        let rows = [
+            timed(0.6, 30.0, 2.0),
+            timed(0.6, 30.0, 2.4),
+            timed(0.5, 25.0, 1.0),
+            timed(0.5, 25.0, 1.5),
+            timed(0.5, 26.0, 3.0),
+            timed(0.4, 30.0, 9.0),
+        ];
+        let (spread, groups) = timing_spread(&rows, "s").unwrap();
+        assert_eq!(groups, 2);
+        assert!((spread - 1.5).abs() < 1e-12, "{spread}");
+        assert!(timing_spread(&rows[4..], "s").is_none());
+        assert!(timing_spread(&rows, "other").is_none());
     }
 
     #[test]

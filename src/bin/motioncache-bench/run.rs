@@ -55,8 +55,9 @@ pub struct Args {
     /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, full-first=true|false, kv-refresh=true|false); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Generate every video this many times and keep its fastest transformer and VAE
-    /// times (the runs are deterministic: a repeat that gives other frames is reported).
+    /// Generate every video this many times, in rounds over all prompts and modes, and keep
+    /// its fastest transformer and VAE times (the runs are deterministic: a repeat that
+    /// gives other frames is reported).
     /// Default: 5 on the element's schedule, whose videos take a few tenths of a second
     /// and whose single timings move by tens of percent on a small VM; 2 on "paper", whose
     /// single timings of the same video moved by up to 5% within one run; 1 elsewhere.
@@ -435,42 +436,47 @@ pub fn run(a: Args) -> BoxResult<()> {
     let mut rows = Vec::new();
     for (sname, base) in &scen {
         let specs = modes(&a, base.steps, &base.cache)?;
-        // Prompt by prompt, every mode in turn (forwards for even prompts, backwards for
-        // odd ones), so that a machine whose speed drifts during the run (a shared VM
-        // drifts by several percent within minutes) slows every mode alike instead of the
-        // modes run last.
+        // Round by round, and in each round prompt by prompt with every mode in turn
+        // (forwards for even prompts, backwards for odd ones), so that a machine whose
+        // speed drifts during the run (a shared VM drifts by several percent within
+        // minutes) slows every mode alike instead of the modes run last, and a video's
+        // repeats (its fastest time is kept) fall at different times of the run instead of
+        // one after another in one slow minute.
         let mut outs: Vec<Vec<Outcome>> = specs.iter().map(|_| Vec::new()).collect();
-        for (i, prompt) in prompts.iter().enumerate() {
-            let seed = 1024 + i as u64;
-            let order: Vec<usize> = if i % 2 == 0 {
-                (0..specs.len()).collect()
-            } else {
-                (0..specs.len()).rev().collect()
-            };
-            for j in order {
-                let m = &specs[j];
-                let mut s = base.clone();
-                s.cache = m.cache.clone();
-                let mut o = generate(&p, prompt, &s, seed, true)?;
-                for _ in 1..repeats(&a, sname) {
-                    let again = generate(&p, prompt, &s, seed, false)?;
-                    if again.frames != o.frames {
+        let rounds = repeats(&a, sname);
+        for round in 0..rounds {
+            for (i, prompt) in prompts.iter().enumerate() {
+                let seed = 1024 + i as u64;
+                let order: Vec<usize> = if (i + round) % 2 == 0 {
+                    (0..specs.len()).collect()
+                } else {
+                    (0..specs.len()).rev().collect()
+                };
+                for j in order {
+                    let m = &specs[j];
+                    let mut s = base.clone();
+                    s.cache = m.cache.clone();
+                    let o = generate(&p, prompt, &s, seed, round == 0)?;
+                    let label = m.threshold.map(|t| format!("{t}")).unwrap_or_default();
+                    eprintln!(
+                        "{sname} {:<22} {label:>6} prompt {i} round {round}: transformer {:.3} s, vae {:.3} s",
+                        m.label, o.transformer_seconds, o.vae_seconds
+                    );
+                    if round == 0 {
+                        outs[j].push(o);
+                        continue;
+                    }
+                    let first = &mut outs[j][i];
+                    if o.frames != first.frames {
                         eprintln!(
                             "warning: {sname} {} prompt {i}: a repeat gave other frames (the first run's are kept)",
                             m.label
                         );
                     }
-                    o.transformer_seconds = o.transformer_seconds.min(again.transformer_seconds);
-                    o.vae_seconds = o.vae_seconds.min(again.vae_seconds);
+                    first.transformer_seconds =
+                        first.transformer_seconds.min(o.transformer_seconds);
+                    first.vae_seconds = first.vae_seconds.min(o.vae_seconds);
                 }
-                eprintln!(
-                    "{sname} {:<22} {:>6} prompt {i}: transformer {:.3} s, vae {:.3} s",
-                    m.label,
-                    m.threshold.map(|t| format!("{t}")).unwrap_or_default(),
-                    o.transformer_seconds,
-                    o.vae_seconds
-                );
-                outs[j].push(o);
             }
         }
         let results: Vec<(ModeSpec, Vec<Outcome>)> = specs.into_iter().zip(outs).collect();
