@@ -13,6 +13,13 @@ const FAMILIES: [(&str, RGBColor); 4] = [
     ("motioncache-reference", RGBColor(120, 60, 160)),
 ];
 
+/// Height of a panel's image, and of its plot area inside the caption, margins and axis
+/// labels (pixels).
+const PANEL_HEIGHT: u32 = 560;
+const PLOT_HEIGHT: f64 = (PANEL_HEIGHT - 2 * 20 - 30 - 45) as f64;
+/// Height of one legend entry (pixels, at the legend's 14 px font).
+const LEGEND_ROW: f64 = 20.0;
+
 pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
     let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
         .iter()
@@ -28,8 +35,8 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
     };
     let mut schedules: Vec<&str> = rows.iter().map(|r| r.schedule.as_str()).collect();
     schedules.dedup();
-    let root =
-        BitMapBackend::new(path, (700 * schedules.len().max(1) as u32, 560)).into_drawing_area();
+    let root = BitMapBackend::new(path, (700 * schedules.len().max(1) as u32, PANEL_HEIGHT))
+        .into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, schedules.len().max(1)));
     for (panel, s) in panels.iter().zip(&schedules) {
@@ -47,7 +54,24 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
             .fold(20.0, f64::max)
             .max(35.0)
             + 1.0;
-        let ymax = rs.iter().map(|r| r.speedup_vs_vanilla).fold(1.0, f64::max) * 1.1;
+        let top = rs.iter().map(|r| r.speedup_vs_vanilla).fold(1.0, f64::max) * 1.05;
+        // Headroom above the data for the legend in the upper right corner, so that it
+        // covers no line or point: its entries (the exact modes and the families with
+        // points) take about LEGEND_ROW pixels each of the plot's PLOT_HEIGHT.
+        let entries = ["vanilla", "none"]
+            .iter()
+            .filter(|m| rs.iter().any(|r| r.mode == **m))
+            .count()
+            + FAMILIES
+                .iter()
+                .filter(|(f, _)| finite.iter().any(|r| r.policy == *f))
+                .count();
+        let legend = if labels {
+            (LEGEND_ROW * entries as f64 + 16.0) / PLOT_HEIGHT
+        } else {
+            0.0
+        };
+        let ymax = top / (1.0 - legend.min(0.6));
         let mut b = ChartBuilder::on(panel);
         b.margin(20).x_label_area_size(45).y_label_area_size(55);
         if labels {
