@@ -141,3 +141,35 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_a_panel_per_schedule() {
+        let row = |schedule: &str, mode: &str, psnr: f64, speed: f64| Row {
+            mode: mode.into(),
+            policy: mode.into(),
+            schedule: schedule.into(),
+            exact: mode == "vanilla",
+            ..super::super::report::tests::row(psnr, speed)
+        };
+        let mut rows = Vec::new();
+        for s in ["paper", "element-default"] {
+            rows.push(row(s, "vanilla", 99.0, 1.0));
+            rows.push(row(s, "motioncache", 30.0, 2.0));
+            rows.push(row(s, "motioncache", 20.0, 3.0));
+            rows.push(row(s, "teacache", 22.0, 1.5));
+        }
+        let path = std::env::temp_dir().join(format!("bench-plot-{}.png", std::process::id()));
+        draw(&rows, &path).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(&png[1..4], b"PNG");
+        // IHDR: width and height, big-endian, after the 8-byte signature and 8 bytes of
+        // chunk length and type.
+        let dim = |o: usize| u32::from_be_bytes(png[o..o + 4].try_into().unwrap());
+        assert_eq!((dim(16), dim(20)), (1400, PANEL_HEIGHT));
+    }
+}
