@@ -87,7 +87,7 @@ pub fn run(a: Args) -> BoxResult<()> {
     let cancel = AtomicBool::new(false);
     let size = (p.info().width, p.info().height);
     let neg = p.encode_prompt("")?;
-    for (name, mut s) in scenarios(&p) {
+    for (name, mut s) in scenarios(&p, 2) {
         s.cache = CacheSettings::for_schedule(CacheMode::None, s.steps);
         for (i, prompt) in PROMPTS.iter().take(a.prompts.clamp(1, 4)).enumerate() {
             let cond = p.encode_prompt(prompt)?;

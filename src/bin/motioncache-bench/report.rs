@@ -371,7 +371,8 @@ pub fn write(
     for s in &schedules {
         if let Some((spread, groups)) = timing_spread(rows, s) {
             md.push_str(&format!(
-                "\nTiming noise on {s}: rows that give the same frames for the same work ({groups} groups, e.g. `none` and the thresholds that reproduce it) took up to {:.0}% more transformer time than each other.\n",
+                "\nTiming noise on {s}: rows that give the same frames for the same work ({groups} group{}, e.g. `none` and the thresholds that reproduce it) took up to {:.0}% more transformer time than each other.\n",
+                if groups == 1 { "" } else { "s" },
                 (spread - 1.0) * 100.0
             ));
         }

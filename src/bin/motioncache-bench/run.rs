@@ -64,6 +64,10 @@ pub struct Args {
     /// tools/bench_diffusers.py runs diffusers' videos as often.
     #[arg(long)]
     pub repeats: Option<usize>,
+    /// Windows of the element's schedule (default 2): a longer stream, over which the
+    /// first block's full computation is spread.
+    #[arg(long, default_value_t = 2)]
+    pub windows: usize,
     /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
     #[arg(long)]
     pub diffusers: Option<PathBuf>,
@@ -82,12 +86,12 @@ pub struct ModeSpec {
 
 /// The paper's setting on the model: 50 steps, guidance 6, asynchronous ar_step 5, blocks
 /// of 5 latent frames over a 25-frame window, 5 frames of overlap history with addnoise 20;
-/// 35 latent frames so that the window slides once. And the model's own defaults over two
-/// windows.
+/// 35 latent frames so that the window slides once. And the model's own defaults over
+/// `windows` windows (two by default: the window slides once).
 ///
 /// A MAGI-1 model has one schedule, `magi`: the reference's 64 steps (window 4, its key
 /// ranges), four chunks.
-pub fn scenarios(p: &Pipeline) -> Vec<(&'static str, GeneratorSettings)> {
+pub fn scenarios(p: &Pipeline, windows: usize) -> Vec<(&'static str, GeneratorSettings)> {
     let d = p.info().defaults.clone();
     if p.info().family == ModelFamily::Magi1 {
         let magi = GeneratorSettings {
@@ -112,7 +116,7 @@ pub fn scenarios(p: &Pipeline) -> Vec<(&'static str, GeneratorSettings)> {
         cache: d.cache.clone(),
     };
     let element = GeneratorSettings {
-        total_frames: Some(d.window * 2 - d.overlap),
+        total_frames: Some((d.window - d.overlap) * windows.max(1) + d.overlap),
         ..d
     };
     vec![("paper", paper), ("element-default", element)]
@@ -408,7 +412,7 @@ pub fn run(a: Args) -> BoxResult<()> {
     std::fs::create_dir_all(&a.out)?;
     let p = super::load_model(a.model.as_deref())?;
     let prompts: &[&str] = if a.quick { &PROMPTS[..2] } else { &PROMPTS };
-    let scen: Vec<_> = scenarios(&p)
+    let scen: Vec<_> = scenarios(&p, a.windows)
         .into_iter()
         .filter(|(n, _)| {
             a.scenarios
