@@ -13,7 +13,7 @@ use motioncache::cache::{CacheMode, CacheSettings};
 use motioncache::generate::NoiseSource;
 
 use super::BoxResult;
-use super::run::{PROMPTS, scenarios};
+use super::run::{ELEMENT_WINDOWS, PROMPTS, scenarios};
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -87,7 +87,7 @@ pub fn run(a: Args) -> BoxResult<()> {
     let cancel = AtomicBool::new(false);
     let size = (p.info().width, p.info().height);
     let neg = p.encode_prompt("")?;
-    for (name, mut s) in scenarios(&p, 2) {
+    for (name, mut s) in scenarios(&p, ELEMENT_WINDOWS) {
         s.cache = CacheSettings::for_schedule(CacheMode::None, s.steps);
         for (i, prompt) in PROMPTS.iter().take(a.prompts.clamp(1, 4)).enumerate() {
             let cond = p.encode_prompt(prompt)?;

@@ -13,10 +13,17 @@ const FAMILIES: [(&str, RGBColor); 4] = [
     ("motioncache-reference", RGBColor(120, 60, 160)),
 ];
 
-/// Height of a panel's image, and of its plot area inside the caption, margins and axis
-/// labels (pixels).
+/// Exact modes, drawn as horizontal lines.
+const EXACT: [(&str, RGBColor); 2] = [("vanilla", BLACK), ("none", RGBColor(0, 150, 60))];
+
+/// A panel's height, margin, caption (about 30 px at its 22 px font) and axis label areas,
+/// and the height of its plot area inside them (pixels).
 const PANEL_HEIGHT: u32 = 560;
-const PLOT_HEIGHT: f64 = (PANEL_HEIGHT - 2 * 20 - 30 - 45) as f64;
+const MARGIN: u32 = 20;
+const CAPTION: u32 = 30;
+const X_LABELS: u32 = 45;
+const Y_LABELS: u32 = 55;
+const PLOT_HEIGHT: f64 = (PANEL_HEIGHT - 2 * MARGIN - CAPTION - X_LABELS) as f64;
 /// Height of one legend entry (pixels, at the legend's 14 px font).
 const LEGEND_ROW: f64 = 20.0;
 
@@ -58,9 +65,9 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
         // Headroom above the data for the legend in the upper right corner, so that it
         // covers no line or point: its entries (the exact modes and the families with
         // points) take about LEGEND_ROW pixels each of the plot's PLOT_HEIGHT.
-        let entries = ["vanilla", "none"]
+        let entries = EXACT
             .iter()
-            .filter(|m| rs.iter().any(|r| r.mode == **m))
+            .filter(|(m, _)| rs.iter().any(|r| r.mode == *m))
             .count()
             + FAMILIES
                 .iter()
@@ -73,7 +80,9 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
         };
         let ymax = top / (1.0 - legend.min(0.6));
         let mut b = ChartBuilder::on(panel);
-        b.margin(20).x_label_area_size(45).y_label_area_size(55);
+        b.margin(MARGIN)
+            .x_label_area_size(X_LABELS)
+            .y_label_area_size(Y_LABELS);
         if labels {
             b.caption(format!("{s}: speed vs quality"), ("sans-serif", 22));
         }
@@ -89,7 +98,7 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
             mesh.draw()?;
         }
         // Exact modes: horizontal lines (identical frames have no finite PSNR).
-        for (name, colour) in [("vanilla", BLACK), ("none", RGBColor(0, 150, 60))] {
+        for (name, colour) in EXACT {
             if let Some(r) = rs.iter().find(|r| r.mode == name) {
                 let y = r.speedup_vs_vanilla;
                 let style = ShapeStyle::from(&colour).stroke_width(1);

@@ -66,7 +66,7 @@ pub struct Args {
     pub repeats: Option<usize>,
     /// Windows of the element's schedule (default 2): a longer stream, over which the
     /// first block's full computation is spread.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = ELEMENT_WINDOWS)]
     pub windows: usize,
     /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
     #[arg(long)]
@@ -83,6 +83,9 @@ pub struct ModeSpec {
     pub cache: CacheSettings,
     pub threshold: Option<f64>,
 }
+
+/// Windows of the element's schedule by default: the window slides once.
+pub const ELEMENT_WINDOWS: usize = 2;
 
 /// The paper's setting on the model: 50 steps, guidance 6, asynchronous ar_step 5, blocks
 /// of 5 latent frames over a 25-frame window, 5 frames of overlap history with addnoise 20;
