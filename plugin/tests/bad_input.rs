@@ -123,8 +123,12 @@ fn inconsistent_settings_fail_start_naming_the_property() {
         assert_error_names(&out, &["overlap", "2"]);
         let out = try_start(&src_desc("warmup-steps=9"));
         assert_error_names(&out, &["warmup-steps", "9"]);
+        // The error states the model's own schedule, a consistent set to start from.
         let out = try_start(&src_desc("causal-block-size=4 window=9"));
-        assert_error_names(&out, &["window"]);
+        assert_error_names(
+            &out,
+            &["window", "causal-block-size 3, window 9, overlap 3"],
+        );
     });
 }
 

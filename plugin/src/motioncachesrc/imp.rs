@@ -585,7 +585,16 @@ impl MotionCacheSrc {
             .map_err(|e| {
                 gst::error_msg!(
                     gst::LibraryError::Settings,
-                    ["{} (model {} defaults: {:?})", e, info.name, info.defaults]
+                    [
+                        "{} (model {}: steps {}, causal-block-size {}, window {}, overlap {}, ar-step {})",
+                        e,
+                        info.name,
+                        info.defaults.steps,
+                        info.defaults.causal_block_size,
+                        info.defaults.window,
+                        info.defaults.overlap,
+                        info.defaults.ar_step
+                    ]
                 )
             })?;
         let range = pipeline.size_range();
