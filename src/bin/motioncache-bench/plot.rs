@@ -24,8 +24,10 @@ const CAPTION: u32 = 30;
 const X_LABELS: u32 = 45;
 const Y_LABELS: u32 = 55;
 const PLOT_HEIGHT: f64 = (PANEL_HEIGHT - 2 * MARGIN - CAPTION - X_LABELS) as f64;
-/// Height of one legend entry (pixels, at the legend's 14 px font).
+/// Height of one legend entry (pixels, at the legend's 14 px font), and the legend's
+/// border and padding.
 const LEGEND_ROW: f64 = 20.0;
+const LEGEND_PAD: f64 = 16.0;
 
 pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
     let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
@@ -62,19 +64,33 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
             .max(35.0)
             + 1.0;
         let top = rs.iter().map(|r| r.speedup_vs_vanilla).fold(1.0, f64::max) * 1.05;
-        // Headroom above the data for the legend in the upper right corner, so that it
-        // covers no line or point: its entries (the exact modes and the families with
-        // points) take about LEGEND_ROW pixels each of the plot's PLOT_HEIGHT.
-        let entries = EXACT
+        // What the panel draws: the exact modes present, as horizontal lines, and each
+        // family with points, as a line through them sorted by PSNR.
+        let exact: Vec<(&str, RGBColor, f64)> = EXACT
             .iter()
-            .filter(|(m, _)| rs.iter().any(|r| r.mode == *m))
-            .count()
-            + FAMILIES
-                .iter()
-                .filter(|(f, _)| finite.iter().any(|r| r.policy == *f))
-                .count();
+            .filter_map(|&(name, colour)| {
+                rs.iter()
+                    .find(|r| r.mode == name)
+                    .map(|r| (name, colour, r.speedup_vs_vanilla))
+            })
+            .collect();
+        let families: Vec<_> = FAMILIES
+            .iter()
+            .filter_map(|&(fam, colour)| {
+                let mut pts: Vec<(f64, f64)> = finite
+                    .iter()
+                    .filter(|r| r.policy == fam)
+                    .map(|r| (r.psnr_db, r.speedup_vs_vanilla))
+                    .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (!pts.is_empty()).then_some((fam, colour, pts))
+            })
+            .collect();
+        // Headroom above the data for the legend in the upper right corner, so that it
+        // covers no line or point: its entries take about LEGEND_ROW pixels each of the
+        // plot's PLOT_HEIGHT, plus its border and padding.
         let legend = if labels {
-            (LEGEND_ROW * entries as f64 + 16.0) / PLOT_HEIGHT
+            (LEGEND_ROW * (exact.len() + families.len()) as f64 + LEGEND_PAD) / PLOT_HEIGHT
         } else {
             0.0
         };
@@ -98,33 +114,17 @@ pub fn draw(rows: &[Row], path: &std::path::Path) -> BoxResult<()> {
             mesh.draw()?;
         }
         // Exact modes: horizontal lines (identical frames have no finite PSNR).
-        for (name, colour) in EXACT {
-            if let Some(r) = rs.iter().find(|r| r.mode == name) {
-                let y = r.speedup_vs_vanilla;
-                let style = ShapeStyle::from(&colour).stroke_width(1);
-                let series = chart.draw_series(DashedLineSeries::new(
-                    [(xmin, y), (xmax, y)],
-                    6,
-                    4,
-                    style,
-                ))?;
-                if labels {
-                    series
-                        .label(format!("{name} (exact, {y:.2}x)"))
-                        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour));
-                }
+        for (name, colour, y) in exact {
+            let style = ShapeStyle::from(&colour).stroke_width(1);
+            let series =
+                chart.draw_series(DashedLineSeries::new([(xmin, y), (xmax, y)], 6, 4, style))?;
+            if labels {
+                series
+                    .label(format!("{name} (exact, {y:.2}x)"))
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour));
             }
         }
-        for (fam, colour) in FAMILIES {
-            let mut pts: Vec<(f64, f64)> = finite
-                .iter()
-                .filter(|r| r.policy == fam)
-                .map(|r| (r.psnr_db, r.speedup_vs_vanilla))
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (fam, colour, pts) in families {
             let style = ShapeStyle::from(&colour).stroke_width(2);
             let series = chart.draw_series(LineSeries::new(pts.clone(), style))?;
             if labels {
