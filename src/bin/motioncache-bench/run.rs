@@ -64,9 +64,10 @@ pub struct Args {
     /// tools/bench_diffusers.py runs diffusers' videos as often.
     #[arg(long)]
     pub repeats: Option<usize>,
-    /// Windows of the element's schedule (default 2): a longer stream, over which the
-    /// first block's full computation is spread.
-    #[arg(long, default_value_t = ELEMENT_WINDOWS)]
+    /// Windows of the element's schedule, at least 1 (default 2): a longer stream, over
+    /// which the first block's full computation is spread.
+    #[arg(long, default_value_t = ELEMENT_WINDOWS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub windows: usize,
     /// diffusers' seconds per schedule (tools/bench_diffusers.py's JSON).
     #[arg(long)]
@@ -119,7 +120,7 @@ pub fn scenarios(p: &Pipeline, windows: usize) -> Vec<(&'static str, GeneratorSe
         cache: d.cache.clone(),
     };
     let element = GeneratorSettings {
-        total_frames: Some((d.window - d.overlap) * windows.max(1) + d.overlap),
+        total_frames: Some((d.window - d.overlap) * windows + d.overlap),
         ..d
     };
     vec![("paper", paper), ("element-default", element)]
