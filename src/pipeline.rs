@@ -15,7 +15,7 @@ use crate::generate::{BlockStats, FinishedBlock, Generator, GeneratorSettings, N
 use crate::model::config::TransformerConfig;
 use crate::model::magi::stream::{MagiModel, MagiStream, MagiStreamSettings};
 use crate::model::t5::{UMT5Config, UMT5Encoder, encode_prompts};
-use crate::model::tokenizer::PromptTokenizer;
+use crate::model::tokenizer::{PromptCoverage, PromptTokenizer, prompt_clean};
 use crate::model::transformer::Transformer;
 use crate::model::vae::{VaeStreamDecoder, WanVae, WanVaeConfig};
 use crate::model::weights::{header_names, mmap_safetensors, safetensors_files};
@@ -894,6 +894,48 @@ impl Pipeline {
             &[prompt],
             self.info.text_len,
         )?)
+    }
+
+    /// What the model does not read of a prompt: the words its tokenizer's vocabulary
+    /// lacks (read as its unknown token) and the text past its length, which the video
+    /// cannot follow.
+    pub fn prompt_coverage(&self, prompt: &str) -> Result<PromptCoverage> {
+        match &self.model {
+            Model::Wan(w) => Ok(w
+                .tokenizer
+                .coverage(&prompt_clean(prompt), self.info.text_len)?),
+            Model::Magi(m) => m.prompt_coverage(prompt),
+        }
+    }
+
+    /// A warning for a prompt the model does not read in full, naming the property it
+    /// came from (`prompt`, `negative-prompt`): the unknown words, the text cut; `None`
+    /// when every word is read.
+    pub fn prompt_warning(&self, property: &str, prompt: &str) -> Result<Option<String>> {
+        let c = self.prompt_coverage(prompt)?;
+        let mut parts = Vec::new();
+        if !c.unknown.is_empty() {
+            let words: Vec<String> = c.unknown.iter().map(|w| format!("{w:?}")).collect();
+            parts.push(format!(
+                "{} not in the vocabulary of model {} (read as its unknown token)",
+                words.join(", ") + if words.len() == 1 { " is" } else { " are" },
+                self.info.name
+            ));
+        }
+        if let Some(cut) = &c.cut {
+            const SHOWN: usize = 60;
+            let shown: String = cut.chars().take(SHOWN).collect();
+            let more = if cut.chars().count() > SHOWN {
+                "..."
+            } else {
+                ""
+            };
+            parts.push(format!(
+                "model {} reads its first {} tokens (text length {}), not \"{shown}{more}\"",
+                self.info.name, c.read, self.info.text_len
+            ));
+        }
+        Ok((!parts.is_empty()).then(|| format!("property '{property}': {}", parts.join("; "))))
     }
 
     /// A new endless (or `settings.total_frames` long) video for a prompt, at the model's

@@ -216,6 +216,45 @@ fn empty_prompt_warns_and_still_runs() {
 }
 
 #[test]
+fn words_the_model_cannot_read_warn_and_it_still_runs() {
+    with_timeout(120, || {
+        // At the start: the words outside the embedded model's vocabulary are named.
+        let out = try_start(&src_desc(
+            "prompt=\"a cat running on the blue background\" negative-prompt=\"blurry\"",
+        ));
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert!(out.eos);
+        let w = out.warnings.join("\n");
+        assert!(
+            w.contains("property 'prompt': \"cat\", \"running\", \"the\" are not in the vocabulary of model tiny (embedded)"),
+            "{w}"
+        );
+        // The negative prompt is not used without guidance (the tests' guidance-scale 1).
+        assert!(!w.contains("negative-prompt"), "{w}");
+
+        // While playing: a new prompt is checked when it is set; a caption the model
+        // reads in full warns of nothing.
+        let out = while_playing_fast(
+            "prompt=\"a red circle moving right on a striped blue background\"",
+            |src| {
+                src.set_property("prompt", "a purple circle moving right");
+                src.set_property("guidance-scale", 5.0f64);
+                src.set_property("negative-prompt", "ugly");
+            },
+            1,
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let w = out.warnings.join("\n");
+        assert!(w.contains("property 'prompt': \"purple\" is not"), "{w}");
+        assert!(
+            w.contains("property 'negative-prompt': \"ugly\" is not"),
+            "{w}"
+        );
+        assert_eq!(out.warnings.len(), 2, "{w}");
+    });
+}
+
+#[test]
 fn caps_that_cannot_be_met() {
     with_timeout(120, || {
         // Within the template (any size, rate): refused at negotiation, by the element.

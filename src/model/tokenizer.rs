@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::error::Error;
-use tokenizers::{NormalizedString, PostProcessor, Tokenizer, TruncationDirection};
+use tokenizers::{ModelWrapper, NormalizedString, PostProcessor, Tokenizer, TruncationDirection};
 
 /// Token ids and attention masks of a batch of prompts, each padded to the same length.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +73,27 @@ pub struct PromptTokenizer {
     tokenizer: Tokenizer,
     path: PathBuf,
     pad_id: u32,
+    /// The id words outside the vocabulary become, if the vocabulary has one.
+    unk_id: Option<u32>,
+}
+
+/// What of a prompt a model does not read (see [`PromptTokenizer::coverage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptCoverage {
+    /// Words of the read part that the vocabulary lacks, read as its unknown token:
+    /// distinct, in prompt order, as they stand in the cleaned prompt.
+    pub unknown: Vec<String>,
+    /// Text tokens read (special tokens aside).
+    pub read: usize,
+    /// The text past the length, which is cut (`None`: all of it is read).
+    pub cut: Option<String>,
+}
+
+impl PromptCoverage {
+    /// Whether the model reads every word of the prompt.
+    pub fn complete(&self) -> bool {
+        self.unknown.is_empty() && self.cut.is_none()
+    }
 }
 
 impl std::fmt::Debug for PromptTokenizer {
@@ -129,10 +150,21 @@ impl PromptTokenizer {
             .with_truncation(None)
             .map_err(|e| err(format!("cannot reset truncation: {e}")))?;
         tokenizer.with_padding(None);
+        // Unigram models (SentencePiece, as T5's) do not expose their unknown piece; it is
+        // `<unk>` in T5's and in every tokenizer.json transformers converts from one.
+        let unk_id = match tokenizer.get_model() {
+            ModelWrapper::WordLevel(m) => tokenizer.token_to_id(&m.unk_token),
+            ModelWrapper::BPE(m) => m
+                .get_unk_token()
+                .as_ref()
+                .and_then(|t| tokenizer.token_to_id(t)),
+            _ => tokenizer.token_to_id("<unk>"),
+        };
         Ok(Self {
             tokenizer,
             path,
             pad_id,
+            unk_id,
         })
     }
 
@@ -157,6 +189,65 @@ impl PromptTokenizer {
         self.encode_cleaned(&refs, max_length)
     }
 
+    /// What the model does not read of `cleaned` (text already cleaned as
+    /// [`PromptTokenizer::encode_cleaned`] takes it) at `max_length`: the words its
+    /// vocabulary lacks, and the text cut to make room for the special tokens.
+    pub fn coverage(&self, cleaned: &str, max_length: usize) -> Result<PromptCoverage, Error> {
+        let enc = self
+            .tokenizer
+            .encode(cleaned, false)
+            .map_err(|e| Error::model(&self.path, format!("cannot tokenize {cleaned:?}: {e}")))?;
+        let keep = max_length.saturating_sub(self.special_tokens());
+        let (ids, offsets) = (enc.get_ids(), enc.get_offsets());
+        // A token's word: its text widened to the letters and digits around it (a
+        // SentencePiece unknown piece can be one character of a word).
+        let word = |(a, b): (usize, usize)| -> Option<&str> {
+            let text = cleaned.get(a..b)?;
+            let alnum = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+            let (mut start, mut end) = (a, b);
+            if alnum(text.chars().next()) {
+                while let Some(c) = cleaned[..start]
+                    .chars()
+                    .next_back()
+                    .filter(|&c| alnum(Some(c)))
+                {
+                    start -= c.len_utf8();
+                }
+            }
+            if alnum(text.chars().next_back()) {
+                while let Some(c) = cleaned[end..].chars().next().filter(|&c| alnum(Some(c))) {
+                    end += c.len_utf8();
+                }
+            }
+            Some(cleaned[start..end].trim()).filter(|w| !w.is_empty())
+        };
+        let mut unknown: Vec<String> = Vec::new();
+        for (&id, &span) in ids.iter().zip(offsets).take(keep) {
+            if Some(id) != self.unk_id {
+                continue;
+            }
+            if let Some(w) = word(span).filter(|w| !unknown.iter().any(|u| u == w)) {
+                unknown.push(w.to_string());
+            }
+        }
+        let cut = offsets
+            .get(keep)
+            .and_then(|&(a, _)| cleaned.get(a..))
+            .map(|rest| rest.trim().to_string());
+        Ok(PromptCoverage {
+            unknown,
+            read: ids.len().min(keep),
+            cut,
+        })
+    }
+
+    /// Special tokens the post-processor adds to a prompt (umT5: one `</s>`).
+    fn special_tokens(&self) -> usize {
+        self.tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false))
+    }
+
     /// Tokenizes text as is: truncated so that it and the special tokens (EOS) fit in
     /// `max_length`, special tokens added by the file's post-processor, padded to
     /// `max_length`. An empty prompt gives just the special tokens.
@@ -166,10 +257,7 @@ impl PromptTokenizer {
         max_length: usize,
     ) -> Result<TokenizedPrompts, Error> {
         let err = |problem: String| Error::model(&self.path, problem);
-        let n_special = self
-            .tokenizer
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(false));
+        let n_special = self.special_tokens();
         if max_length <= n_special {
             return Err(err(format!(
                 "max_length {max_length} leaves no room beside {n_special} special token(s)"

@@ -145,13 +145,19 @@ impl ObjectImpl for MotionCacheSrc {
         // Settings before state, as in start(): a change either lands before start() takes
         // its final look at the settings, or sees the running worker.
         let mut settings = lock(&self.settings);
-        let running = lock(&self.state).as_ref().map(|s| {
-            (
-                s.worker.clone(),
-                s.info.defaults.clone(),
-                s.info.unused_settings,
-            )
-        });
+        let (running, pipeline) = lock(&self.state)
+            .as_ref()
+            .map(|s| {
+                (
+                    (
+                        s.worker.clone(),
+                        s.info.defaults.clone(),
+                        s.info.unused_settings,
+                    ),
+                    s.pipeline.clone(),
+                )
+            })
+            .unzip();
         let started = self.started.load(Ordering::SeqCst);
         if started && !pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING) {
             drop(settings);
@@ -250,6 +256,13 @@ impl ObjectImpl for MotionCacheSrc {
         }
         gst::debug!(CAT, imp = self, "{name} set to {value:?}");
         let empty_prompt = name == "prompt" && settings.prompt.trim().is_empty();
+        // Words the loaded model cannot read (once loaded, start() checks the prompts).
+        let unread = match (name, &pipeline) {
+            ("prompt" | "negative-prompt", Some(p)) if !empty_prompt => {
+                self.prompt_warning(p, name, &settings)
+            }
+            _ => None,
+        };
         let problem = running.and_then(|(worker, defaults, unused)| {
             if settings.prompt != old.prompt || settings.negative_prompt != old.negative_prompt {
                 // Before the stream starts, it reads the prompts from the settings.
@@ -285,6 +298,9 @@ impl ObjectImpl for MotionCacheSrc {
         }
         if let Some(p) = problem {
             self.warn(p);
+        }
+        if let Some(w) = unread {
+            self.warn(w);
         }
     }
 
@@ -422,6 +438,31 @@ impl MotionCacheSrc {
     fn warn(&self, msg: String) {
         gst::warning!(CAT, imp = self, "{msg}");
         gst::element_imp_warning!(self, gst::LibraryError::Settings, ["{}", msg]);
+    }
+
+    /// What the model does not read of the `prompt` or `negative-prompt` property (the
+    /// latter only where guidance runs), as a warning.
+    fn prompt_warning(&self, pipeline: &Pipeline, name: &str, s: &Settings) -> Option<String> {
+        let text = match name {
+            "prompt" => &s.prompt,
+            _ => {
+                let guidance = s
+                    .without(pipeline.info().unused_settings)
+                    .generator_settings(&pipeline.info().defaults)
+                    .map_or(0.0, |g| g.guidance_scale);
+                if guidance <= 1.0 || s.negative_prompt.trim().is_empty() {
+                    return None;
+                }
+                &s.negative_prompt
+            }
+        };
+        match pipeline.prompt_warning(name, text) {
+            Ok(w) => w,
+            Err(e) => {
+                gst::debug!(CAT, imp = self, "cannot check property '{name}': {e}");
+                None
+            }
+        }
     }
 
     fn progress(&self, kind: gst::ProgressType, text: &str) {
@@ -709,11 +750,16 @@ impl MotionCacheSrc {
     fn finish_start(&self, pipeline: Arc<Pipeline>) -> Result<Option<String>, gst::ErrorMessage> {
         let now = lock(&self.settings);
         let info = pipeline.info().clone();
-        self.begin(&now, pipeline)?;
         let mut warnings = Vec::new();
         if now.prompt.trim().is_empty() {
             warnings.push("property 'prompt' is empty: the video follows no text".to_string());
         }
+        warnings.extend(
+            ["prompt", "negative-prompt"]
+                .into_iter()
+                .filter_map(|name| self.prompt_warning(&pipeline, name, &now)),
+        );
+        self.begin(&now, pipeline)?;
         let unused: Vec<String> = info
             .unused_settings
             .iter()

@@ -22,7 +22,7 @@ use crate::cache::{CacheMode, CacheSettings, Plan};
 use crate::error::{Error, Result};
 use crate::generate::{BlockStats, NoiseRng};
 use crate::model::t5::{T5Config, T5Encoder};
-use crate::model::tokenizer::PromptTokenizer;
+use crate::model::tokenizer::{PromptCoverage, PromptTokenizer};
 use crate::model::weights::{mmap_safetensors, pth_var_builder, pytorch_files, safetensors_files};
 
 /// A loaded MAGI-1 model: DiT, VAE, T5 encoder and tokenizer, special tokens.
@@ -121,6 +121,13 @@ impl MagiModel {
     /// Tokens per latent frame side: the VAE's factor times the DiT's patch.
     pub fn pixel_multiple(&self) -> usize {
         self.vae.factors().0 * self.dit.config().patch_size
+    }
+
+    /// What the T5 tokenizer does not read of the prompt (cleaned as
+    /// [`MagiModel::encode_prompt`] cleans it) at `caption_max_length`.
+    pub fn prompt_coverage(&self, prompt: &str) -> Result<PromptCoverage> {
+        let len = self.dit.config().caption_max_length;
+        self.tokenizer.coverage(&text_preprocessing(prompt), len)
     }
 
     /// The prompt's T5 caption `([caption_max_length, D], mask [caption_max_length])`:
