@@ -238,8 +238,10 @@ fn words_the_model_cannot_read_warn_and_it_still_runs() {
             "prompt=\"a red circle moving right on a striped blue background\"",
             |src| {
                 src.set_property("prompt", "a purple circle moving right");
-                src.set_property("guidance-scale", 5.0f64);
+                // Unused until guidance turns on; then it is checked once.
                 src.set_property("negative-prompt", "ugly");
+                src.set_property("guidance-scale", 5.0f64);
+                src.set_property("guidance-scale", 4.0f64);
             },
             1,
         );

@@ -256,11 +256,17 @@ impl ObjectImpl for MotionCacheSrc {
         }
         gst::debug!(CAT, imp = self, "{name} set to {value:?}");
         let empty_prompt = name == "prompt" && settings.prompt.trim().is_empty();
-        // Words the loaded model cannot read (once loaded, start() checks the prompts).
+        // Words the loaded model cannot read (once loaded, start() checks the prompts);
+        // the negative prompt's once guidance turns on.
         let unread = match (name, &pipeline) {
             ("prompt" | "negative-prompt", Some(p)) if !empty_prompt => {
                 self.prompt_warning(p, name, &settings)
             }
+            ("guidance-scale", Some(p)) => self
+                .prompt_warning(p, "negative-prompt", &old)
+                .is_none()
+                .then(|| self.prompt_warning(p, "negative-prompt", &settings))
+                .flatten(),
             _ => None,
         };
         let problem = running.and_then(|(worker, defaults, unused)| {
