@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine: installs the system packages
 # the tests need (GStreamer, nginx with the RTMP module, ffmpeg), checks formatting, runs
-# `cargo test` and `cargo clippy -D warnings` (CPU), then
+# `cargo test`, `cargo clippy -D warnings` and `cargo doc` without warnings (CPU), then
 # compile-checks the `cuda` feature with the CUDA compiler from PyPI (tools/check-cuda.sh;
 # no GPU needed; set MOTIONCACHE_SKIP_CUDA_CHECK=1 to leave it out).
 set -euo pipefail
@@ -27,6 +27,8 @@ if ! wait "$soak_pid"; then
 fi
 grep -E "^soak:|test result" "$soak_log"
 cargo clippy --workspace --all-targets --features motioncache/bench -- -D warnings 2>&1
+# The API documentation builds without warnings (broken or private intra-doc links).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --features motioncache/bench 2>&1
 # The GPU validation script on the CPU with tiny shapes, so that it cannot rot.
 report="$(./tools/gpu-validate.sh --device cpu)"
 if ! grep -q '"all_ok": true' <<<"$report"; then
