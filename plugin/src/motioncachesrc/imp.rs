@@ -262,11 +262,9 @@ impl ObjectImpl for MotionCacheSrc {
             ("prompt" | "negative-prompt", Some(p)) if !empty_prompt => {
                 self.prompt_warning(p, name, &settings)
             }
-            ("guidance-scale", Some(p)) => self
-                .prompt_warning(p, "negative-prompt", &old)
-                .is_none()
-                .then(|| self.prompt_warning(p, "negative-prompt", &settings))
-                .flatten(),
+            ("guidance-scale", Some(p)) if guidance(p, &old) <= 1.0 => {
+                self.prompt_warning(p, "negative-prompt", &settings)
+            }
             _ => None,
         };
         let problem = running.and_then(|(worker, defaults, unused)| {
@@ -452,11 +450,7 @@ impl MotionCacheSrc {
         let text = match name {
             "prompt" => &s.prompt,
             _ => {
-                let guidance = s
-                    .without(pipeline.info().unused_settings)
-                    .generator_settings(&pipeline.info().defaults)
-                    .map_or(0.0, |g| g.guidance_scale);
-                if guidance <= 1.0 || s.negative_prompt.trim().is_empty() {
+                if guidance(pipeline, s) <= 1.0 || s.negative_prompt.trim().is_empty() {
                     return None;
                 }
                 &s.negative_prompt
@@ -854,6 +848,14 @@ impl MotionCacheSrc {
         }
         None
     }
+}
+
+/// The guidance scale the properties give on `pipeline`'s model (0 where they are
+/// invalid: no guidance runs until they are valid).
+fn guidance(pipeline: &Pipeline, s: &Settings) -> f64 {
+    s.without(pipeline.info().unused_settings)
+        .generator_settings(&pipeline.info().defaults)
+        .map_or(0.0, |g| g.guidance_scale)
 }
 
 impl BaseSrcImpl for MotionCacheSrc {
