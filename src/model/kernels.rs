@@ -1822,14 +1822,19 @@ fn exp(x: f32) -> f32 {
     // Round to nearest by the 1.5 * 2^23 trick (no SSE4.1 `round` needed).
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = EXP_POLY[0];
     for c in &EXP_POLY[1..] {
         p = p * r + c;
     }
     let y = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `t`'s low mantissa bits hold `n` (|n| <= 127, far inside the 2^22 the trick allows):
+    // `2^n` from integer arithmetic on the bits alone, which vectorises, where `n as i32`
+    // (saturating, NaN to 0) made the compiler convert one lane at a time.
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let pow2 = f32::from_bits(n_bits.wrapping_add(127) << 23);
     y * pow2
 }
 
