@@ -1,6 +1,7 @@
 //! GStreamer plugin `motioncache`: the `motioncachesrc` element generates video live with a
-//! streaming autoregressive diffusion model (SkyReels-V2 diffusion forcing) and MotionCache
-//! token-level caching, and pushes frames as each causal block finishes.
+//! streaming autoregressive diffusion model (SkyReels-V2 diffusion forcing or MAGI-1) and
+//! MotionCache token-level caching, and pushes frames as each causal block (MAGI-1: chunk)
+//! finishes.
 //!
 //! The element is thin glue over [`motioncache::pipeline`]; everything it does a Rust
 //! program can also do with that API directly.

@@ -377,8 +377,8 @@ impl ElementImpl for MotionCacheSrc {
                 "MotionCache video generator",
                 "Source/Video",
                 "Generates video from a text prompt with a streaming autoregressive diffusion \
-                 model (SkyReels-V2 diffusion forcing) and MotionCache token caching, pushing \
-                 frames as each causal block finishes",
+                 model (SkyReels-V2 diffusion forcing or MAGI-1) and MotionCache token caching, \
+                 pushing frames as each causal block (MAGI-1: chunk) finishes",
                 "motioncache developers",
             )
         });

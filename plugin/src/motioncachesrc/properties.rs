@@ -45,8 +45,8 @@ pub fn specs() -> Vec<glib::ParamSpec> {
         glib::ParamSpecString::builder("model")
             .nick("Model")
             .blurb(
-                "Model directory (diffusers SkyReels-V2 DF pipeline or original \
-                 SkyReels-V2 layout); empty = the tiny model embedded in the plugin",
+                "Model directory (diffusers SkyReels-V2 DF pipeline, original SkyReels-V2 \
+                 layout or MAGI-1); empty = the tiny model embedded in the plugin",
             )
             .default_value(Some(DEFAULT_MODEL))
             .mutable_ready()
