@@ -1712,32 +1712,26 @@ impl Simd {
     }
 }
 
-/// `fn $name(Simd, &mut [f32]) -> $ret`: the hand-written AVX-512 `$avx512`, or the
-/// `#[inline(always)]` portable `$body`, compiled once more with AVX2 + FMA enabled so that
-/// its loops use 8-wide vectors there.
+/// `fn $name(Simd, &mut [f32]) -> $ret`: the hand-written AVX-512 `$avx512` or AVX2 + FMA
+/// `$avx2`, or the portable `$body`.
 macro_rules! dispatch {
-    ($name:ident, $body:ident, $avx512:path, $ret:ty) => {
+    ($name:ident, $body:ident, $avx512:path, $avx2:path, $ret:ty) => {
         fn $name(simd: Simd, x: &mut [f32]) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2(x: &mut [f32]) -> $ret {
-                $body(x)
-            }
             match simd {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: only chosen when the CPU has AVX-512F.
                 Simd::Avx512 => unsafe { $avx512(x) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: only chosen when the CPU has AVX2 and FMA.
-                Simd::Avx2 => unsafe { avx2(x) },
+                Simd::Avx2 => unsafe { $avx2(x) },
                 Simd::Plain => $body(x),
             }
         }
     };
 }
 
-dispatch!(gelu_inplace, gelu_slice, avx512::gelu, ());
-dispatch!(silu_inplace, silu_slice, avx512::silu, ());
+dispatch!(gelu_inplace, gelu_slice, avx512::gelu, avx2::gelu, ());
+dispatch!(silu_inplace, silu_slice, avx512::silu, avx2::silu, ());
 
 const LANES: usize = 16;
 
@@ -1747,18 +1741,13 @@ const LANES: usize = 16;
 /// scores laid out as `gemm` computes them, before the division.
 fn softmax_columns(simd: Simd, s: &mut [f32], rows: usize, sums: &mut [f32]) {
     assert!(rows.is_multiple_of(LANES) && s.len().is_multiple_of(rows) && sums.len() == rows);
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn avx2(s: &mut [f32], rows: usize, sums: &mut [f32]) {
-        softmax_strips(s, rows, sums)
-    }
     match simd {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: only chosen when the CPU has AVX-512F.
         Simd::Avx512 => unsafe { avx512::softmax_columns(s, rows, sums) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: only chosen when the CPU has AVX2 and FMA.
-        Simd::Avx2 => unsafe { avx2(s, rows, sums) },
+        Simd::Avx2 => unsafe { avx2::softmax_columns(s, rows, sums) },
         Simd::Plain => softmax_strips(s, rows, sums),
     }
 }
@@ -1836,6 +1825,129 @@ fn exp(x: f32) -> f32 {
     let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
     let pow2 = f32::from_bits(n_bits.wrapping_add(127) << 23);
     y * pow2
+}
+
+/// The AVX2 + FMA versions, written with intrinsics: the portable loops compiled for AVX2
+/// keep a multiply and an add where one FMA does (Rust does not contract them), spill the
+/// polynomial's constants, and build `2^n` in more steps.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{EXP_POLY, GELU_C, GELU_K, LANES, LN2_HI, LN2_LO, SUM_BLOCK};
+
+    /// 8 lanes.
+    const W: usize = 8;
+
+    /// [`super::exp`] on 8 lanes: the same reduction and polynomial, `2^n` from the bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+            _mm256_set1_ps(1.0),
+        );
+        // |n| <= 127 after the clamp: 2^n is the exponent field n + 127.
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_mul_ps(y, pow2)
+    }
+
+    /// See `super::softmax_columns`: a strip of 16 rows (two vectors) per pass.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_columns(s: &mut [f32], rows: usize, sums: &mut [f32]) {
+        assert!(rows.is_multiple_of(LANES) && s.len().is_multiple_of(rows) && sums.len() == rows);
+        let cols = s.len() / rows;
+        let p = s.as_mut_ptr();
+        for at in (0..rows).step_by(LANES) {
+            // SAFETY: `at + 16 <= rows` and `j < cols`, so every vector below lies inside
+            // `s` (`cols * rows` floats) and `sums` (`rows` floats).
+            unsafe {
+                let mut m0 = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut m1 = m0;
+                for j in 0..cols {
+                    let x = p.add(j * rows + at);
+                    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x));
+                    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x.add(W)));
+                }
+                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for j0 in (0..cols).step_by(SUM_BLOCK) {
+                    let (mut q0, mut q1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for j in j0..(j0 + SUM_BLOCK).min(cols) {
+                        let x = p.add(j * rows + at);
+                        let e0 = exp(_mm256_sub_ps(_mm256_loadu_ps(x), m0));
+                        let e1 = exp(_mm256_sub_ps(_mm256_loadu_ps(x.add(W)), m1));
+                        _mm256_storeu_ps(x, e0);
+                        _mm256_storeu_ps(x.add(W), e1);
+                        q0 = _mm256_add_ps(q0, e0);
+                        q1 = _mm256_add_ps(q1, e1);
+                    }
+                    s0 = _mm256_add_ps(s0, q0);
+                    s1 = _mm256_add_ps(s1, q1);
+                }
+                _mm256_storeu_ps(sums.as_mut_ptr().add(at), s0);
+                _mm256_storeu_ps(sums.as_mut_ptr().add(at + W), s1);
+            }
+        }
+    }
+
+    /// See `super::gelu_slice`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gelu(x: &mut [f32]) {
+        map(x, super::gelu_slice, |a| {
+            let k = _mm256_set1_ps(2.0 * GELU_K);
+            let a3 = _mm256_mul_ps(_mm256_mul_ps(a, a), a);
+            let u2 = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_set1_ps(GELU_C), a3, a));
+            let d = _mm256_add_ps(
+                _mm256_set1_ps(1.0),
+                exp(_mm256_sub_ps(_mm256_setzero_ps(), u2)),
+            );
+            _mm256_div_ps(a, d)
+        })
+    }
+
+    /// See `super::silu_slice`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu(x: &mut [f32]) {
+        map(x, super::silu_slice, |a| {
+            let d = _mm256_add_ps(
+                _mm256_set1_ps(1.0),
+                exp(_mm256_sub_ps(_mm256_setzero_ps(), a)),
+            );
+            _mm256_div_ps(a, d)
+        })
+    }
+
+    /// Replaces every element of `x` by `f` of it, 8 lanes at a time, and the last
+    /// `len % 8` by the portable `tail`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn map(x: &mut [f32], tail: fn(&mut [f32]), f: impl Fn(__m256) -> __m256) {
+        let (body, rest) = x.split_at_mut(x.len() / W * W);
+        let p = body.as_mut_ptr();
+        // SAFETY: `i + 8 <= body.len()` for every vector loaded and stored.
+        unsafe {
+            for i in (0..body.len()).step_by(W) {
+                _mm256_storeu_ps(p.add(i), f(_mm256_loadu_ps(p.add(i))));
+            }
+        }
+        tail(rest);
+    }
 }
 
 /// The AVX-512 versions, written with intrinsics: the compiler keeps the portable loops at
