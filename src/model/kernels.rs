@@ -1843,9 +1843,11 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp(x: __m256) -> __m256 {
+        // The bound first: `max`/`min` return their second operand when either is NaN, so
+        // a NaN stays NaN (as `f32::clamp` keeps it in the portable `exp`).
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),
+            _mm256_max_ps(_mm256_set1_ps(-87.0), x),
         );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -1962,9 +1964,11 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp(x: __m512) -> __m512 {
+        // The bound first: `max`/`min` return their second operand when either is NaN, so
+        // a NaN stays NaN (as `f32::clamp` keeps it in the portable `exp`).
         let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
             _mm512_set1_ps(88.0),
+            _mm512_max_ps(_mm512_set1_ps(-87.0), x),
         );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
@@ -2337,6 +2341,7 @@ mod tests {
         assert!(worst < 3e-7, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     /// Every instruction set the machine has gives the portable results, for lengths with
@@ -2408,6 +2413,25 @@ mod tests {
                     }
                 }
             }
+        }
+        // A NaN stays NaN in every variant (a vector lane and the scalar tail), as in the
+        // portable code, instead of being clamped to a finite value.
+        for &simd in &simds {
+            let mut x = vec![0.5f32; 19];
+            x[3] = f32::NAN;
+            x[18] = f32::NAN;
+            for kernel in [gelu_inplace as fn(Simd, &mut [f32]), silu_inplace] {
+                let mut g = x.clone();
+                kernel(simd, &mut g);
+                assert!(g[3].is_nan() && g[18].is_nan() && g[0].is_finite());
+            }
+            let (rows, cols) = (32usize, 5usize);
+            let mut sc = vec![0.25f32; rows * cols];
+            sc[2 * rows + 17] = f32::NAN;
+            let mut sums = vec![0f32; rows];
+            softmax_columns(simd, &mut sc, rows, &mut sums);
+            assert!(sums[17].is_nan() && sc[2 * rows + 17].is_nan());
+            assert!(sums[16].is_finite() && sums[18].is_finite());
         }
     }
 
