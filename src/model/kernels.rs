@@ -802,9 +802,32 @@ pub fn linear_rms(
     linear_then(l, x, Epilogue::Rms { weight, eps, w })
 }
 
+/// `residual + linear(l, x)` (a residual connection after a projection): on the CPU, for
+/// f32, each task of [`linear`] writes the residual plus the bias into its rows of the
+/// output and lets `gemm` accumulate the product onto them, instead of a second pass that
+/// adds two whole tensors into a third. Elsewhere candle's ops.
+pub fn linear_add(
+    l: &candle_nn::Linear,
+    x: &Tensor,
+    residual: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let fused = residual.rank() == 2
+        && x.rank() == 2
+        && residual.dims() == [x.dim(0)?, l.weight().dim(0)?]
+        && f32_kernels(&[residual, x, l.weight()]);
+    if !fused {
+        return residual + linear(l, x)?;
+    }
+    let residual = residual.contiguous()?;
+    linear_then(l, x, Epilogue::Add(&residual))
+}
+
 /// What [`CpuLinear`] applies to its output rows.
 enum Epilogue<'a> {
     None,
+    /// A residual (`[n, out]`, contiguous f32 on the CPU) added to the product: written
+    /// into the output with the bias, before it.
+    Add(&'a Tensor),
     Gelu,
     /// RMS norm of each row with this weight (`w`, also as values on the host).
     Rms {
@@ -826,6 +849,7 @@ fn linear_then(l: &candle_nn::Linear, x: &Tensor, then: Epilogue) -> candle_core
         let y = l.forward(x)?;
         return match then {
             Epilogue::None => Ok(y),
+            Epilogue::Add(r) => r + y,
             Epilogue::Gelu => self::gelu(&y),
             Epilogue::Rms { w, eps, .. } => {
                 candle_nn::ops::rms_norm(&y, &w.to_dtype(y.dtype())?, eps)
@@ -938,18 +962,47 @@ impl CustomOp3 for CpuLinear<'_> {
                 .map(|c0| (0, n, c0, (c0 + cols).min(o)))
                 .collect()
         };
+        // The residual of `Epilogue::Add`, read in place.
+        let guard = match &self.0 {
+            Epilogue::Add(t) => Some(t.storage_and_layout()),
+            _ => None,
+        };
+        let residual = match &guard {
+            Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, z)))
+                    if z - a == n * o && layout.dims() == [n, o] =>
+                {
+                    Some(&v[a..z])
+                }
+                _ => candle_core::bail!(
+                    "linear kernel: residual {:?} is not a contiguous f32 [{n}, {o}] CPU tensor",
+                    layout.shape()
+                ),
+            },
+            None => None,
+        };
         let mut out = Vec::<f32>::with_capacity(n * o);
         let dst = Tile(out.as_mut_ptr());
         tiles.into_par_iter().for_each(|(r0, r1, c0, c1)| {
             let c = c1 - c0;
             // SAFETY: the tiles are disjoint and inside the `n x o` allocation of `out`:
-            // each task writes the bias into every element of its own tile (the product is
-            // then accumulated onto it in cache), and only then reads them. x is n x i
-            // (row-major) and w holds o x i values, read as the i x o matrix w^T with the
-            // strides above, from its column c0.
+            // each task writes the bias (plus the residual) into every element of its own
+            // tile (the product is then accumulated onto it in cache), and only then reads
+            // them. x is n x i (row-major) and w holds o x i values, read as the i x o
+            // matrix w^T with the strides above, from its column c0.
             unsafe {
                 for r in r0..r1 {
-                    std::ptr::copy_nonoverlapping(b[c0..c1].as_ptr(), dst.at(r * o + c0), c);
+                    let row = dst.at(r * o + c0);
+                    match residual {
+                        None => std::ptr::copy_nonoverlapping(b[c0..c1].as_ptr(), row, c),
+                        Some(res) => {
+                            let row = std::slice::from_raw_parts_mut(row, c);
+                            let res = &res[r * o + c0..r * o + c1];
+                            for ((y, &a), &b) in row.iter_mut().zip(res).zip(&b[c0..c1]) {
+                                *y = a + b;
+                            }
+                        }
+                    }
                 }
                 if i > 0 {
                     gemm::gemm(
@@ -975,7 +1028,7 @@ impl CustomOp3 for CpuLinear<'_> {
                     );
                 }
                 match &self.0 {
-                    Epilogue::None => {}
+                    Epilogue::None | Epilogue::Add(_) => {}
                     Epilogue::Gelu => {
                         for r in r0..r1 {
                             let row = std::slice::from_raw_parts_mut(dst.at(r * o + c0), c);
@@ -2123,7 +2176,8 @@ mod tests {
 
     /// The fused linear gives candle's `Linear` (multiply, then broadcast add) for row
     /// counts below, at and across the band size, with and without a bias, on a
-    /// non-contiguous input, and falls back to candle for other ranks.
+    /// non-contiguous input, with its GELU, RMS norm and residual epilogues, and falls
+    /// back to candle for other ranks.
     #[test]
     fn linear_matches_candle() {
         use candle_core::Module;
@@ -2157,6 +2211,17 @@ mod tests {
                     let want_rms = candle_nn::ops::rms_norm(&want, &nw, 1e-6).unwrap();
                     let d = max_abs_diff(&linear_rms(l, &x, &nw, 1e-6).unwrap(), &want_rms);
                     assert!(d < 1e-4, "{o} outputs, n {n}, with the RMS norm: {d}");
+                    // The residual, written with the bias: contiguous and a transposed
+                    // view (copied first).
+                    let r = Tensor::from_vec(fill(n * o, 6), (n, o), &dev).unwrap();
+                    let rt = Tensor::from_vec(fill(n * o, 7), (o, n), &dev)
+                        .unwrap()
+                        .t()
+                        .unwrap();
+                    for r in [&r, &rt] {
+                        let d = max_abs_diff(&linear_add(l, &x, r).unwrap(), &(r + &want).unwrap());
+                        assert!(d < 1e-5, "{o} outputs, n {n}, with a residual: {d}");
+                    }
                 }
             }
             let xt = Tensor::from_vec(fill(i * 9, 3), (i, 9), &dev)
@@ -2173,6 +2238,9 @@ mod tests {
         let x = Tensor::ones((3, 4), DType::F32, &dev).unwrap();
         let bad = Tensor::ones(7, DType::F32, &dev).unwrap();
         assert!(linear_rms(&l, &x, &bad, 1e-6).is_err());
+        // A residual of another shape is candle's broadcast error, not a wrong read.
+        let bad = Tensor::ones((3, 7), DType::F32, &dev).unwrap();
+        assert!(linear_add(&l, &x, &bad).is_err());
     }
 
     /// The fused norm-modulate and gated add give the same values as candle's layer norm

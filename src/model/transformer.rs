@@ -908,7 +908,7 @@ impl Layer {
         };
         let q = self.attn2.q(&h)?;
         let a = super::kernels::sdpa_tokens(&q, None, &ctx.0, &ctx.1, &b.cross_groups)?;
-        let x = (&x + super::kernels::linear(&self.attn2.to_out, &a)?)?;
+        let x = super::kernels::linear_add(&self.attn2.to_out, &a, &x)?;
 
         // Feed-forward.
         let h = modulate(&self.norm3, &x, 3, 4)?.to_dtype(dtype)?;
