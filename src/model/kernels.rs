@@ -811,11 +811,12 @@ pub fn linear_add(
     x: &Tensor,
     residual: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let fused = residual.rank() == 2
-        && x.rank() == 2
+    // The input and the weight are checked by `linear_then`, which runs candle's ops where
+    // they do not fit; here the residual.
+    let fits = x.rank() == 2
         && residual.dims() == [x.dim(0)?, l.weight().dim(0)?]
-        && f32_kernels(&[residual, x, l.weight()]);
-    if !fused {
+        && f32_kernels(&[residual]);
+    if !fits {
         return residual + linear(l, x)?;
     }
     let residual = residual.contiguous()?;
@@ -967,18 +968,14 @@ impl CustomOp3 for CpuLinear<'_> {
             Epilogue::Add(t) => Some(t.storage_and_layout()),
             _ => None,
         };
-        let residual = match &guard {
-            Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, z)))
-                    if z - a == n * o && layout.dims() == [n, o] =>
-                {
-                    Some(&v[a..z])
-                }
-                _ => candle_core::bail!(
-                    "linear kernel: residual {:?} is not a contiguous f32 [{n}, {o}] CPU tensor",
-                    layout.shape()
-                ),
-            },
+        let residual = match guard.as_ref().map(|(s, l)| (&**s, *l)) {
+            Some((candle_core::Storage::Cpu(s), layout)) if layout.dims() == [n, o] => {
+                Some(contiguous_f32(s, layout)?)
+            }
+            Some((_, layout)) => candle_core::bail!(
+                "linear kernel: residual {:?} is not an [{n}, {o}] CPU tensor",
+                layout.shape()
+            ),
             None => None,
         };
         let mut out = Vec::<f32>::with_capacity(n * o);
