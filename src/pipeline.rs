@@ -61,6 +61,7 @@ pub const MAGI_UNUSED_SETTINGS: &[&str] = &[
     "max-update-ratio",
     "temporal-consistency",
     "kv-refresh",
+    "kv-refresh-window",
     "full-first-block",
 ];
 

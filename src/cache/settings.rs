@@ -169,6 +169,11 @@ pub struct CacheSettings {
     /// see [`crate::model::transformer::KvRefresh`]) instead of keeping those of the step
     /// they were last computed at, as the reference does.
     pub kv_refresh: bool,
+    /// With `kv_refresh`, refresh only the reused tokens computed within this many of the
+    /// block's steps before the current one (0: every reused token; `motioncache`'s
+    /// default is [`LONG_KV_REFRESH_WINDOW`] from [`LONG_SCHEDULE_STEPS`] steps on, 0
+    /// below).
+    pub kv_refresh_window: usize,
     /// Rescale polynomial of the relative modulation distance, highest power first
     /// (TeaCache's fit for Wan 2.1 1.3B by default; `motioncache-bench calibrate` fits
     /// one per model).
@@ -231,6 +236,22 @@ pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
 /// at 0.02 (one prompt), 0.6 and 0.7 lost 2 dB at 0.01 (one prompt 12 dB), 0.9 changed
 /// little.
 pub const MAX_UPDATE_RATIO: f64 = 0.8;
+
+/// `motioncache`'s key/value refresh window from [`LONG_SCHEDULE_STEPS`] steps on: of the
+/// tokens a partial forward reuses, only those computed within the last two of their
+/// block's steps refresh their keys/values (see [`CacheSettings::kv_refresh_window`]).
+/// A token reused for longer keeps the keys/values of its last computation: its estimated
+/// hidden state (this step's input plus the changes the layers made to it then) drifts
+/// from the true one as the steps since then grow, and refreshing it from that estimate
+/// gained nothing measurable. Measured on the embedded model, paper schedule (four
+/// prompts, 2026-12-07): 0.210 of diffusers' FLOPs and 26.4 dB at threshold 0.05 where
+/// every reused token refreshing gave 0.223 and 25.5 dB, 0.179 and 18.9 dB at 0.075
+/// against 0.192 and 18.3 dB, 0.258 and 33.3 dB at 0.03 against 0.266 and 34.3 dB, 0.306
+/// and 42.1 dB at 0.02 against 0.311 and 42.1 dB; windows of 1 and 3 steps saved as much
+/// or less for less PSNR (two prompts: 19.3 and 20.1 dB at 0.05 against 21.7 dB). At the
+/// element's 10 steps a window of 2 saved at most 0.006 of the FLOPs for up to 0.24 dB
+/// (1: 1.5 dB less at 0.075), so there every reused token refreshes.
+pub const LONG_KV_REFRESH_WINDOW: usize = 2;
 
 /// The reference's warm-up: `warmup_steps = 4` runs steps 0..=4 in full, five full steps
 /// (fewer when the schedule is shorter).
@@ -306,6 +327,7 @@ impl CacheSettings {
             reuse: Reuse::Residual,
             commit_finished: false,
             kv_refresh: false,
+            kv_refresh_window: 0,
             rescale: WAN_1_3B_RESCALE.to_vec(),
             teacache_threshold: 0.1,
             flowcache_threshold: 0.1,
@@ -337,6 +359,7 @@ impl CacheSettings {
                 },
                 commit_finished: true,
                 kv_refresh: true,
+                kv_refresh_window: if long { LONG_KV_REFRESH_WINDOW } else { 0 },
                 ..reference
             },
             // Chunk-level baselines and the exact modes: finished blocks recomputed once at

@@ -410,6 +410,15 @@ impl ResidualStore {
 
     /// The tokens `idx` were computed at `sigma`: their last computation becomes the one
     /// before.
+    /// The tokens of `idx` last computed at a noise level of at most `sigma` (at or after
+    /// the step of `sigma`).
+    pub fn computed_since(&self, idx: Vec<u32>, sigma: f64) -> Vec<u32> {
+        let bound = sigma as f32 * (1.0 + 1e-5);
+        idx.into_iter()
+            .filter(|&i| self.sigma_last.get(i as usize).is_some_and(|&l| l <= bound))
+            .collect()
+    }
+
     fn stamp(&mut self, idx: &[u32], sigma: f64) {
         for &i in idx {
             let i = i as usize;
@@ -590,6 +599,21 @@ mod tests {
             .max_all()
             .unwrap();
         assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+    }
+
+    /// `computed_since` keeps the tokens last computed at or below a noise level.
+    #[test]
+    fn computed_since_keeps_recent_tokens() {
+        let mut s = ResidualStore::new(values(5, 2, |i| i), 0.9).unwrap();
+        s.stamp(&[1, 3], 0.7);
+        s.stamp(&[3], 0.5);
+        let all = vec![0, 1, 2, 3, 4];
+        assert_eq!(s.computed_since(all.clone(), 0.7), vec![1, 3]);
+        assert_eq!(s.computed_since(all.clone(), 0.5), vec![3]);
+        assert_eq!(s.computed_since(all.clone(), 0.9), all);
+        assert!(s.computed_since(all, 0.4).is_empty());
+        // Out-of-range rows are dropped, not a panic.
+        assert_eq!(s.computed_since(vec![3, 9], 0.9), vec![3]);
     }
 
     #[test]

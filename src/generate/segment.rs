@@ -554,7 +554,14 @@ impl Segment {
                     block,
                     plan: Plan::Tokens(idx),
                 } if kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
-                    let rest = complement(idx, bt);
+                    let mut rest = complement(idx, bt);
+                    let window = row.cache.kv_refresh_window;
+                    if let (Some(hidden), true) =
+                        (&self.branches[*branch].hidden[*block], window > 0)
+                    {
+                        let since = self.sigma_at_index(row.index[*block].saturating_sub(window));
+                        rest = hidden.computed_since(rest, since);
+                    }
                     if rest.is_empty() {
                         Ok(None)
                     } else {
@@ -1026,7 +1033,12 @@ impl Segment {
 
     /// The solver's sigma for block `b` at this row.
     fn sigma(&self, row: &Row, b: usize) -> f64 {
-        let t = self.matrix.timestep(row.index[b], &self.schedule.timesteps);
+        self.sigma_at_index(row.index[b])
+    }
+
+    /// The solver's sigma of a block at step index `i`.
+    fn sigma_at_index(&self, i: usize) -> f64 {
+        let t = self.matrix.timestep(i, &self.schedule.timesteps);
         self.schedule.sigma_at(t)
     }
 

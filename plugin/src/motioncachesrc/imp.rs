@@ -237,6 +237,9 @@ impl ObjectImpl for MotionCacheSrc {
             "kv-refresh" => {
                 s.kv_refresh = value.get::<KvRefreshProp>().expect("type checked upstream")
             }
+            "kv-refresh-window" => {
+                s.kv_refresh_window = value.get().expect("type checked upstream")
+            }
             "full-first-block" => {
                 s.full_first_block = value
                     .get::<FullFirstBlockProp>()
@@ -337,6 +340,7 @@ impl ObjectImpl for MotionCacheSrc {
             "max-update-ratio" => s.max_update_ratio.to_value(),
             "temporal-consistency" => s.temporal_consistency.to_value(),
             "kv-refresh" => s.kv_refresh.to_value(),
+            "kv-refresh-window" => s.kv_refresh_window.to_value(),
             "full-first-block" => s.full_first_block.to_value(),
             "is-live" => s.is_live.to_value(),
             "overlay" => s.overlay.to_value(),

@@ -264,6 +264,15 @@ pub fn specs() -> Vec<glib::ParamSpec> {
             )
             .mutable_playing()
             .build(),
+        int_prop(
+            "kv-refresh-window",
+            "Key/value refresh window",
+            "With kv-refresh, only the reused tokens computed within the last N of their \
+             block's steps refresh their keys/values, 0 = every reused token (-1 = the \
+             mode's default: motioncache 2 from 20 steps on, 0 below). Not used by MAGI-1",
+            1000,
+            true,
+        ),
         glib::ParamSpecEnum::builder_with_default("full-first-block", DEFAULT_FULL_FIRST_BLOCK)
             .nick("Full first block")
             .blurb(

@@ -59,6 +59,7 @@ pub struct Settings {
     pub max_update_ratio: f64,
     pub temporal_consistency: f64,
     pub kv_refresh: KvRefreshProp,
+    pub kv_refresh_window: i32,
     pub full_first_block: FullFirstBlockProp,
     pub is_live: bool,
     pub overlay: OverlayProp,
@@ -93,6 +94,7 @@ impl Default for Settings {
             max_update_ratio: MODEL_DEFAULT_F,
             temporal_consistency: MODEL_DEFAULT_F,
             kv_refresh: DEFAULT_KV_REFRESH,
+            kv_refresh_window: MODEL_DEFAULT,
             full_first_block: DEFAULT_FULL_FIRST_BLOCK,
             is_live: DEFAULT_IS_LIVE,
             overlay: DEFAULT_OVERLAY,
@@ -148,6 +150,7 @@ impl Settings {
             KvRefreshProp::On => c.kv_refresh = true,
             KvRefreshProp::Off => c.kv_refresh = false,
         }
+        c.kv_refresh_window = int_or(self.kv_refresh_window, m.kv_refresh_window);
         match self.full_first_block {
             FullFirstBlockProp::Auto => {}
             FullFirstBlockProp::On => c.full_first_block = true,
@@ -191,6 +194,7 @@ impl Settings {
             "max-update-ratio" => self.max_update_ratio != d.max_update_ratio,
             "temporal-consistency" => self.temporal_consistency != d.temporal_consistency,
             "kv-refresh" => self.kv_refresh != d.kv_refresh,
+            "kv-refresh-window" => self.kv_refresh_window != d.kv_refresh_window,
             "full-first-block" => self.full_first_block != d.full_first_block,
             _ => false,
         }
@@ -221,6 +225,7 @@ impl Settings {
                 "max-update-ratio" => s.max_update_ratio = d.max_update_ratio,
                 "temporal-consistency" => s.temporal_consistency = d.temporal_consistency,
                 "kv-refresh" => s.kv_refresh = d.kv_refresh,
+                "kv-refresh-window" => s.kv_refresh_window = d.kv_refresh_window,
                 "full-first-block" => s.full_first_block = d.full_first_block,
                 _ => {}
             }
@@ -319,6 +324,34 @@ mod tests {
             ..Default::default()
         };
         assert!(off.is_set("kv-refresh") && !off.without(&["kv-refresh"]).is_set("kv-refresh"));
+        // kv-refresh-window: -1 = the mode's (motioncache 2 from 20 steps on, every reused
+        // token below; the reference 0), else as set.
+        let window = |mode: CacheModeProp, steps: i32, w: i32| {
+            Settings {
+                cache_mode: mode,
+                steps,
+                kv_refresh_window: w,
+                ..Default::default()
+            }
+            .generator_settings(&model)
+            .unwrap()
+            .cache
+            .kv_refresh_window
+        };
+        assert_eq!(window(mc, -1, -1), 0);
+        assert_eq!(window(mc, 50, -1), 2);
+        assert_eq!(window(reference, 50, -1), 0);
+        assert_eq!(window(mc, 50, 0), 0);
+        assert_eq!(window(mc, 10, 3), 3);
+        let w = Settings {
+            kv_refresh_window: 1,
+            ..Default::default()
+        };
+        assert!(w.is_set("kv-refresh-window"));
+        assert!(
+            !w.without(&["kv-refresh-window"])
+                .is_set("kv-refresh-window")
+        );
         // full-first-block: auto = the mode's (motioncache on, the reference off).
         assert!(s.cache.full_first_block && !r.cache.full_first_block);
         let first = |mode: CacheModeProp, p: FullFirstBlockProp| {

@@ -52,7 +52,7 @@ pub struct Args {
     pub thresholds: Option<Vec<f64>>,
     /// Override a setting of the motioncache modes, KEY=VALUE (warmup, floor, refresh,
     /// uniform, min-ratio, vote, reuse=residual|forecast, source=output|latent,
-    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, full-first=true|false, kv-refresh=true|false); repeatable.
+    /// norm=above-mean|max-rescale|mean-clamp|mean|max, full-last=true|false, full-first=true|false, kv-refresh=true|false, kv-refresh-window=N); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Generate every video this many times, in rounds over all prompts and modes, and keep
@@ -150,6 +150,7 @@ fn apply_overrides(c: &mut CacheSettings, set: &[String]) -> BoxResult<()> {
             "full-last" => c.full_last_step = flag()?,
             "full-first" => c.full_first_block = flag()?,
             "kv-refresh" => c.kv_refresh = flag()?,
+            "kv-refresh-window" => c.kv_refresh_window = num()? as usize,
             "distance" => {
                 c.distance_mode = match v {
                     "global" => DistanceMode::Global,
