@@ -11,8 +11,8 @@ mod settings;
 pub use chunk::ChunkState;
 pub use motion::{MotionCacheState, clean_latent_motion, output_motion};
 pub use settings::{
-    CacheMode, CacheSettings, CacheVariant, DistanceMode, LONG_MIN_UPDATE_RATIO,
-    LONG_SCHEDULE_STEPS, MotionSource, Reuse, WAN_1_3B_RESCALE, WeightNorm,
+    CacheMode, CacheSettings, CacheVariant, DistanceMode, LONG_KV_REFRESH_WINDOW,
+    LONG_MIN_UPDATE_RATIO, LONG_SCHEDULE_STEPS, MotionSource, Reuse, WAN_1_3B_RESCALE, WeightNorm,
 };
 
 use candle_core::Tensor;

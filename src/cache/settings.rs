@@ -290,6 +290,8 @@ impl CacheSettings {
     /// 32.0 against 28.5 dB at 0.0375, 26.5 dB at 0.388 (0.1) where 0.075 without it gives
     /// 24.7 dB at 0.376; on the paper schedule (two prompts) 30.6 dB at 0.280 (0.025)
     /// against 21.6 dB at 0.259, 27.1 dB at 0.03 in the time 0.025 takes without it.
+    /// From [`LONG_SCHEDULE_STEPS`] steps on only the reused tokens computed within the last
+    /// [`LONG_KV_REFRESH_WINDOW`] of their block's steps refresh.
     /// The video's first block is computed in full at every step (`full_first_block`):
     /// nothing conditions it but the prompt, and every later frame is conditioned on it, so
     /// an error there does not stay there. On the embedded model (four prompts, 2026-12-06)
