@@ -408,8 +408,6 @@ impl ResidualStore {
         Ok(())
     }
 
-    /// The tokens `idx` were computed at `sigma`: their last computation becomes the one
-    /// before.
     /// The tokens of `idx` last computed at a noise level of at most `sigma` (at or after
     /// the step of `sigma`).
     pub fn computed_since(&self, idx: Vec<u32>, sigma: f64) -> Vec<u32> {
@@ -419,6 +417,8 @@ impl ResidualStore {
             .collect()
     }
 
+    /// The tokens `idx` were computed at `sigma`: their last computation becomes the one
+    /// before.
     fn stamp(&mut self, idx: &[u32], sigma: f64) {
         for &i in idx {
             let i = i as usize;

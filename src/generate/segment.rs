@@ -555,9 +555,10 @@ impl Segment {
                     plan: Plan::Tokens(idx),
                 } if kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
                     let mut rest = complement(idx, bt);
+                    // With a window, only the tokens computed within its last steps.
                     let window = row.cache.kv_refresh_window;
-                    if let (Some(hidden), true) =
-                        (&self.branches[*branch].hidden[*block], window > 0)
+                    if window > 0
+                        && let Some(hidden) = &self.branches[*branch].hidden[*block]
                     {
                         let since = self.sigma_at_index(row.index[*block].saturating_sub(window));
                         rest = hidden.computed_since(rest, since);
