@@ -553,13 +553,14 @@ impl Segment {
                     branch,
                     block,
                     plan: Plan::Tokens(idx),
-                } if kv_refresh && self.branches[*branch].hidden[*block].is_some() => {
+                } if kv_refresh => {
+                    let Some(hidden) = &self.branches[*branch].hidden[*block] else {
+                        return Ok(None);
+                    };
                     let mut rest = complement(idx, bt);
                     // With a window, only the tokens computed within its last steps.
                     let window = row.cache.kv_refresh_window;
-                    if window > 0
-                        && let Some(hidden) = &self.branches[*branch].hidden[*block]
-                    {
+                    if window > 0 {
                         let since = self.sigma_at_index(row.index[*block].saturating_sub(window));
                         rest = hidden.computed_since(rest, since);
                     }
