@@ -221,6 +221,10 @@ pub const LONG_SCHEDULE_STEPS: usize = 20;
 /// dB less PSNR, transformer time per FLOP 1.09-1.15 of vanilla's where 0.0 gave
 /// 1.18-1.24 (many passes of a few tokens cost more per FLOP than large ones). At 10 steps
 /// it changed nothing measurable (0.0 kept, the element's adherence was measured so).
+/// The reference's 0.4 (four prompts on "paper", 2026-12-07; docs/measurements.md, "The
+/// reference margin on paper, three rounds") was 6-7% faster at 30-32.5 dB but level at
+/// 35 dB, 14% slower at 40 dB and 8.6 dB worse at the default threshold (0.01); 0.2 was
+/// level with 0.1 from 30 dB up.
 pub const LONG_MIN_UPDATE_RATIO: f64 = 0.1;
 
 /// `motioncache`'s maximum update ratio: a block-step that would recompute at least this
